@@ -1,0 +1,99 @@
+//! Reads length-delimited protobuf frames from a byte stream with a bounded
+//! buffer: at most `max_frame` bytes plus a 10-byte header are ever held.
+
+use bytes::{Buf, BytesMut};
+use prost::Message;
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// Why a frame could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("frame of {len} bytes exceeds the maximum of {max}")]
+    TooLarge { len: u64, max: usize },
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    #[error("stream ended in the middle of a frame")]
+    Truncated,
+    #[error("read failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Reads frames from `R`, one at a time.
+pub struct FrameReader<R> {
+    inner: R,
+    buf: BytesMut,
+    max_frame: usize,
+}
+
+/// Outcome of parsing the varint header from the buffered bytes.
+enum Header {
+    Incomplete,
+    Done { len: u64, header_len: usize },
+}
+
+fn parse_header(buf: &[u8]) -> Result<Header, FrameError> {
+    let mut value: u64 = 0;
+    for (i, b) in buf.iter().take(10).enumerate() {
+        value |= u64::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            return Ok(Header::Done {
+                len: value,
+                header_len: i + 1,
+            });
+        }
+    }
+    if buf.len() >= 10 {
+        return Err(FrameError::Malformed(
+            "length prefix is not a valid varint".into(),
+        ));
+    }
+    Ok(Header::Incomplete)
+}
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    /// Reads from `inner`, rejecting frames larger than `max_frame` bytes.
+    pub fn new(inner: R, max_frame: usize) -> Self {
+        FrameReader {
+            inner,
+            buf: BytesMut::with_capacity(4096.min(max_frame + 10)),
+            max_frame,
+        }
+    }
+
+    /// The wrapped stream.
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.inner
+    }
+
+    /// Reads the next frame. `Ok(None)` at a clean end of stream (between frames).
+    pub async fn read_frame<M: Message + Default>(&mut self) -> Result<Option<M>, FrameError> {
+        loop {
+            if let Header::Done { len, header_len } = parse_header(&self.buf)? {
+                if len > self.max_frame as u64 {
+                    return Err(FrameError::TooLarge {
+                        len,
+                        max: self.max_frame,
+                    });
+                }
+                let total = header_len + len as usize;
+                if self.buf.len() >= total {
+                    self.buf.advance(header_len);
+                    let body = self.buf.split_to(len as usize);
+                    return M::decode(body)
+                        .map(Some)
+                        .map_err(|e| FrameError::Malformed(e.to_string()));
+                }
+                self.buf.reserve(total - self.buf.len());
+            } else {
+                self.buf.reserve(16);
+            }
+            if self.inner.read_buf(&mut self.buf).await? == 0 {
+                return if self.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(FrameError::Truncated)
+                };
+            }
+        }
+    }
+}
