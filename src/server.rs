@@ -1,1 +1,365 @@
-//! placeholder
+//! The server as a type: [`Server::bind`] sets everything up (data directory,
+//! secrets, certificate, log, hub, QUIC endpoint, HTTP listener) and reports
+//! the bound addresses; [`Server::run`] serves until the shutdown future
+//! resolves, then stops accepting, closes every session with code
+//! `shutting_down`, and lets in-flight HTTP requests finish.
+//!
+//! Tests bind port 0 and pass their own shutdown future.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use tracing::Instrument;
+
+use crate::auth::{Secrets, TokenIssuer, TokenVerifier};
+use crate::config::Config;
+use crate::error::ErrorCode;
+use crate::hub::Hub;
+use crate::session::{Session, SessionContext, SessionError};
+use crate::store::{ChannelLog, EventSink, RedbLog, StoreError, TrimPolicy};
+use crate::tls::{CertStore, ClientTrust, TlsError};
+
+/// How long shutdown waits for connections to close and HTTP requests to finish.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Start-up failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Secrets(#[from] crate::auth::SecretsError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("log: {0}")]
+    Store(#[from] StoreError),
+    #[error("cannot bind QUIC on {addr}: {source}")]
+    BindQuic {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot bind HTTP on {addr}: {source}")]
+    BindHttp {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("invalid transport setting: {0}")]
+    Transport(String),
+}
+
+/// A bound, not yet running server.
+pub struct Server {
+    config: Config,
+    endpoint: quinn::Endpoint,
+    http: tokio::net::TcpListener,
+    hub: Arc<Hub>,
+    log: Arc<dyn ChannelLog>,
+    certs: Arc<CertStore>,
+    secrets: Secrets,
+    quic_addr: SocketAddr,
+    http_addr: SocketAddr,
+}
+
+impl Server {
+    /// Prepares the data directory and binds both listeners.
+    pub async fn bind(config: Config) -> Result<Server, ServerError> {
+        let dir = config.data_dir.clone();
+        std::fs::create_dir_all(&dir).map_err(|source| ServerError::DataDir {
+            path: dir.clone(),
+            source,
+        })?;
+        let secrets = Secrets::load_or_create(&dir)?;
+        let certs = match (&config.tls.cert, &config.tls.key) {
+            (Some(c), Some(k)) => CertStore::from_files(c, k)?,
+            _ => CertStore::self_signed(&dir)?,
+        };
+
+        let hub = Arc::new(Hub::default());
+        let sink_hub = hub.clone();
+        let sink: EventSink = Arc::new(move |events| {
+            sink_hub.publish_log(events);
+        });
+        let log: Arc<dyn ChannelLog> = RedbLog::open(&dir, sink)?;
+
+        let mut server_config =
+            quinn::ServerConfig::with_crypto(Arc::new(crate::tls::server_crypto(certs.clone())?));
+        server_config.transport_config(Arc::new(transport(&config)?));
+        let endpoint =
+            quinn::Endpoint::server(server_config, config.quic_addr).map_err(|source| {
+                ServerError::BindQuic {
+                    addr: config.quic_addr,
+                    source,
+                }
+            })?;
+        let quic_addr = endpoint
+            .local_addr()
+            .map_err(|source| ServerError::BindQuic {
+                addr: config.quic_addr,
+                source,
+            })?;
+        let http = tokio::net::TcpListener::bind(config.http_addr)
+            .await
+            .map_err(|source| ServerError::BindHttp {
+                addr: config.http_addr,
+                source,
+            })?;
+        let http_addr = http.local_addr().map_err(|source| ServerError::BindHttp {
+            addr: config.http_addr,
+            source,
+        })?;
+        Ok(Server {
+            config,
+            endpoint,
+            http,
+            hub,
+            log,
+            certs,
+            secrets,
+            quic_addr,
+            http_addr,
+        })
+    }
+
+    /// The bound QUIC address.
+    pub fn quic_addr(&self) -> SocketAddr {
+        self.quic_addr
+    }
+
+    /// The bound HTTP address.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// The secrets in use.
+    pub fn secrets(&self) -> &Secrets {
+        &self.secrets
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// How a client can trust this server: the self-signed certificate pinned.
+    pub fn client_trust(&self) -> Result<ClientTrust, TlsError> {
+        match &self.config.tls.cert {
+            Some(c) => ClientTrust::ca_file(c),
+            None => ClientTrust::pinned_file(&self.config.data_dir.join(crate::tls::CERT_FILE)),
+        }
+    }
+
+    /// Mints follower tokens signed with this server's secret.
+    pub fn token_issuer(&self) -> TokenIssuer {
+        TokenIssuer::hs256(self.secrets.jwt_secret.as_bytes())
+    }
+
+    /// The log, for embedding and tests.
+    pub fn log(&self) -> Arc<dyn ChannelLog> {
+        self.log.clone()
+    }
+
+    /// The hub, for embedding and tests.
+    pub fn hub(&self) -> Arc<Hub> {
+        self.hub.clone()
+    }
+
+    /// Serves until `shutdown` resolves.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) {
+        let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+        let ctx = Arc::new(SessionContext {
+            hub: self.hub.clone(),
+            log: self.log.clone(),
+            verifier: TokenVerifier::hs256(self.secrets.jwt_secret.as_bytes()),
+            limits: self.config.limits.clone(),
+        });
+
+        let api = crate::api::router(crate::api::ApiState {
+            log: self.log.clone(),
+            hub: self.hub.clone(),
+            admin_key: Arc::from(self.secrets.admin_key.as_str()),
+        });
+        let mut http_stop = stop_rx.clone();
+        let http = tokio::spawn(async move {
+            let res = axum::serve(self.http, api)
+                .with_graceful_shutdown(async move {
+                    let _ = http_stop.wait_for(|s| *s).await;
+                })
+                .await;
+            if let Err(e) = res {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        });
+        let background = [
+            tokio::spawn(retention_loop(
+                self.log.clone(),
+                self.config.retention.clone(),
+                stop_rx.clone(),
+            )),
+            tokio::spawn(cert_renewal_loop(self.certs.clone(), stop_rx.clone())),
+        ];
+
+        accept_loop(&self.endpoint, ctx, shutdown).await;
+
+        tracing::info!("shutting down");
+        let _ = stop_tx.send(true);
+        self.endpoint.close(
+            quinn::VarInt::from_u32(ErrorCode::ShuttingDown.as_u32()),
+            b"server shutting down",
+        );
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, self.endpoint.wait_idle()).await;
+        if tokio::time::timeout(SHUTDOWN_GRACE, http).await.is_err() {
+            tracing::warn!("HTTP requests still running after the grace period");
+        }
+        for task in background {
+            task.abort();
+        }
+    }
+}
+
+fn transport(config: &Config) -> Result<quinn::TransportConfig, ServerError> {
+    let limits = &config.limits;
+    let mut t = quinn::TransportConfig::default();
+    // One control stream from the follower; it opens no unidirectional streams.
+    t.max_concurrent_bidi_streams(1u32.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    // Small windows bound what one slow or hostile follower makes us hold.
+    t.stream_receive_window((64u32 * 1024).into());
+    t.receive_window((128u32 * 1024).into());
+    t.send_window(1024 * 1024);
+    t.datagram_receive_buffer_size(None);
+    t.mtu_discovery_config(None);
+    t.keep_alive_interval(None);
+    let idle = quinn::IdleTimeout::try_from(limits.idle_timeout())
+        .map_err(|e| ServerError::Transport(e.to_string()))?;
+    t.max_idle_timeout(Some(idle));
+    Ok(t)
+}
+
+/// Accepts connections until `shutdown`, bounding connections and handshakes.
+async fn accept_loop(
+    endpoint: &quinn::Endpoint,
+    ctx: Arc<SessionContext>,
+    shutdown: impl Future<Output = ()>,
+) {
+    let handshakes = Arc::new(Semaphore::new(ctx.limits.max_concurrent_handshakes));
+    let open = Arc::new(AtomicUsize::new(0));
+    let next_id = AtomicU64::new(1);
+    tokio::pin!(shutdown);
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept() => match i {
+                Some(i) => i,
+                None => break,
+            },
+            _ = &mut shutdown => break,
+        };
+        if open.load(Ordering::Relaxed) >= ctx.limits.max_connections {
+            tracing::warn!(
+                limit = ctx.limits.max_connections,
+                "connection limit reached; refusing"
+            );
+            incoming.refuse();
+            continue;
+        }
+        open.fetch_add(1, Ordering::Relaxed);
+        let guard = OpenGuard(open.clone());
+        let id = next_id.fetch_add(1, Ordering::Relaxed);
+        let ctx = ctx.clone();
+        let handshakes = handshakes.clone();
+        let span = tracing::info_span!("session", id, peer = %incoming.remote_address());
+        tokio::spawn(
+            async move {
+                let _guard = guard;
+                let conn = {
+                    let Ok(_permit) = handshakes.acquire().await else {
+                        return;
+                    };
+                    match incoming.await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "handshake failed");
+                            return;
+                        }
+                    }
+                };
+                match (Session { id, conn, ctx }).run().await {
+                    Ok(_) => tracing::debug!("session ended"),
+                    Err(SessionError::Closed { code, message }) => {
+                        tracing::info!(%code, %message, "session closed by server")
+                    }
+                    Err(e) => tracing::debug!(error = %e, "session ended"),
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// Counts a connection as open until dropped.
+struct OpenGuard(Arc<AtomicUsize>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Trims every channel by the retention policy, periodically.
+async fn retention_loop(
+    log: Arc<dyn ChannelLog>,
+    retention: crate::config::Retention,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(retention.interval_secs));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let policy = TrimPolicy {
+            older_than_ms: crate::model::now_ms()
+                - (retention.max_age_days as i64).saturating_mul(24 * 3600 * 1000),
+            keep_max: retention.max_posts,
+        };
+        for c in log.channels() {
+            loop {
+                match log.trim(c.id.clone(), policy).await {
+                    Ok(n) if n > 0 => {
+                        tracing::info!(channel = %c.id, removed = n, "retention trim")
+                    }
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!(channel = %c.id, error = %e, "retention trim failed");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Renews a self-signed certificate near expiry while running.
+async fn cert_renewal_loop(certs: Arc<CertStore>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(3600));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let certs = certs.clone();
+        match tokio::task::spawn_blocking(move || certs.renew_if_needed()).await {
+            Ok(Ok(true)) => tracing::info!("renewed the self-signed certificate"),
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "certificate renewal failed"),
+            Err(e) => tracing::warn!(error = %e, "certificate renewal task failed"),
+        }
+    }
+}

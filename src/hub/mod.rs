@@ -1,0 +1,289 @@
+//! The hub: who follows what, and the fan-out.
+//!
+//! A sharded map (dashmap) from channel to its followers; each channel's
+//! followers are split into per-core buckets by session id. A committed
+//! event is encoded into its feed frame once ([`FeedEvent`], a shared
+//! `Bytes`) and every follower's [`Outbox`] gets a reference to it. Fan-out
+//! never waits on a follower: a full outbox marks the follower lagged.
+//!
+//! Channels with many followers are fanned out on one scoped thread per
+//! bucket, so a post to a million followers uses every core; small channels
+//! are fanned out inline. Events are fanned out in commit order (the log
+//! calls [`Hub::publish`] from its committer), and each bucket is processed
+//! completely before the next event, so every outbox receives a channel's
+//! events in seq order.
+//!
+//! Registration and the session's `Follow` control item are queued inside
+//! the same bucket lock, so a session's writer always sees its Follow before
+//! any live event of that channel (see `session::feed` for why that makes the
+//! catch-up seam gapless). No map guard or lock is ever held across `.await`.
+
+mod subscribers;
+
+pub use subscribers::{Subscriber, SubscriberSet};
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use dashmap::DashMap;
+
+use crate::model::{ChannelId, Post};
+use crate::proto::v1 as pb;
+use crate::session::{Item, Outbox};
+use crate::store::LogEvent;
+use crate::wire::encode_frame;
+
+/// Channels with at least this many followers are fanned out in parallel.
+pub const PARALLEL_FANOUT_MIN: usize = 4096;
+
+/// What a feed event does to the follower's copy of a channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    /// A new post; advances the channel's seq.
+    Post,
+    /// An existing post's text changed.
+    Edit,
+    /// An existing post became a tombstone.
+    Delete,
+}
+
+/// An event encoded once and shared by every follower's queue.
+#[derive(Debug)]
+pub struct FeedEvent {
+    pub channel: ChannelId,
+    pub seq: u64,
+    pub kind: EventKind,
+    /// The complete length-delimited feed frame.
+    pub frame: Bytes,
+}
+
+impl FeedEvent {
+    /// Encodes a log event into its feed frame.
+    pub fn from_log(ev: &LogEvent) -> FeedEvent {
+        let (kind, post, frame) = match ev {
+            LogEvent::Posted(p) => (EventKind::Post, p, encode_frame(&p.to_frame())),
+            LogEvent::Edited(p) => (EventKind::Edit, p, encode_frame(&edited_frame(p))),
+            LogEvent::Deleted(p) => (EventKind::Delete, p, encode_frame(&deleted_frame(p))),
+        };
+        FeedEvent {
+            channel: post.channel.clone(),
+            seq: post.seq,
+            kind,
+            frame,
+        }
+    }
+}
+
+fn edited_frame(p: &Post) -> pb::FeedFrame {
+    pb::FeedFrame {
+        kind: Some(pb::feed_frame::Kind::Edited(pb::PostEdited {
+            channel: p.channel.to_string(),
+            seq: p.seq,
+            epoch: p.epoch,
+            text: p.text.clone(),
+            edited_at_ms: p.edited_at_ms,
+        })),
+    }
+}
+
+fn deleted_frame(p: &Post) -> pb::FeedFrame {
+    pb::FeedFrame {
+        kind: Some(pb::feed_frame::Kind::Deleted(pb::PostDeleted {
+            channel: p.channel.to_string(),
+            seq: p.seq,
+            epoch: p.epoch,
+        })),
+    }
+}
+
+/// One channel's followers, split into buckets.
+struct ChannelSubs {
+    buckets: Box<[Mutex<SubscriberSet>]>,
+    count: AtomicUsize,
+}
+
+impl ChannelSubs {
+    fn new(n: usize) -> ChannelSubs {
+        ChannelSubs {
+            buckets: (0..n)
+                .map(|_| Mutex::new(SubscriberSet::default()))
+                .collect(),
+            count: AtomicUsize::new(0),
+        }
+    }
+
+    fn bucket(&self, session: u64) -> MutexGuard<'_, SubscriberSet> {
+        let i = (session % self.buckets.len() as u64) as usize;
+        lock(&self.buckets[i])
+    }
+}
+
+fn lock(m: &Mutex<SubscriberSet>) -> MutexGuard<'_, SubscriberSet> {
+    // Every update is a single insert or remove; a poisoned set is still consistent.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Counts of one fan-out.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Fanout {
+    /// Queues that accepted the event.
+    pub delivered: usize,
+    /// Queues that were full (their followers are now lagged for the channel).
+    pub lagged: usize,
+}
+
+impl std::ops::AddAssign for Fanout {
+    fn add_assign(&mut self, o: Fanout) {
+        self.delivered += o.delivered;
+        self.lagged += o.lagged;
+    }
+}
+
+/// The subscription registry and fan-out. See the module docs.
+pub struct Hub {
+    channels: DashMap<ChannelId, Arc<ChannelSubs>>,
+    buckets: usize,
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Hub::new(std::thread::available_parallelism().map_or(1, |n| n.get()))
+    }
+}
+
+impl Hub {
+    /// A hub whose channels split their followers into `buckets` buckets.
+    pub fn new(buckets: usize) -> Hub {
+        Hub {
+            channels: DashMap::new(),
+            buckets: buckets.max(1),
+        }
+    }
+
+    /// Registers `session` as a follower of `channel` and queues `follow` on
+    /// its outbox in the same critical section. Returns `Ok(false)` if the
+    /// session already follows the channel (nothing is queued then).
+    pub fn follow(
+        &self,
+        channel: &ChannelId,
+        session: u64,
+        outbox: &Arc<Outbox>,
+        follow: Item,
+    ) -> Result<bool, crate::session::ControlRefused> {
+        let entry = self
+            .channels
+            .entry(channel.clone())
+            .or_insert_with(|| Arc::new(ChannelSubs::new(self.buckets)));
+        let subs = entry.value();
+        let mut bucket = subs.bucket(session);
+        if !bucket.insert(Subscriber {
+            session,
+            outbox: outbox.clone(),
+        }) {
+            return Ok(false);
+        }
+        if let Err(e) = outbox.push_control(follow) {
+            bucket.remove(session);
+            return Err(e);
+        }
+        subs.count.fetch_add(1, Ordering::Relaxed);
+        Ok(true)
+    }
+
+    /// Removes `session` from `channel`'s followers; returns whether it was there.
+    pub fn unfollow(&self, channel: &ChannelId, session: u64) -> bool {
+        let removed = {
+            let Some(subs) = self.channels.get(channel) else {
+                return false;
+            };
+            let removed = subs.bucket(session).remove(session);
+            if removed {
+                subs.count.fetch_sub(1, Ordering::Relaxed);
+            }
+            removed
+        };
+        if removed {
+            // Follow increments under the shard's write lock, which remove_if
+            // also takes, so an entry is only removed while truly empty.
+            self.channels
+                .remove_if(channel, |_, s| s.count.load(Ordering::Relaxed) == 0);
+        }
+        removed
+    }
+
+    /// Followers of `channel` now.
+    pub fn follower_count(&self, channel: &ChannelId) -> usize {
+        self.channels
+            .get(channel)
+            .map_or(0, |s| s.count.load(Ordering::Relaxed))
+    }
+
+    /// Channels with at least one follower.
+    pub fn channel_count(&self) -> usize {
+        self.channels.len()
+    }
+
+    /// Fans committed log events out, in order.
+    pub fn publish_log(&self, events: &[LogEvent]) -> Fanout {
+        let mut total = Fanout::default();
+        for ev in events {
+            total += self.publish(Arc::new(FeedEvent::from_log(ev)));
+        }
+        total
+    }
+
+    /// Fans one encoded event out to every follower of its channel.
+    pub fn publish(&self, ev: Arc<FeedEvent>) -> Fanout {
+        let Some(subs) = self.channels.get(&ev.channel).map(|s| s.value().clone()) else {
+            return Fanout::default();
+        };
+        if subs.count.load(Ordering::Relaxed) < PARALLEL_FANOUT_MIN || subs.buckets.len() == 1 {
+            let mut total = Fanout::default();
+            for b in subs.buckets.iter() {
+                total += self.fan_bucket(&lock(b), &ev);
+            }
+            return total;
+        }
+        std::thread::scope(|s| {
+            let handles: Vec<_> = subs
+                .buckets
+                .iter()
+                .map(|b| {
+                    // Each thread shares its own copy of the event, so the
+                    // reference count it bumps is not contended across cores.
+                    let local = Arc::new(FeedEvent {
+                        channel: ev.channel.clone(),
+                        seq: ev.seq,
+                        kind: ev.kind,
+                        frame: ev.frame.clone(),
+                    });
+                    s.spawn(move || self.fan_bucket(&lock(b), &local))
+                })
+                .collect();
+            let mut total = Fanout::default();
+            for h in handles {
+                match h.join() {
+                    Ok(f) => total += f,
+                    Err(_) => tracing::error!("fan-out thread panicked"),
+                }
+            }
+            total
+        })
+    }
+
+    fn fan_bucket(&self, set: &SubscriberSet, ev: &Arc<FeedEvent>) -> Fanout {
+        let mut f = Fanout::default();
+        for sub in set.iter() {
+            if sub.outbox.push_event(ev) {
+                f.delivered += 1;
+            } else {
+                f.lagged += 1;
+            }
+        }
+        f
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,262 @@
+//! The feed writer: drains a session's [`Outbox`] into its QUIC feed stream.
+//!
+//! It owns, per followed channel, the seq of the last post written (the
+//! cursor), and enforces the delivery promise itself: a post at or below the
+//! cursor is a duplicate and skipped; a post above `cursor + 1` means the
+//! follower missed something (its queue overflowed), so the gap is first
+//! filled from the log. A channel whose queue overflowed is also caught up
+//! from the log as soon as the queue has been drained.
+//!
+//! Why the seam between catch-up and live is gapless: the hub registers the
+//! session and queues its `Follow` item under one lock, so every event fanned
+//! out after registration lands behind that item. The writer reads the
+//! channel's head only when it handles the item, i.e. after registration. The
+//! log updates the head before it fans an event out, so each post is either
+//! at or below the head the writer read (and comes from the log) or fanned out
+//! after registration (and comes live); the cursor drops the overlap.
+//!
+//! Frames are written in batches: everything drained at once goes out in one
+//! `write_all_chunks` call.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::outbox::{Item, Outbox};
+use crate::hub::EventKind;
+use crate::model::{ChannelId, FollowRequest};
+use crate::proto::v1 as pb;
+use crate::store::{ChannelLog, StoreError};
+use crate::wire::encode_frame;
+
+/// Most queued items the writer takes at once.
+pub const MAX_DRAIN: usize = 1024;
+
+/// Why the feed writer stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum FeedError {
+    #[error("feed stream write failed: {0}")]
+    Write(#[from] quinn::WriteError),
+    #[error("log read failed: {0}")]
+    Log(#[from] StoreError),
+    #[error("lagged {count} times within {window:?}")]
+    LaggingTooOften { count: usize, window: Duration },
+}
+
+/// Counters a writer reports.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct FeedStats {
+    pub live_frames: u64,
+    pub catchup_frames: u64,
+    pub lag_events: u64,
+}
+
+/// Disconnect rule for followers that lag again and again.
+#[derive(Debug, Clone, Copy)]
+pub struct LagPolicy {
+    pub max_events: u32,
+    pub window: Duration,
+}
+
+/// See the module docs.
+pub struct FeedWriter {
+    stream: quinn::SendStream,
+    outbox: Arc<Outbox>,
+    log: Arc<dyn ChannelLog>,
+    cursors: HashMap<ChannelId, u64>,
+    catchup_batch: usize,
+    lag_policy: LagPolicy,
+    recent_lags: VecDeque<Instant>,
+    chunks: Vec<Bytes>,
+    pub stats: FeedStats,
+}
+
+impl FeedWriter {
+    pub fn new(
+        stream: quinn::SendStream,
+        outbox: Arc<Outbox>,
+        log: Arc<dyn ChannelLog>,
+        catchup_batch: usize,
+        lag_policy: LagPolicy,
+    ) -> FeedWriter {
+        FeedWriter {
+            stream,
+            outbox,
+            log,
+            cursors: HashMap::new(),
+            catchup_batch: catchup_batch.max(1),
+            lag_policy,
+            recent_lags: VecDeque::new(),
+            chunks: Vec::with_capacity(64),
+            stats: FeedStats::default(),
+        }
+    }
+
+    /// Runs until the outbox is closed and drained, or the stream fails.
+    pub async fn run(mut self) -> Result<FeedStats, FeedError> {
+        let mut items = Vec::with_capacity(64);
+        let mut lagged = Vec::new();
+        while self
+            .outbox
+            .clone()
+            .next_batch(&mut items, &mut lagged, MAX_DRAIN)
+            .await
+        {
+            for item in items.drain(..) {
+                match item {
+                    Item::Follow(req) => {
+                        self.flush().await?;
+                        self.start(req).await?;
+                    }
+                    Item::Unfollow(ch) => {
+                        self.cursors.remove(&ch);
+                    }
+                    Item::Event(ev) => {
+                        let Some(&cur) = self.cursors.get(&ev.channel) else {
+                            continue;
+                        };
+                        match ev.kind {
+                            EventKind::Post => {
+                                if ev.seq <= cur {
+                                    continue;
+                                }
+                                if ev.seq > cur + 1 {
+                                    self.flush().await?;
+                                    self.fill(&ev.channel, ev.seq - 1).await?;
+                                }
+                                #[cfg(feature = "fault-injection")]
+                                if super::fault::skip_delivery() {
+                                    self.cursors.insert(ev.channel.clone(), ev.seq);
+                                    continue;
+                                }
+                                self.chunks.push(ev.frame.clone());
+                                self.stats.live_frames += 1;
+                                self.cursors.insert(ev.channel.clone(), ev.seq);
+                            }
+                            EventKind::Edit | EventKind::Delete => {
+                                // A post the follower has not seen yet comes
+                                // from the log in its current state instead.
+                                if ev.seq <= cur {
+                                    self.chunks.push(ev.frame.clone());
+                                    self.stats.live_frames += 1;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            self.flush().await?;
+            for ch in lagged.drain(..) {
+                self.note_lag()?;
+                let Some(head) = self.log.channel(&ch).map(|c| c.head_seq) else {
+                    continue;
+                };
+                self.fill(&ch, head).await?;
+            }
+        }
+        let _ = self.stream.finish();
+        Ok(self.stats)
+    }
+
+    fn note_lag(&mut self) -> Result<(), FeedError> {
+        self.stats.lag_events += 1;
+        let now = Instant::now();
+        self.recent_lags.push_back(now);
+        while self
+            .recent_lags
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > self.lag_policy.window)
+        {
+            self.recent_lags.pop_front();
+        }
+        if self.recent_lags.len() > self.lag_policy.max_events as usize {
+            return Err(FeedError::LaggingTooOften {
+                count: self.recent_lags.len(),
+                window: self.lag_policy.window,
+            });
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), FeedError> {
+        if !self.chunks.is_empty() {
+            self.stream.write_all_chunks(&mut self.chunks).await?;
+            self.chunks.clear();
+        }
+        Ok(())
+    }
+
+    /// Handles a Follow: picks the starting cursor (sending a Reset when the
+    /// follower's position cannot be honoured), then catches up to the head.
+    async fn start(&mut self, req: FollowRequest) -> Result<(), FeedError> {
+        let Some(info) = self.log.channel(&req.channel) else {
+            return Ok(());
+        };
+        let oldest_known = info.oldest_seq.saturating_sub(1);
+        let start = match req.after_seq {
+            Some(after) => {
+                let epoch_changed = req.epoch.is_some_and(|e| e != info.epoch);
+                let trimmed = after < oldest_known;
+                let ahead = after > info.head_seq;
+                if epoch_changed || trimmed || ahead {
+                    self.chunks.push(encode_frame(&pb::FeedFrame {
+                        kind: Some(pb::feed_frame::Kind::Reset(pb::Reset {
+                            channel: req.channel.to_string(),
+                            epoch: info.epoch,
+                            oldest_seq: info.oldest_seq,
+                        })),
+                    }));
+                    oldest_known
+                } else {
+                    after
+                }
+            }
+            None => info
+                .head_seq
+                .saturating_sub(u64::from(req.tail))
+                .max(oldest_known),
+        };
+        self.cursors.insert(req.channel.clone(), start);
+        self.fill(&req.channel, info.head_seq).await
+    }
+
+    /// Writes posts from the log until the channel's cursor reaches `upto`.
+    async fn fill(&mut self, ch: &ChannelId, upto: u64) -> Result<(), FeedError> {
+        loop {
+            let Some(&cur) = self.cursors.get(ch) else {
+                return Ok(());
+            };
+            if cur >= upto {
+                return self.flush().await;
+            }
+            let want = ((upto - cur) as usize).min(self.catchup_batch);
+            let posts = self.log.read(ch.clone(), cur, want).await?;
+            let Some(first) = posts.first() else {
+                // Nothing retained up to `upto` any more.
+                self.cursors.insert(ch.clone(), upto);
+                return self.flush().await;
+            };
+            if first.seq > cur + 1 {
+                // Trimmed while we were behind: say so, then go on from what is kept.
+                self.chunks.push(encode_frame(&pb::FeedFrame {
+                    kind: Some(pb::feed_frame::Kind::Reset(pb::Reset {
+                        channel: ch.to_string(),
+                        epoch: first.epoch,
+                        oldest_seq: first.seq,
+                    })),
+                }));
+            }
+            let mut last = None;
+            for p in posts.iter().take_while(|p| p.seq <= upto) {
+                self.chunks.push(encode_frame(&p.to_frame()));
+                self.stats.catchup_frames += 1;
+                last = Some(p.seq);
+            }
+            // No post at or below `upto` is left: everything up to it was trimmed.
+            self.cursors.insert(ch.clone(), last.unwrap_or(upto));
+            self.flush().await?;
+        }
+    }
+}
