@@ -4,6 +4,8 @@
 //! status ([`error::ApiError`]). Writes are answered only once durable.
 
 mod channels;
+pub use channels::ChannelView;
+pub use posts::{History, PostView, Published};
 mod error;
 mod extract;
 mod posts;

@@ -1,0 +1,173 @@
+//! The `herald` command line: `serve`, and the client commands (`channel`,
+//! `post`, `follow`, `token`) that talk to a server, by default the local one
+//! whose data directory holds the admin key, token secret and certificate.
+
+mod api_client;
+mod follow;
+mod serve;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+pub use api_client::ApiClient;
+
+/// Broadcast-channels server.
+#[derive(Parser, Debug)]
+#[command(name = "herald", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the server.
+    Serve(serve::ServeArgs),
+    /// Manage channels.
+    #[command(subcommand)]
+    Channel(ChannelCommand),
+    /// Publish a post; prints its seq.
+    Post {
+        channel: String,
+        text: String,
+        #[command(flatten)]
+        common: ClientArgs,
+    },
+    /// Follow channels and print each post as it arrives.
+    Follow(follow::FollowArgs),
+    /// Mint a follower token with the local secret.
+    Token {
+        /// Follower id (the token's `sub`).
+        #[arg(long)]
+        user: String,
+        /// Lifetime in seconds.
+        #[arg(long, default_value_t = 86_400)]
+        ttl_secs: u64,
+        #[arg(long, env = "HERALD_DATA_DIR", default_value = "./herald-data")]
+        data_dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ChannelCommand {
+    /// Create a channel.
+    Create {
+        id: String,
+        #[arg(long, default_value = "")]
+        title: String,
+        #[command(flatten)]
+        common: ClientArgs,
+    },
+    /// Show a channel.
+    Get {
+        id: String,
+        #[command(flatten)]
+        common: ClientArgs,
+    },
+}
+
+/// Where the server is and how to authenticate to it.
+#[derive(Args, Debug, Clone)]
+pub struct ClientArgs {
+    /// Data directory of the local server (admin key, token secret, certificate).
+    #[arg(long, env = "HERALD_DATA_DIR", default_value = "./herald-data")]
+    pub data_dir: PathBuf,
+    /// QUIC address of the server.
+    #[arg(long, env = "HERALD_SERVER", default_value = "127.0.0.1:4433")]
+    pub server: SocketAddr,
+    /// Base URL of the HTTP API.
+    #[arg(long, env = "HERALD_API", default_value = "http://127.0.0.1:8080")]
+    pub api: String,
+    /// API key (default: the local server's admin key).
+    #[arg(long, env = "HERALD_API_KEY", hide_env_values = true)]
+    pub key: Option<String>,
+    /// CA certificate (PEM) to verify the server with, instead of pinning the
+    /// local server's self-signed certificate.
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+}
+
+impl ClientArgs {
+    fn api_key(&self) -> anyhow::Result<String> {
+        match &self.key {
+            Some(k) => Ok(k.clone()),
+            None => Ok(crate::auth::Secrets::read_existing(&self.data_dir)
+                .map_err(|e| anyhow::anyhow!("no --key given and {e}"))?
+                .admin_key),
+        }
+    }
+
+    fn api_client(&self) -> anyhow::Result<ApiClient> {
+        Ok(ApiClient::new(&self.api, self.api_key()?))
+    }
+}
+
+/// Runs the command line; the binary's whole `main`.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = match cli.command {
+        Command::Serve(_) => "info",
+        _ => "warn",
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter)),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => serve::run(args).await,
+        Command::Channel(ChannelCommand::Create { id, title, common }) => {
+            let c = common.api_client()?.create_channel(&id, &title).await?;
+            println!("created channel {} (epoch {})", c.id, c.epoch);
+            Ok(())
+        }
+        Command::Channel(ChannelCommand::Get { id, common }) => {
+            let c = common.api_client()?.channel(&id).await?;
+            println!("{}", serde_json::to_string_pretty(&c)?);
+            Ok(())
+        }
+        Command::Post {
+            channel,
+            text,
+            common,
+        } => {
+            let p = common.api_client()?.publish(&channel, &text).await?;
+            println!("{}", p.seq);
+            Ok(())
+        }
+        Command::Follow(args) => follow::run(args).await,
+        Command::Token {
+            user,
+            ttl_secs,
+            data_dir,
+        } => {
+            let secrets = crate::auth::Secrets::read_existing(&data_dir)?;
+            let t = crate::auth::TokenIssuer::hs256(secrets.jwt_secret.as_bytes())
+                .mint(&user, std::time::Duration::from_secs(ttl_secs))?;
+            println!("{t}");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,77 @@
+//! `herald serve`: load the configuration, bind, print where it listens, run
+//! until Ctrl-C or SIGTERM.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::config::{Config, Overrides};
+use crate::server::Server;
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// TOML configuration file.
+    #[arg(long, env = "HERALD_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Data directory (default ./herald-data).
+    #[arg(long, env = "HERALD_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// QUIC (UDP) listen address (default 127.0.0.1:4433).
+    #[arg(long, env = "HERALD_QUIC_ADDR")]
+    pub quic_addr: Option<SocketAddr>,
+    /// HTTP listen address (default 127.0.0.1:8080).
+    #[arg(long, env = "HERALD_HTTP_ADDR")]
+    pub http_addr: Option<SocketAddr>,
+}
+
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let config = Config::load(
+        args.config.as_deref(),
+        &Overrides {
+            data_dir: args.data_dir,
+            quic_addr: args.quic_addr,
+            http_addr: args.http_addr,
+        },
+    )?;
+    let server = Server::bind(config).await?;
+    let secrets = server.secrets();
+    if !secrets.created.is_empty() {
+        println!(
+            "first start: generated secrets in {}",
+            server.config().data_dir.display()
+        );
+        println!("admin key: {}", secrets.admin_key);
+    }
+    println!(
+        "herald listening: quic {} http {}",
+        server.quic_addr(),
+        server.http_addr()
+    );
+    println!("data dir: {}", server.config().data_dir.display());
+    server.run(shutdown_signal()).await;
+    println!("herald stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

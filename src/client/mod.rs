@@ -1,0 +1,260 @@
+//! The follower client library: connect, authenticate, follow with resume,
+//! and a stream of typed events, with automatic reconnect.
+//!
+//! ```no_run
+//! # async fn demo(trust: herald::tls::ClientTrust, token: String) -> Result<(), herald::client::ClientError> {
+//! use herald::client::{Client, ClientOptions, Event};
+//! let mut client = Client::connect(ClientOptions::new("127.0.0.1:4433".parse().unwrap(), trust, token)).await?;
+//! client.follow("news").await?;
+//! while let Some(event) = client.next_event().await {
+//!     if let Event::Post(p) = event {
+//!         println!("{} #{}: {}", p.channel, p.seq, p.text);
+//!     }
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! The client remembers, per channel, the seq of the last post it delivered.
+//! When the connection drops for a reason worth retrying (network loss, server
+//! restart, lagging), it reconnects with backoff and re-follows every channel
+//! from that seq, so the application sees every post once, in order. Posts at
+//! or below the remembered seq are dropped (and counted in [`ClientStats`]).
+//! Events wait in a bounded buffer ([`ClientOptions::event_buffer`]); an
+//! application that stops reading stops the client reading, and the server
+//! catches it up later.
+
+mod conn;
+mod driver;
+
+pub use conn::{connect_raw, ClientError};
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::error::ErrorCode;
+use crate::model::Post;
+use crate::tls::ClientTrust;
+
+/// How to reach and authenticate to a server.
+#[derive(Clone)]
+pub struct ClientOptions {
+    pub server: SocketAddr,
+    /// Name sent in TLS SNI and checked against a CA-verified certificate.
+    pub server_name: String,
+    pub trust: ClientTrust,
+    /// Follower token (JWT).
+    pub token: String,
+    /// Sent in Hello, for server logs.
+    pub client_name: String,
+    /// Reconnect and resume on retryable disconnects.
+    pub reconnect: bool,
+    /// QUIC keep-alive interval; keep it near half the server's idle timeout.
+    pub keep_alive: Duration,
+    /// Largest feed frame accepted.
+    pub max_feed_frame: usize,
+    /// Events buffered for the application.
+    pub event_buffer: usize,
+    /// First and largest pause between reconnect attempts.
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+}
+
+impl ClientOptions {
+    /// Defaults: reconnect on, 20 s keep-alive, 1024 buffered events.
+    pub fn new(server: SocketAddr, trust: ClientTrust, token: String) -> ClientOptions {
+        ClientOptions {
+            server,
+            server_name: "localhost".into(),
+            trust,
+            token,
+            client_name: format!("herald-client/{}", env!("CARGO_PKG_VERSION")),
+            reconnect: true,
+            keep_alive: Duration::from_secs(20),
+            max_feed_frame: crate::wire::DEFAULT_MAX_FEED_FRAME,
+            event_buffer: 1024,
+            backoff_min: Duration::from_millis(50),
+            backoff_max: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Something that happened on the feed or the connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A post, delivered once, in seq order per channel.
+    Post(Post),
+    /// A post the follower has seen was edited.
+    Edited {
+        channel: String,
+        seq: u64,
+        epoch: u64,
+        text: String,
+        edited_at_ms: i64,
+    },
+    /// A post the follower has seen was deleted.
+    Deleted {
+        channel: String,
+        seq: u64,
+        epoch: u64,
+    },
+    /// The server could not resume where asked (history reset or trimmed);
+    /// delivery goes on from `oldest_seq`.
+    Reset {
+        channel: String,
+        epoch: u64,
+        oldest_seq: u64,
+    },
+    /// An error not tied to a request of the application (e.g. a re-follow
+    /// after reconnect was refused).
+    Error {
+        code: Option<ErrorCode>,
+        message: String,
+        channel: String,
+    },
+    /// The connection dropped; the client is reconnecting.
+    Disconnected { reason: String },
+    /// The client reconnected and re-followed its channels.
+    Reconnected,
+    /// The connection ended for good (refused, or reconnect off); no more events follow.
+    Closed {
+        code: Option<ErrorCode>,
+        reason: String,
+    },
+}
+
+/// Answer to a follow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Followed {
+    pub head_seq: u64,
+    pub epoch: u64,
+}
+
+/// Where to start a follow.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FollowFrom {
+    /// Replay every post after this seq, then go live.
+    pub after_seq: Option<u64>,
+    /// The epoch `after_seq` belongs to; a different current epoch means a reset.
+    pub epoch: Option<u64>,
+    /// Without `after_seq`: the latest posts to deliver first.
+    pub tail: u32,
+}
+
+/// Counters kept by a client.
+#[derive(Debug, Default)]
+pub struct ClientStats {
+    pub posts: AtomicU64,
+    /// Posts at or below the last delivered seq, dropped.
+    pub duplicates_dropped: AtomicU64,
+    /// Posts whose seq skipped ahead without a Reset (should stay 0).
+    pub gaps: AtomicU64,
+    pub reconnects: AtomicU64,
+}
+
+impl ClientStats {
+    pub fn get(&self, c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+}
+
+pub(crate) enum Command {
+    Follow {
+        channel: String,
+        from: FollowFrom,
+        reply: oneshot::Sender<Result<Followed, ClientError>>,
+    },
+    Unfollow {
+        channel: String,
+        reply: oneshot::Sender<Result<(), ClientError>>,
+    },
+    Close,
+}
+
+/// A connected follower. Dropping it closes the connection.
+pub struct Client {
+    cmds: mpsc::Sender<Command>,
+    events: mpsc::Receiver<Event>,
+    stats: Arc<ClientStats>,
+    session_id: u64,
+}
+
+impl Client {
+    /// Connects, says Hello and waits for Welcome. A refused token or
+    /// handshake is returned here as an error.
+    pub async fn connect(opts: ClientOptions) -> Result<Client, ClientError> {
+        let endpoint = conn::client_endpoint(&opts)?;
+        let first = conn::Conn::open(&endpoint, &opts).await?;
+        let session_id = first.session_id;
+        let (cmd_tx, cmd_rx) = mpsc::channel(64);
+        let (ev_tx, ev_rx) = mpsc::channel(opts.event_buffer.max(1));
+        let stats = Arc::new(ClientStats::default());
+        let driver = driver::Driver::new(opts, endpoint, cmd_rx, ev_tx, stats.clone());
+        tokio::spawn(driver.run(first));
+        Ok(Client {
+            cmds: cmd_tx,
+            events: ev_rx,
+            stats,
+            session_id,
+        })
+    }
+
+    /// The server's id for the first session.
+    pub fn session_id(&self) -> u64 {
+        self.session_id
+    }
+
+    /// Follows `channel` live.
+    pub async fn follow(&self, channel: &str) -> Result<Followed, ClientError> {
+        self.follow_from(channel, FollowFrom::default()).await
+    }
+
+    /// Follows `channel` from a position.
+    pub async fn follow_from(
+        &self,
+        channel: &str,
+        from: FollowFrom,
+    ) -> Result<Followed, ClientError> {
+        let (reply, rx) = oneshot::channel();
+        self.cmds
+            .send(Command::Follow {
+                channel: channel.to_string(),
+                from,
+                reply,
+            })
+            .await
+            .map_err(|_| ClientError::Closed)?;
+        rx.await.map_err(|_| ClientError::Closed)?
+    }
+
+    /// Stops following `channel`.
+    pub async fn unfollow(&self, channel: &str) -> Result<(), ClientError> {
+        let (reply, rx) = oneshot::channel();
+        self.cmds
+            .send(Command::Unfollow {
+                channel: channel.to_string(),
+                reply,
+            })
+            .await
+            .map_err(|_| ClientError::Closed)?;
+        rx.await.map_err(|_| ClientError::Closed)?
+    }
+
+    /// The next event; `None` once the client has closed for good.
+    pub async fn next_event(&mut self) -> Option<Event> {
+        self.events.recv().await
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &ClientStats {
+        &self.stats
+    }
+
+    /// Closes the connection.
+    pub async fn close(self) {
+        let _ = self.cmds.send(Command::Close).await;
+    }
+}
