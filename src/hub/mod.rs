@@ -22,7 +22,7 @@ mod subscribers;
 
 pub use subscribers::{Subscriber, SubscriberSet};
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
@@ -140,10 +140,19 @@ impl std::ops::AddAssign for Fanout {
     }
 }
 
+/// Totals since start, updated once per fan-out (not per delivery).
+#[derive(Debug, Default)]
+pub struct HubTotals {
+    pub events: AtomicU64,
+    pub delivered: AtomicU64,
+    pub lagged: AtomicU64,
+}
+
 /// The subscription registry and fan-out. See the module docs.
 pub struct Hub {
     channels: DashMap<ChannelId, Arc<ChannelSubs>>,
     buckets: usize,
+    totals: HubTotals,
 }
 
 impl Default for Hub {
@@ -158,6 +167,7 @@ impl Hub {
         Hub {
             channels: DashMap::new(),
             buckets: buckets.max(1),
+            totals: HubTotals::default(),
         }
     }
 
@@ -233,8 +243,43 @@ impl Hub {
         total
     }
 
+    /// Totals since start.
+    pub fn totals(&self) -> &HubTotals {
+        &self.totals
+    }
+
+    /// Largest number of live-event bytes any one current session has had
+    /// queued at once, and the number of sessions looked at. Walks every subscription: for
+    /// diagnostics and tests, not for the hot path.
+    pub fn peak_queued_bytes(&self) -> (usize, usize) {
+        let mut seen = std::collections::HashSet::new();
+        let mut max = 0;
+        for entry in self.channels.iter() {
+            for b in entry.value().buckets.iter() {
+                for sub in lock(b).iter() {
+                    if seen.insert(sub.session) {
+                        max = max.max(sub.outbox.peak_bytes());
+                    }
+                }
+            }
+        }
+        (max, seen.len())
+    }
+
     /// Fans one encoded event out to every follower of its channel.
     pub fn publish(&self, ev: Arc<FeedEvent>) -> Fanout {
+        let f = self.fan_out(ev);
+        self.totals.events.fetch_add(1, Ordering::Relaxed);
+        self.totals
+            .delivered
+            .fetch_add(f.delivered as u64, Ordering::Relaxed);
+        self.totals
+            .lagged
+            .fetch_add(f.lagged as u64, Ordering::Relaxed);
+        f
+    }
+
+    fn fan_out(&self, ev: Arc<FeedEvent>) -> Fanout {
         let Some(subs) = self.channels.get(&ev.channel).map(|s| s.value().clone()) else {
             return Fanout::default();
         };

@@ -28,6 +28,7 @@ pub struct TestServer {
     pub issuer: TokenIssuer,
     pub admin_key: String,
     pub data_dir: PathBuf,
+    pub hub: std::sync::Arc<herald::hub::Hub>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -55,6 +56,7 @@ impl TestServer {
         let trust = server.client_trust().expect("client trust");
         let issuer = server.token_issuer();
         let admin_key = server.secrets().admin_key.clone();
+        let hub = server.hub();
         let task = tokio::spawn(server.run(async move {
             let _ = stop_rx.await;
         }));
@@ -66,6 +68,7 @@ impl TestServer {
             issuer,
             admin_key,
             data_dir,
+            hub,
             stop: Some(stop_tx),
             task: Some(task),
         }
