@@ -37,7 +37,8 @@ async fn stalled_follower_is_bounded_then_caught_up() {
     let fast_task = tokio::spawn(async move {
         let got = collect_posts(&mut fast, &BTreeMap::from([("s".to_string(), POSTS)])).await;
         let dups = fast.stats().duplicates_dropped.load(Ordering::Relaxed);
-        (got, dups)
+        // Hand the client back so its session stays open for the checks below.
+        (got, dups, fast)
     });
 
     // 1 KiB posts, so that 10,000 of them (10 MiB) cannot all sit in the
@@ -57,7 +58,7 @@ async fn stalled_follower_is_bounded_then_caught_up() {
         t.await.unwrap();
     }
 
-    let (fast_got, fast_dups) = fast_task.await.unwrap();
+    let (fast_got, fast_dups, fast) = fast_task.await.unwrap();
     let seqs: Vec<u64> = fast_got["s"].iter().map(|p| p.0).collect();
     assert_gapless(&seqs, 1, POSTS as u64);
     assert_eq!(fast_dups, 0);
@@ -91,6 +92,6 @@ async fn stalled_follower_is_bounded_then_caught_up() {
     let seq = server.api.publish("s", "after").await.unwrap().seq;
     let got = collect_posts(&mut slow, &BTreeMap::from([("s".to_string(), 1)])).await;
     assert_eq!(got["s"][0].0, seq);
-    drop((slow,));
+    drop((slow, fast));
     server.stop().await;
 }

@@ -4,7 +4,7 @@
 mod secrets;
 mod token;
 
-pub use secrets::{Secrets, SecretsError, ADMIN_KEY_FILE, JWT_SECRET_FILE};
+pub use secrets::{Secrets, SecretsError, ADMIN_KEY_FILE, JWT_SECRET_FILE, RESET_KEY_FILE};
 pub use token::{Claims, Follower, TokenError, TokenIssuer, TokenVerifier};
 
 /// Compares two byte strings in time that depends only on their lengths.
