@@ -15,6 +15,7 @@ pub mod config;
 pub mod error;
 pub mod hub;
 pub mod model;
+pub mod promo;
 pub mod proto;
 pub mod server;
 pub mod session;

@@ -19,9 +19,10 @@ use tracing::Instrument;
 use crate::auth::{Secrets, TokenIssuer, TokenVerifier};
 use crate::config::Config;
 use crate::error::ErrorCode;
-use crate::hub::Hub;
+use crate::hub::{FeedEvent, Hub};
+use crate::promo::{Promo, PromoError};
 use crate::session::{Session, SessionContext, SessionError};
-use crate::store::{ChannelLog, EventSink, RedbLog, StoreError, TrimPolicy};
+use crate::store::{ChannelLog, EventSink, LogEvent, RedbLog, StoreError, TrimPolicy};
 use crate::tls::{CertStore, ClientTrust, TlsError};
 
 /// How long shutdown waits for connections to close and HTTP requests to finish.
@@ -51,6 +52,8 @@ pub enum ServerError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Promo(#[from] PromoError),
     #[error("invalid transport setting: {0}")]
     Transport(String),
 }
@@ -62,6 +65,7 @@ pub struct Server {
     http: tokio::net::TcpListener,
     hub: Arc<Hub>,
     log: Arc<dyn ChannelLog>,
+    promo: Arc<Promo>,
     certs: Arc<CertStore>,
     secrets: Secrets,
     quic_addr: SocketAddr,
@@ -83,9 +87,19 @@ impl Server {
         };
 
         let hub = Arc::new(Hub::default());
-        let sink_hub = hub.clone();
+        let promo = Promo::open(&dir)?;
+        let (sink_hub, sink_promo) = (hub.clone(), promo.clone());
         let sink: EventSink = Arc::new(move |events| {
-            sink_hub.publish_log(events);
+            for ev in events {
+                sink_hub.publish(Arc::new(FeedEvent::from_log(ev)));
+                // After an organic post, the channel's promoted slot may open.
+                if let LogEvent::Posted(p) = ev {
+                    let followers = sink_hub.follower_count(&p.channel);
+                    if let Some(promoted) = sink_promo.after_post(&p.channel, p.seq, followers) {
+                        sink_hub.publish(promoted);
+                    }
+                }
+            }
         });
         let log: Arc<dyn ChannelLog> = RedbLog::open(&dir, sink)?;
 
@@ -135,6 +149,7 @@ impl Server {
             http,
             hub,
             log,
+            promo,
             certs,
             secrets,
             quic_addr,
@@ -191,6 +206,7 @@ impl Server {
         let ctx = Arc::new(SessionContext {
             hub: self.hub.clone(),
             log: self.log.clone(),
+            promo: self.promo.clone(),
             verifier: TokenVerifier::hs256(self.secrets.jwt_secret.as_bytes()),
             limits: self.config.limits.clone(),
         });
@@ -198,6 +214,7 @@ impl Server {
         let api = crate::api::router(crate::api::ApiState {
             log: self.log.clone(),
             hub: self.hub.clone(),
+            promo: self.promo.clone(),
             admin_key: Arc::from(self.secrets.admin_key.as_str()),
         });
         let mut http_stop = stop_rx.clone();
@@ -218,9 +235,10 @@ impl Server {
                 stop_rx.clone(),
             )),
             tokio::spawn(cert_renewal_loop(self.certs.clone(), stop_rx.clone())),
+            tokio::spawn(promo_flush_loop(self.promo.clone(), stop_rx.clone())),
         ];
 
-        accept_loop(&self.endpoint, ctx, shutdown).await;
+        let mut sessions = accept_loop(&self.endpoint, ctx, shutdown).await;
 
         tracing::info!("shutting down");
         let _ = stop_tx.send(true);
@@ -229,11 +247,29 @@ impl Server {
             b"server shutting down",
         );
         let _ = tokio::time::timeout(SHUTDOWN_GRACE, self.endpoint.wait_idle()).await;
+        // Every session task ends once its connection is closed; wait for
+        // them so nothing holds the log or the promo ledger after `run`.
+        let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+            while sessions.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            sessions.abort_all();
+            while sessions.join_next().await.is_some() {}
+        }
         if tokio::time::timeout(SHUTDOWN_GRACE, http).await.is_err() {
             tracing::warn!("HTTP requests still running after the grace period");
         }
         for task in background {
             task.abort();
+            let _ = task.await;
+        }
+        // Sessions are closed: count what they delivered, durably.
+        let promo = self.promo.clone();
+        match tokio::task::spawn_blocking(move || promo.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "final promo flush failed"),
+            Err(e) => tracing::error!(error = %e, "final promo flush task failed"),
         }
     }
 }
@@ -262,12 +298,15 @@ async fn accept_loop(
     endpoint: &quinn::Endpoint,
     ctx: Arc<SessionContext>,
     shutdown: impl Future<Output = ()>,
-) {
+) -> tokio::task::JoinSet<()> {
+    let mut sessions = tokio::task::JoinSet::new();
     let handshakes = Arc::new(Semaphore::new(ctx.limits.max_concurrent_handshakes));
     let open = Arc::new(AtomicUsize::new(0));
     let next_id = AtomicU64::new(1);
     tokio::pin!(shutdown);
     loop {
+        // Reap finished sessions so the set stays as small as the open count.
+        while sessions.try_join_next().is_some() {}
         let incoming = tokio::select! {
             i = endpoint.accept() => match i {
                 Some(i) => i,
@@ -289,7 +328,7 @@ async fn accept_loop(
         let ctx = ctx.clone();
         let handshakes = handshakes.clone();
         let span = tracing::info_span!("session", id, peer = %incoming.remote_address());
-        tokio::spawn(
+        sessions.spawn(
             async move {
                 let _guard = guard;
                 let conn = {
@@ -315,6 +354,7 @@ async fn accept_loop(
             .instrument(span),
         );
     }
+    sessions
 }
 
 /// Counts a connection as open until dropped.
@@ -374,6 +414,23 @@ async fn cert_renewal_loop(certs: Arc<CertStore>, mut stop: tokio::sync::watch::
             Ok(Ok(false)) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "certificate renewal failed"),
             Err(e) => tracing::warn!(error = %e, "certificate renewal task failed"),
+        }
+    }
+}
+
+/// Flushes promo counts to disk in batches.
+async fn promo_flush_loop(promo: Arc<Promo>, mut stop: tokio::sync::watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(crate::promo::FLUSH_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let p = promo.clone();
+        match tokio::task::spawn_blocking(move || p.flush()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "promo flush failed; will retry"),
+            Err(e) => tracing::warn!(error = %e, "promo flush task failed"),
         }
     }
 }

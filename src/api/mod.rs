@@ -3,7 +3,9 @@
 //! Every error is a JSON body `{"error": {"code", "message"}}` with the right
 //! status ([`error::ApiError`]). Writes are answered only once durable.
 
+mod campaigns;
 mod channels;
+pub use campaigns::{CampaignView, ChannelPromoView};
 pub use channels::ChannelView;
 pub use posts::{History, PostView, Published};
 mod error;
@@ -29,6 +31,7 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 pub struct ApiState {
     pub log: Arc<dyn ChannelLog>,
     pub hub: Arc<Hub>,
+    pub promo: Arc<crate::promo::Promo>,
     pub admin_key: Arc<str>,
 }
 
@@ -45,6 +48,16 @@ pub fn router(state: ApiState) -> Router {
         .route(
             "/v1/channels/{id}/posts/{seq}",
             patch(posts::edit).delete(posts::delete),
+        )
+        .route("/v1/campaigns", post(campaigns::create))
+        .route(
+            "/v1/campaigns/{id}",
+            get(campaigns::get).patch(campaigns::update),
+        )
+        .route("/v1/campaigns/{id}/stats", get(campaigns::stats))
+        .route(
+            "/v1/channels/{id}/promo",
+            get(campaigns::get_channel).put(campaigns::set_channel),
         )
         .fallback(|| async {
             ApiError::new(

@@ -93,6 +93,14 @@ fn text_line(e: &Event) -> Option<String> {
             channel, seq, text, ..
         } => format!("[{channel}#{seq}] (edited) {text}"),
         Event::Deleted { channel, seq, .. } => format!("[{channel}#{seq}] (deleted)"),
+        Event::Promoted {
+            channel,
+            label,
+            title,
+            text,
+            cta_url,
+            ..
+        } => format!("[{channel}] ({label}) {title}: {text} -> {cta_url}"),
         Event::Reset {
             channel,
             oldest_seq,
@@ -133,6 +141,20 @@ fn json_line(e: &Event) -> Option<String> {
         } => {
             serde_json::json!({"type": "deleted", "channel": channel, "seq": seq, "epoch": epoch})
         }
+        Event::Promoted {
+            channel,
+            campaign_id,
+            label,
+            title,
+            text,
+            media,
+            cta_url,
+            after_seq,
+        } => serde_json::json!({
+            "type": "promoted", "channel": channel,
+            "promoted": {"campaign": campaign_id, "label": label},
+            "title": title, "text": text, "media": media, "cta_url": cta_url, "after_seq": after_seq,
+        }),
         Event::Reset {
             channel,
             epoch,

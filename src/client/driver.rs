@@ -31,6 +31,7 @@ enum Pending {
         reply: Option<oneshot::Sender<Result<Followed, ClientError>>>,
     },
     Unfollow(oneshot::Sender<Result<(), ClientError>>),
+    Click(oneshot::Sender<Result<bool, ClientError>>),
 }
 
 /// Why a connection ended.
@@ -122,6 +123,7 @@ impl Driver {
                     None | Some(Command::Close) => return None,
                     Some(Command::Follow { reply, .. }) => { let _ = reply.send(Err(ClientError::Disconnected)); continue; }
                     Some(Command::Unfollow { reply, .. }) => { let _ = reply.send(Err(ClientError::Disconnected)); continue; }
+                    Some(Command::Click { reply, .. }) => { let _ = reply.send(Err(ClientError::Disconnected)); continue; }
                 },
             }
             match Conn::open(&self.endpoint, &self.opts).await {
@@ -212,6 +214,15 @@ impl Driver {
                             let (id, frame) = self.follow_frame(&channel, from);
                             pending.insert(id, Pending::Follow { channel, reply: Some(reply) });
                             frame
+                        }
+                        Some(Command::Click { campaign_id, channel, reply }) => {
+                            let id = self.next_request;
+                            self.next_request += 1;
+                            pending.insert(id, Pending::Click(reply));
+                            pb::ClientFrame {
+                                request_id: id,
+                                kind: Some(pb::client_frame::Kind::Click(pb::Click { campaign_id, channel })),
+                            }
                         }
                         Some(Command::Unfollow { channel, reply }) => {
                             self.channels.remove(&channel);
@@ -304,6 +315,9 @@ impl Driver {
             (Some(Kind::Unfollowed(_)), Some(Pending::Unfollow(reply))) => {
                 let _ = reply.send(Ok(()));
             }
+            (Some(Kind::Clicked(c)), Some(Pending::Click(reply))) => {
+                let _ = reply.send(Ok(c.counted));
+            }
             (Some(Kind::Error(e)), waiting) => {
                 let code = ErrorCode::from_u32(e.code);
                 match waiting {
@@ -332,6 +346,12 @@ impl Driver {
                         }
                     }
                     Some(Pending::Unfollow(reply)) => {
+                        let _ = reply.send(Err(ClientError::Request {
+                            code,
+                            message: e.message,
+                        }));
+                    }
+                    Some(Pending::Click(reply)) => {
                         let _ = reply.send(Err(ClientError::Request {
                             code,
                             message: e.message,
@@ -446,6 +466,25 @@ impl Driver {
                     oldest_seq: r.oldest_seq,
                 }
             }
+            Some(Kind::Promoted(p)) => {
+                if !self.channels.contains_key(&p.channel) {
+                    return true;
+                }
+                self.stats.promoted.fetch_add(1, Ordering::Relaxed);
+                Event::Promoted {
+                    channel: p.channel,
+                    campaign_id: p.campaign_id,
+                    label: p.label,
+                    title: p.title,
+                    text: p.text,
+                    media: p.media.map(|m| Media {
+                        url: m.url,
+                        mime: m.mime,
+                    }),
+                    cta_url: p.cta_url,
+                    after_seq: p.after_seq,
+                }
+            }
             None => return true,
         };
         self.emit(event).await
@@ -479,6 +518,9 @@ fn fail_pending(pending: HashMap<u64, Pending>) {
                 let _ = r.send(Err(ClientError::Disconnected));
             }
             Pending::Unfollow(r) => {
+                let _ = r.send(Err(ClientError::Disconnected));
+            }
+            Pending::Click(r) => {
                 let _ = r.send(Err(ClientError::Disconnected));
             }
             _ => {}

@@ -105,6 +105,19 @@ pub enum Event {
         seq: u64,
         epoch: u64,
     },
+    /// A promoted (paid) post, labelled; not part of the channel's history.
+    Promoted {
+        channel: String,
+        campaign_id: String,
+        /// Show this to the user (e.g. "Sponsored").
+        label: String,
+        title: String,
+        text: String,
+        media: Option<crate::model::Media>,
+        cta_url: String,
+        /// The post it follows.
+        after_seq: u64,
+    },
     /// The server could not resume where asked (history reset or trimmed);
     /// delivery goes on from `oldest_seq`.
     Reset {
@@ -157,6 +170,8 @@ pub struct ClientStats {
     /// Posts whose seq skipped ahead without a Reset (should stay 0).
     pub gaps: AtomicU64,
     pub reconnects: AtomicU64,
+    /// Promoted posts received.
+    pub promoted: AtomicU64,
 }
 
 impl ClientStats {
@@ -174,6 +189,11 @@ pub(crate) enum Command {
     Unfollow {
         channel: String,
         reply: oneshot::Sender<Result<(), ClientError>>,
+    },
+    Click {
+        campaign_id: String,
+        channel: String,
+        reply: oneshot::Sender<Result<bool, ClientError>>,
     },
     Close,
 }
@@ -239,6 +259,22 @@ impl Client {
         let (reply, rx) = oneshot::channel();
         self.cmds
             .send(Command::Unfollow {
+                channel: channel.to_string(),
+                reply,
+            })
+            .await
+            .map_err(|_| ClientError::Closed)?;
+        rx.await.map_err(|_| ClientError::Closed)?
+    }
+
+    /// Reports a click on a promoted post's call to action. `Ok(true)` when
+    /// counted; `Ok(false)` for a repeat (clicks count once per follower and
+    /// campaign).
+    pub async fn click(&self, campaign_id: &str, channel: &str) -> Result<bool, ClientError> {
+        let (reply, rx) = oneshot::channel();
+        self.cmds
+            .send(Command::Click {
+                campaign_id: campaign_id.to_string(),
                 channel: channel.to_string(),
                 reply,
             })

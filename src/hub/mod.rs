@@ -46,6 +46,8 @@ pub enum EventKind {
     Edit,
     /// An existing post became a tombstone.
     Delete,
+    /// A promoted post (no seq of its own; `seq` is the post it follows).
+    Promoted,
 }
 
 /// An event encoded once and shared by every follower's queue.
@@ -56,6 +58,8 @@ pub struct FeedEvent {
     pub kind: EventKind,
     /// The complete length-delimited feed frame.
     pub frame: Bytes,
+    /// For a promoted post: the impressions reserved for this fan-out.
+    pub slot: Option<Arc<crate::promo::Slot>>,
 }
 
 impl FeedEvent {
@@ -71,6 +75,7 @@ impl FeedEvent {
             seq: post.seq,
             kind,
             frame,
+            slot: None,
         }
     }
 }
@@ -302,6 +307,7 @@ impl Hub {
                         seq: ev.seq,
                         kind: ev.kind,
                         frame: ev.frame.clone(),
+                        slot: ev.slot.clone(),
                     });
                     s.spawn(move || self.fan_bucket(&lock(b), &local))
                 })

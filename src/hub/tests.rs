@@ -25,6 +25,7 @@ fn post_event(c: &str, seq: u64) -> Arc<FeedEvent> {
         seq,
         kind: EventKind::Post,
         frame: bytes::Bytes::from_static(b"frame"),
+        slot: None,
     })
 }
 

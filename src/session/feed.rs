@@ -25,8 +25,9 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use super::outbox::{Item, Outbox};
-use crate::hub::EventKind;
+use crate::hub::{EventKind, Hub};
 use crate::model::{ChannelId, FollowRequest};
+use crate::promo::{Claim, Promo};
 use crate::proto::v1 as pb;
 use crate::store::{ChannelLog, StoreError};
 use crate::wire::encode_frame;
@@ -70,21 +71,39 @@ pub struct FeedWriter {
     lag_policy: LagPolicy,
     recent_lags: VecDeque<Instant>,
     chunks: Vec<Bytes>,
+    /// Promoted impressions in `chunks`, counted once they are written.
+    claims: Vec<Claim>,
+    promo: Arc<Promo>,
+    hub: Arc<Hub>,
+    follower: String,
     pub stats: FeedStats,
+}
+
+/// What a feed writer needs besides its stream and queue.
+pub struct FeedDeps {
+    pub log: Arc<dyn ChannelLog>,
+    pub hub: Arc<Hub>,
+    pub promo: Arc<Promo>,
+    /// The follower's id (for frequency caps).
+    pub follower: String,
 }
 
 impl FeedWriter {
     pub fn new(
         stream: quinn::SendStream,
         outbox: Arc<Outbox>,
-        log: Arc<dyn ChannelLog>,
+        deps: FeedDeps,
         catchup_batch: usize,
         lag_policy: LagPolicy,
     ) -> FeedWriter {
         FeedWriter {
             stream,
             outbox,
-            log,
+            log: deps.log,
+            promo: deps.promo,
+            hub: deps.hub,
+            follower: deps.follower,
+            claims: Vec::new(),
             cursors: HashMap::new(),
             catchup_batch: catchup_batch.max(1),
             lag_policy,
@@ -135,6 +154,14 @@ impl FeedWriter {
                                 self.stats.live_frames += 1;
                                 self.cursors.insert(ev.channel.clone(), ev.seq);
                             }
+                            EventKind::Promoted => {
+                                if let Some(slot) = &ev.slot {
+                                    if let Some(claim) = self.promo.claim(slot, &self.follower) {
+                                        self.chunks.push(ev.frame.clone());
+                                        self.claims.push(claim);
+                                    }
+                                }
+                            }
                             EventKind::Edit | EventKind::Delete => {
                                 // A post the follower has not seen yet comes
                                 // from the log in its current state instead.
@@ -184,6 +211,8 @@ impl FeedWriter {
         if !self.chunks.is_empty() {
             self.stream.write_all_chunks(&mut self.chunks).await?;
             self.chunks.clear();
+            // Written: these promoted frames are impressions now.
+            self.promo.confirm(&mut self.claims);
         }
         Ok(())
     }
@@ -219,7 +248,26 @@ impl FeedWriter {
                 .max(oldest_known),
         };
         self.cursors.insert(req.channel.clone(), start);
-        self.fill(&req.channel, info.head_seq).await
+        let before = self.stats.catchup_frames;
+        self.fill(&req.channel, info.head_seq).await?;
+        // At the end of a catch-up that delivered something, at most one
+        // promoted post for this follower.
+        if req.after_seq.is_some() && self.stats.catchup_frames > before {
+            let at = self.cursors.get(&req.channel).copied().unwrap_or(start);
+            let followers = self.hub.follower_count(&req.channel);
+            if let Some(ev) = self.promo.after_catchup(&req.channel, at, followers) {
+                if let Some(claim) = ev
+                    .slot
+                    .as_ref()
+                    .and_then(|s| self.promo.claim(s, &self.follower))
+                {
+                    self.chunks.push(ev.frame.clone());
+                    self.claims.push(claim);
+                    self.flush().await?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Writes posts from the log until the channel's cursor reaches `upto`.

@@ -18,7 +18,7 @@ mod fault;
 mod feed;
 mod outbox;
 
-pub use feed::{FeedError, FeedStats, FeedWriter, LagPolicy, MAX_DRAIN};
+pub use feed::{FeedDeps, FeedError, FeedStats, FeedWriter, LagPolicy, MAX_DRAIN};
 pub use outbox::{ControlRefused, Item, Outbox, MAX_PENDING_CONTROL};
 
 use std::collections::HashSet;
@@ -40,6 +40,7 @@ use crate::wire::{encode_frame, FrameError, FrameReader};
 pub struct SessionContext {
     pub hub: Arc<Hub>,
     pub log: Arc<dyn ChannelLog>,
+    pub promo: Arc<crate::promo::Promo>,
     pub verifier: TokenVerifier,
     pub limits: Limits,
 }
@@ -186,7 +187,12 @@ impl Session {
         let writer = FeedWriter::new(
             feed,
             outbox.clone(),
-            self.ctx.log.clone(),
+            FeedDeps {
+                log: self.ctx.log.clone(),
+                hub: self.ctx.hub.clone(),
+                promo: self.ctx.promo.clone(),
+                follower: follower.id.clone(),
+            },
             limits.catchup_batch,
             LagPolicy {
                 max_events: limits.max_lag_events,
@@ -309,12 +315,15 @@ impl Session {
                 }
                 Err(e) => error_frame(request_id, e.code(), e.to_string(), ""),
             },
-            ClientRequest::Click { campaign_id, .. } => error_frame(
-                request_id,
-                ErrorCode::NotFound,
-                format!("no campaign {campaign_id:?}"),
-                "",
-            ),
+            ClientRequest::Click { campaign_id, .. } => {
+                match self.ctx.promo.click(&follower.id, &campaign_id) {
+                    Ok(counted) => reply(Kind::Clicked(pb::Clicked {
+                        campaign_id,
+                        counted,
+                    })),
+                    Err(e) => error_frame(request_id, ErrorCode::NotFound, e.to_string(), ""),
+                }
+            }
         })
     }
 

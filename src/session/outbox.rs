@@ -191,6 +191,7 @@ mod tests {
             seq,
             kind: EventKind::Post,
             frame: Bytes::from(vec![0u8; len]),
+            slot: None,
         })
     }
 

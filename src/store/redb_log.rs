@@ -80,6 +80,26 @@ pub struct RedbLog {
     db: Arc<Database>,
     channels: Arc<DashMap<ChannelId, ChannelInfo>>,
     ops: mpsc::Sender<Op>,
+    committer: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for RedbLog {
+    /// Closes the write queue and waits for the committer to finish what was
+    /// queued, so the database file is released when the log is dropped.
+    fn drop(&mut self) {
+        let (closed, _) = mpsc::channel(1);
+        drop(std::mem::replace(&mut self.ops, closed));
+        let handle = self
+            .committer
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(h) = handle {
+            if h.join().is_err() {
+                tracing::error!("log committer thread panicked");
+            }
+        }
+    }
 }
 
 impl RedbLog {
@@ -109,7 +129,7 @@ impl RedbLog {
             channels: channels.clone(),
             sink,
         };
-        std::thread::Builder::new()
+        let handle = std::thread::Builder::new()
             .name("herald-commit".into())
             .spawn(move || committer.run(rx))
             .map_err(storage)?;
@@ -117,6 +137,7 @@ impl RedbLog {
             db,
             channels,
             ops: tx,
+            committer: std::sync::Mutex::new(Some(handle)),
         }))
     }
 

@@ -1,0 +1,275 @@
+//! Campaigns: what a brand buys (creative, targeting, budget, bid, frequency
+//! cap, flight), validated once when created or changed, and the rules that
+//! decide whether a campaign may fill a channel's slot right now.
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{ChannelId, InvalidField, Media};
+
+/// Longest promoted text, in characters.
+pub const MAX_PROMO_TEXT_CHARS: usize = 160;
+/// Longest title, in characters.
+pub const MAX_PROMO_TITLE_CHARS: usize = 64;
+/// Longest call-to-action URL, in bytes.
+pub const MAX_CTA_URL_BYTES: usize = 2048;
+/// Most channels in a target or exclude list.
+pub const MAX_TARGET_CHANNELS: usize = 1000;
+/// The label every promoted post carries.
+pub const PROMOTED_LABEL: &str = "Sponsored";
+
+fn invalid(m: impl Into<String>) -> InvalidField {
+    InvalidField(m.into())
+}
+
+/// What the follower sees.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Creative {
+    pub title: String,
+    pub text: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub media: Option<Media>,
+    pub cta_url: String,
+}
+
+impl Creative {
+    pub fn validate(&self) -> Result<(), InvalidField> {
+        let title = self.title.chars().count();
+        if title == 0 || title > MAX_PROMO_TITLE_CHARS {
+            return Err(invalid(format!(
+                "creative.title must be 1 to {MAX_PROMO_TITLE_CHARS} characters"
+            )));
+        }
+        let text = self.text.chars().count();
+        if text == 0 || text > MAX_PROMO_TEXT_CHARS {
+            return Err(invalid(format!(
+                "creative.text must be 1 to {MAX_PROMO_TEXT_CHARS} characters"
+            )));
+        }
+        let url = &self.cta_url;
+        if url.len() > MAX_CTA_URL_BYTES
+            || !(url.starts_with("https://") || url.starts_with("http://"))
+        {
+            return Err(invalid(
+                "creative.cta_url must be an http(s) URL of at most 2048 bytes",
+            ));
+        }
+        if let Some(m) = &self.media {
+            if m.url.is_empty() || m.url.len() > MAX_CTA_URL_BYTES {
+                return Err(invalid("creative.media.url must be 1 to 2048 bytes"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Which channels a campaign may appear in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Targeting {
+    /// These channels (each must have opted in). Empty: every opted-in
+    /// channel with at least `min_followers` followers.
+    #[serde(default)]
+    pub channels: Vec<String>,
+    #[serde(default)]
+    pub min_followers: u64,
+    #[serde(default)]
+    pub exclude: Vec<String>,
+}
+
+impl Targeting {
+    pub fn validate(&self) -> Result<(), InvalidField> {
+        if self.channels.len() > MAX_TARGET_CHANNELS || self.exclude.len() > MAX_TARGET_CHANNELS {
+            return Err(invalid(format!(
+                "targeting lists hold at most {MAX_TARGET_CHANNELS} channels"
+            )));
+        }
+        for c in self.channels.iter().chain(&self.exclude) {
+            ChannelId::parse(c)?;
+        }
+        Ok(())
+    }
+
+    /// Whether a channel with `followers` followers is targeted.
+    pub fn matches(&self, channel: &str, followers: u64) -> bool {
+        if self.exclude.iter().any(|c| c == channel) {
+            return false;
+        }
+        if self.channels.is_empty() {
+            followers >= self.min_followers
+        } else {
+            self.channels.iter().any(|c| c == channel)
+        }
+    }
+}
+
+/// At most `impressions` per follower within any `period_secs`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FrequencyCap {
+    pub impressions: u32,
+    pub period_secs: u64,
+}
+
+/// The campaign's lifecycle as set by its owner; `finished` and `exhausted`
+/// are derived (see [`Campaign::state`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum State {
+    Draft,
+    Active,
+    Paused,
+    Finished,
+    Exhausted,
+}
+
+/// A campaign as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Campaign {
+    pub id: String,
+    pub advertiser: String,
+    pub creative: Creative,
+    pub targeting: Targeting,
+    pub budget_impressions: u64,
+    /// Price per thousand impressions, in millionths of the currency unit.
+    pub cpm_bid_micros: u64,
+    pub frequency_cap: Option<FrequencyCap>,
+    pub start_ms: i64,
+    pub end_ms: i64,
+    /// Draft, active or paused, as set by the owner.
+    pub status: State,
+    pub created_at_ms: i64,
+}
+
+impl Campaign {
+    pub fn validate(&self) -> Result<(), InvalidField> {
+        self.creative.validate()?;
+        self.targeting.validate()?;
+        if self.budget_impressions == 0 {
+            return Err(invalid("budget_impressions must be > 0"));
+        }
+        if self.cpm_bid_micros == 0 {
+            return Err(invalid("cpm_bid_micros must be > 0"));
+        }
+        if self.end_ms <= self.start_ms {
+            return Err(invalid("the flight must end after it starts"));
+        }
+        if let Some(c) = self.frequency_cap {
+            if c.impressions == 0 || c.impressions > 1000 || c.period_secs == 0 {
+                return Err(invalid(
+                    "frequency_cap needs 1 to 1000 impressions and a period > 0",
+                ));
+            }
+        }
+        if !matches!(self.status, State::Draft | State::Active | State::Paused) {
+            return Err(invalid("state can be set to draft, active or paused"));
+        }
+        Ok(())
+    }
+
+    /// The state shown to brands, given how many impressions were delivered.
+    pub fn state(&self, delivered: u64, now_ms: i64) -> State {
+        if delivered >= self.budget_impressions {
+            State::Exhausted
+        } else if now_ms >= self.end_ms {
+            State::Finished
+        } else {
+            self.status
+        }
+    }
+
+    /// Impressions the campaign may have used (delivered plus reserved) by
+    /// `now_ms` so that the budget lasts the flight: the budget spread evenly
+    /// over the flight, plus a tenth of it as slack so slots can be filled
+    /// from the start.
+    pub fn paced_allowance(&self, now_ms: i64) -> u64 {
+        let flight = (self.end_ms - self.start_ms).max(1) as u128;
+        let elapsed = (now_ms - self.start_ms).clamp(0, self.end_ms - self.start_ms) as u128;
+        let even = (self.budget_impressions as u128 * elapsed / flight) as u64;
+        let slack = (self.budget_impressions / 10).max(1);
+        even.saturating_add(slack).min(self.budget_impressions)
+    }
+
+    /// Spend for `impressions`, in micros.
+    pub fn spend_micros(&self, impressions: u64) -> u64 {
+        (impressions as u128 * self.cpm_bid_micros as u128 / 1000) as u64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn campaign() -> Campaign {
+        Campaign {
+            id: "c1".into(),
+            advertiser: "acme".into(),
+            creative: Creative {
+                title: "Shoes".into(),
+                text: "Buy shoes".into(),
+                media: None,
+                cta_url: "https://example.com".into(),
+            },
+            targeting: Targeting::default(),
+            budget_impressions: 1000,
+            cpm_bid_micros: 2_000_000,
+            frequency_cap: None,
+            start_ms: 0,
+            end_ms: 1_000_000,
+            status: State::Active,
+            created_at_ms: 0,
+        }
+    }
+
+    #[test]
+    fn validation() {
+        assert!(campaign().validate().is_ok());
+        let mut c = campaign();
+        c.creative.text = "x".repeat(161);
+        assert!(c.validate().is_err());
+        let mut c = campaign();
+        c.creative.cta_url = "javascript:alert(1)".into();
+        assert!(c.validate().is_err());
+        let mut c = campaign();
+        c.end_ms = 0;
+        assert!(c.validate().is_err());
+        let mut c = campaign();
+        c.targeting.channels = vec!["bad id".into()];
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn pacing_spreads_the_budget_over_the_flight() {
+        let c = campaign();
+        assert_eq!(c.paced_allowance(0), 100);
+        assert_eq!(c.paced_allowance(500_000), 600);
+        assert_eq!(c.paced_allowance(2_000_000), 1000);
+    }
+
+    #[test]
+    fn derived_states_and_spend() {
+        let c = campaign();
+        assert_eq!(c.state(0, 10), State::Active);
+        assert_eq!(c.state(1000, 10), State::Exhausted);
+        assert_eq!(c.state(10, 1_000_000), State::Finished);
+        assert_eq!(c.spend_micros(1500), 3_000_000);
+    }
+
+    #[test]
+    fn targeting_rules() {
+        let t = Targeting {
+            channels: vec![],
+            min_followers: 10,
+            exclude: vec!["x".into()],
+        };
+        assert!(t.matches("a", 10));
+        assert!(!t.matches("a", 9));
+        assert!(!t.matches("x", 100));
+        let t = Targeting {
+            channels: vec!["a".into()],
+            ..Default::default()
+        };
+        assert!(t.matches("a", 0));
+        assert!(!t.matches("b", 100));
+    }
+}

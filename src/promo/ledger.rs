@@ -1,0 +1,164 @@
+//! Durable promo state in its own redb file (`promo.redb`): campaigns with
+//! their totals, channel slot settings with promoted impressions shown, and
+//! per-follower frequency-cap entries and clicks. Totals are written as
+//! absolute values taken from memory, never as increments, so a flush that
+//! is retried or replayed cannot count anything twice; a crash loses at most
+//! what happened since the last flush.
+
+use std::path::Path;
+
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use super::campaign::Campaign;
+
+/// File name inside the data directory.
+pub const PROMO_FILE: &str = "promo.redb";
+
+const CAMPAIGNS: TableDefinition<&str, &str> = TableDefinition::new("campaigns");
+const CHANNELS: TableDefinition<&str, &str> = TableDefinition::new("channel_promo");
+const CAPS: TableDefinition<(&str, &str), &str> = TableDefinition::new("caps");
+const CLICKS: TableDefinition<(&str, &str), u8> = TableDefinition::new("clicks");
+
+/// Promo storage failed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("promo storage: {0}")]
+pub struct LedgerError(pub String);
+
+fn err(e: impl std::fmt::Display) -> LedgerError {
+    LedgerError(e.to_string())
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CampaignRecord {
+    pub campaign: Campaign,
+    pub impressions: u64,
+    pub clicks: u64,
+    pub reach: u64,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ChannelRecord {
+    pub opt_in: bool,
+    pub every_posts: u32,
+    pub impressions: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct CapRecord {
+    /// Confirmed impression times (ms) within the cap period.
+    pub times: Vec<i64>,
+    /// Impressions ever confirmed for this follower.
+    pub ever: u64,
+}
+
+/// Everything loaded at start.
+#[derive(Default)]
+pub struct Loaded {
+    pub campaigns: Vec<CampaignRecord>,
+    pub channels: Vec<(String, ChannelRecord)>,
+    pub caps: Vec<((String, String), CapRecord)>,
+    pub clicks: Vec<(String, String)>,
+}
+
+/// What one flush writes.
+#[derive(Default)]
+pub struct Batch {
+    pub campaigns: Vec<CampaignRecord>,
+    pub channels: Vec<(String, ChannelRecord)>,
+    pub caps: Vec<((String, String), CapRecord)>,
+    pub clicks: Vec<(String, String)>,
+}
+
+impl Batch {
+    pub fn is_empty(&self) -> bool {
+        self.campaigns.is_empty()
+            && self.channels.is_empty()
+            && self.caps.is_empty()
+            && self.clicks.is_empty()
+    }
+}
+
+pub struct Ledger {
+    db: Database,
+}
+
+impl Ledger {
+    pub fn open(data_dir: &Path) -> Result<(Ledger, Loaded), LedgerError> {
+        std::fs::create_dir_all(data_dir).map_err(err)?;
+        let db = Database::create(data_dir.join(PROMO_FILE)).map_err(err)?;
+        let txn = db.begin_write().map_err(err)?;
+        txn.open_table(CAMPAIGNS).map_err(err)?;
+        txn.open_table(CHANNELS).map_err(err)?;
+        txn.open_table(CAPS).map_err(err)?;
+        txn.open_table(CLICKS).map_err(err)?;
+        txn.commit().map_err(err)?;
+        let mut loaded = Loaded::default();
+        let read = db.begin_read().map_err(err)?;
+        for e in read
+            .open_table(CAMPAIGNS)
+            .map_err(err)?
+            .iter()
+            .map_err(err)?
+        {
+            let (_, v) = e.map_err(err)?;
+            loaded
+                .campaigns
+                .push(serde_json::from_str(v.value()).map_err(err)?);
+        }
+        for e in read
+            .open_table(CHANNELS)
+            .map_err(err)?
+            .iter()
+            .map_err(err)?
+        {
+            let (k, v) = e.map_err(err)?;
+            loaded.channels.push((
+                k.value().to_string(),
+                serde_json::from_str(v.value()).map_err(err)?,
+            ));
+        }
+        for e in read.open_table(CAPS).map_err(err)?.iter().map_err(err)? {
+            let (k, v) = e.map_err(err)?;
+            let (c, f) = k.value();
+            loaded.caps.push((
+                (c.to_string(), f.to_string()),
+                serde_json::from_str(v.value()).map_err(err)?,
+            ));
+        }
+        for e in read.open_table(CLICKS).map_err(err)?.iter().map_err(err)? {
+            let (k, _) = e.map_err(err)?;
+            let (c, f) = k.value();
+            loaded.clicks.push((c.to_string(), f.to_string()));
+        }
+        Ok((Ledger { db }, loaded))
+    }
+
+    /// Writes `batch` in one durable transaction.
+    pub fn write(&self, batch: &Batch) -> Result<(), LedgerError> {
+        let txn = self.db.begin_write().map_err(err)?;
+        {
+            let mut t = txn.open_table(CAMPAIGNS).map_err(err)?;
+            for r in &batch.campaigns {
+                let v = serde_json::to_string(r).map_err(err)?;
+                t.insert(r.campaign.id.as_str(), v.as_str()).map_err(err)?;
+            }
+            let mut t = txn.open_table(CHANNELS).map_err(err)?;
+            for (k, r) in &batch.channels {
+                let v = serde_json::to_string(r).map_err(err)?;
+                t.insert(k.as_str(), v.as_str()).map_err(err)?;
+            }
+            let mut t = txn.open_table(CAPS).map_err(err)?;
+            for ((c, f), r) in &batch.caps {
+                let v = serde_json::to_string(r).map_err(err)?;
+                t.insert((c.as_str(), f.as_str()), v.as_str())
+                    .map_err(err)?;
+            }
+            let mut t = txn.open_table(CLICKS).map_err(err)?;
+            for (c, f) in &batch.clicks {
+                t.insert((c.as_str(), f.as_str()), 1u8).map_err(err)?;
+            }
+        }
+        txn.commit().map_err(err)
+    }
+}
