@@ -66,7 +66,7 @@ pub async fn publish(
 ) -> Result<(StatusCode, Json<Published>), ApiError> {
     let channel = ChannelId::parse(&id)?;
     let post = NewPost::new(body.text, body.media)?;
-    let p = state.log.append(channel, post).await?;
+    let p = state.log.append(channel, post, None).await?;
     Ok((
         StatusCode::CREATED,
         Json(Published {
