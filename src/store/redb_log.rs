@@ -130,18 +130,13 @@ impl RedbLog {
         }))
     }
 
-    fn submit(
-        &self,
-        kind: OpKind,
-    ) -> impl std::future::Future<Output = Result<Outcome, StoreError>> + Send + '_ {
-        async move {
-            let (reply, rx) = oneshot::channel();
-            self.ops
-                .send(Op { kind, reply })
-                .await
-                .map_err(|_| StoreError::Closed)?;
-            rx.await.map_err(|_| StoreError::Closed)?
-        }
+    async fn submit(&self, kind: OpKind) -> Result<Outcome, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.ops
+            .send(Op { kind, reply })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
     }
 }
 
