@@ -19,6 +19,7 @@ pub mod proto;
 pub mod server;
 pub mod session;
 pub mod store;
+pub mod tenancy;
 pub mod tls;
 pub mod wire;
 
