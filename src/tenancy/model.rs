@@ -141,7 +141,7 @@ pub fn validate_len(field: &str, value: &str, max: usize) -> Result<(), InvalidF
 /// Checks an avatar URL: empty, or http(s).
 pub fn validate_url(value: &str) -> Result<(), InvalidField> {
     validate_len("avatar_url", value, MAX_URL_BYTES)?;
-    if !value.is_empty() && !(value.starts_with("https://") || value.starts_with("http://")) {
+    if !(value.is_empty() || value.starts_with("https://") || value.starts_with("http://")) {
         return Err(InvalidField("avatar_url must be an http(s) URL".into()));
     }
     Ok(())
