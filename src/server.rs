@@ -20,8 +20,9 @@ use crate::auth::{Secrets, TokenIssuer, TokenVerifier};
 use crate::config::Config;
 use crate::error::ErrorCode;
 use crate::hub::Hub;
-use crate::session::{Session, SessionContext, SessionError};
+use crate::session::{FollowerConnections, Session, SessionContext, SessionError};
 use crate::store::{ChannelLog, EventSink, RedbLog, StoreError, TrimPolicy};
+use crate::tenancy::Tenancy;
 use crate::tls::{CertStore, ClientTrust, TlsError};
 
 /// How long shutdown waits for connections to close and HTTP requests to finish.
@@ -53,6 +54,10 @@ pub enum ServerError {
     },
     #[error("invalid transport setting: {0}")]
     Transport(String),
+    #[error("auth.jwks_file: {0}")]
+    Jwks(#[from] crate::auth::JwksError),
+    #[error("tenancy: {0}")]
+    Tenancy(#[from] crate::tenancy::TenancyError),
 }
 
 /// A bound, not yet running server.
@@ -64,6 +69,8 @@ pub struct Server {
     log: Arc<dyn ChannelLog>,
     certs: Arc<CertStore>,
     secrets: Secrets,
+    verifier: TokenVerifier,
+    tenancy: Arc<Tenancy>,
     quic_addr: SocketAddr,
     http_addr: SocketAddr,
 }
@@ -88,6 +95,13 @@ impl Server {
             sink_hub.publish_log(events);
         });
         let log: Arc<dyn ChannelLog> = RedbLog::open(&dir, sink)?;
+        let tenancy = Tenancy::open(&dir)?;
+        let mut verifier = TokenVerifier::hs256(secrets.jwt_secret.as_bytes())
+            .with_issuer(config.auth.issuer.clone())
+            .with_audience(config.auth.audience.clone());
+        if let Some(path) = &config.auth.jwks_file {
+            verifier = verifier.with_public_keys(crate::auth::jwks::load(path)?);
+        }
 
         let mut server_config =
             quinn::ServerConfig::with_crypto(Arc::new(crate::tls::server_crypto(certs.clone())?));
@@ -123,6 +137,8 @@ impl Server {
             log,
             certs,
             secrets,
+            verifier,
+            tenancy,
             quic_addr,
             http_addr,
         })
@@ -166,6 +182,11 @@ impl Server {
         self.log.clone()
     }
 
+    /// Brands, keys and channel ownership, for embedding and tests.
+    pub fn tenancy(&self) -> Arc<Tenancy> {
+        self.tenancy.clone()
+    }
+
     /// The hub, for embedding and tests.
     pub fn hub(&self) -> Arc<Hub> {
         self.hub.clone()
@@ -177,8 +198,9 @@ impl Server {
         let ctx = Arc::new(SessionContext {
             hub: self.hub.clone(),
             log: self.log.clone(),
-            verifier: TokenVerifier::hs256(self.secrets.jwt_secret.as_bytes()),
+            verifier: self.verifier.clone(),
             limits: self.config.limits.clone(),
+            connections: FollowerConnections::new(self.config.limits.max_connections_per_follower),
         });
 
         let api = crate::api::router(crate::api::ApiState {
