@@ -207,6 +207,11 @@ impl Server {
             log: self.log.clone(),
             hub: self.hub.clone(),
             admin_key: Arc::from(self.secrets.admin_key.as_str()),
+            tenancy: self.tenancy.clone(),
+            publish_limiter: Arc::new(crate::limits::PublishLimiter::new(
+                self.config.limits.publish_per_sec,
+                self.config.limits.publish_burst,
+            )),
         });
         let mut http_stop = stop_rx.clone();
         let http = tokio::spawn(async move {
