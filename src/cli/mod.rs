@@ -1,6 +1,7 @@
 //! The `herald` command line: `serve`, and the client commands (`channel`,
-//! `post`, `follow`, `token`) that talk to a server, by default the local one
-//! whose data directory holds the admin key, token secret and certificate.
+//! `post`, `follow`, `token`, `brand`, `key`) that talk to a server, by
+//! default the local one whose data directory holds the admin key, token
+//! secret and certificate.
 
 mod api_client;
 mod follow;
@@ -38,6 +39,12 @@ pub enum Command {
     },
     /// Follow channels and print each post as it arrives.
     Follow(follow::FollowArgs),
+    /// Manage brands (admin key).
+    #[command(subcommand)]
+    Brand(BrandCommand),
+    /// Manage a brand's API keys.
+    #[command(subcommand)]
+    Key(KeyCommand),
     /// Mint a follower token with the local secret.
     Token {
         /// Follower id (the token's `sub`).
@@ -64,6 +71,45 @@ pub enum ChannelCommand {
     /// Show a channel.
     Get {
         id: String,
+        #[command(flatten)]
+        common: ClientArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BrandCommand {
+    /// Create a brand.
+    Create {
+        id: String,
+        #[arg(long, default_value = "")]
+        name: String,
+        #[command(flatten)]
+        common: ClientArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeyCommand {
+    /// Create an API key with a role in a channel (`*`: every channel of the
+    /// brand); prints the key, which cannot be shown again.
+    Create {
+        #[arg(long)]
+        brand: String,
+        #[arg(long)]
+        channel: String,
+        /// owner, publisher or analyst.
+        #[arg(long)]
+        role: crate::tenancy::Role,
+        #[arg(long, default_value = "")]
+        label: String,
+        #[command(flatten)]
+        common: ClientArgs,
+    },
+    /// Revoke an API key by its id.
+    Revoke {
+        #[arg(long)]
+        brand: String,
+        key_id: String,
         #[command(flatten)]
         common: ClientArgs,
     },
@@ -158,6 +204,36 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Follow(args) => follow::run(args).await,
+        Command::Brand(BrandCommand::Create { id, name, common }) => {
+            let b = common.api_client()?.create_brand(&id, &name).await?;
+            println!("created brand {}", b.id);
+            Ok(())
+        }
+        Command::Key(KeyCommand::Create {
+            brand,
+            channel,
+            role,
+            label,
+            common,
+        }) => {
+            let grants = [crate::tenancy::Grant { channel, role }];
+            let k = common
+                .api_client()?
+                .create_key(&brand, &label, &grants)
+                .await?;
+            eprintln!("key id {} (the key below is shown only once)", k.info.id);
+            println!("{}", k.key);
+            Ok(())
+        }
+        Command::Key(KeyCommand::Revoke {
+            brand,
+            key_id,
+            common,
+        }) => {
+            let k = common.api_client()?.revoke_key(&brand, &key_id).await?;
+            println!("revoked key {}", k.id);
+            Ok(())
+        }
         Command::Token {
             user,
             ttl_secs,
