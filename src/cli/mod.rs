@@ -65,6 +65,9 @@ pub enum ChannelCommand {
         id: String,
         #[arg(long, default_value = "")]
         title: String,
+        /// The owning brand (a brand key may leave it out: its own brand).
+        #[arg(long)]
+        brand: Option<String>,
         #[command(flatten)]
         common: ClientArgs,
     },
@@ -184,8 +187,17 @@ pub fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve::run(args).await,
-        Command::Channel(ChannelCommand::Create { id, title, common }) => {
-            let c = common.api_client()?.create_channel(&id, &title).await?;
+        Command::Channel(ChannelCommand::Create {
+            id,
+            title,
+            brand,
+            common,
+        }) => {
+            let api = common.api_client()?;
+            let c = match brand {
+                Some(b) => api.create_brand_channel(&id, &title, &b).await?,
+                None => api.create_channel(&id, &title).await?,
+            };
             println!("created channel {} (epoch {})", c.id, c.epoch);
             Ok(())
         }
