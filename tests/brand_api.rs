@@ -213,6 +213,9 @@ async fn keys_roles_and_every_refusal_has_a_stable_code() {
     s.get("/v1/nothing", s.admin())
         .await
         .assert_error(404, "not_found");
+    s.call(Method::PUT, "/v1/channels", s.admin(), None, &[])
+        .await
+        .assert_error(405, "invalid_argument");
     s.post("/v1/brands", s.admin(), json!({"id": "bad id"}))
         .await
         .assert_error(400, "invalid_argument");

@@ -100,6 +100,13 @@ pub fn router(state: ApiState) -> Router {
                 "no such route",
             )
         })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                axum::http::StatusCode::METHOD_NOT_ALLOWED,
+                crate::error::ErrorCode::InvalidArgument,
+                "this route does not take that method",
+            )
+        })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
