@@ -106,13 +106,27 @@ impl Server {
         let mut server_config =
             quinn::ServerConfig::with_crypto(Arc::new(crate::tls::server_crypto(certs.clone())?));
         server_config.transport_config(Arc::new(transport(&config)?));
-        let endpoint =
-            quinn::Endpoint::server(server_config, config.quic_addr).map_err(|source| {
-                ServerError::BindQuic {
-                    addr: config.quic_addr,
-                    source,
-                }
-            })?;
+        let bind_err = |source| ServerError::BindQuic {
+            addr: config.quic_addr,
+            source,
+        };
+        let socket = std::net::UdpSocket::bind(config.quic_addr).map_err(bind_err)?;
+        let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secrets.reset_key.as_bytes());
+        let runtime = quinn::default_runtime()
+            .ok_or_else(|| ServerError::Transport("no async runtime for QUIC".into()))?;
+        // Connection ids are validated with a key too; derive it from the same
+        // persisted secret so a restarted server recognises the ids of the
+        // previous process and answers them with a stateless reset.
+        let tag = ring::hmac::sign(&reset_key, b"herald connection id key");
+        let mut cid_key = [0u8; 8];
+        cid_key.copy_from_slice(&tag.as_ref()[..8]);
+        let cid_key = u64::from_le_bytes(cid_key);
+        let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+        endpoint_config.cid_generator(move || {
+            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+        });
+        let endpoint = quinn::Endpoint::new(endpoint_config, Some(server_config), socket, runtime)
+            .map_err(bind_err)?;
         let quic_addr = endpoint
             .local_addr()
             .map_err(|source| ServerError::BindQuic {

@@ -7,7 +7,7 @@ mod secrets;
 mod token;
 
 pub use jwks::{JwksError, PublicKey};
-pub use secrets::{Secrets, SecretsError, ADMIN_KEY_FILE, JWT_SECRET_FILE};
+pub use secrets::{Secrets, SecretsError, ADMIN_KEY_FILE, JWT_SECRET_FILE, RESET_KEY_FILE};
 pub use token::{
     unverified_expiry, Claims, Follower, ScopedClaims, TokenError, TokenIssuer, TokenVerifier,
 };

@@ -11,6 +11,11 @@ use rand::RngCore;
 pub const ADMIN_KEY_FILE: &str = "admin.key";
 /// Token signing secret file inside the data directory.
 pub const JWT_SECRET_FILE: &str = "jwt.secret";
+/// QUIC stateless-reset key file inside the data directory. Keeping it across
+/// restarts lets a restarted server tell clients of the previous process at
+/// once that their connection is gone, so they reconnect without waiting for
+/// their idle timeout.
+pub const RESET_KEY_FILE: &str = "quic-reset.key";
 
 /// Reading or creating a secret failed.
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +30,8 @@ pub struct SecretsError {
 pub struct Secrets {
     pub admin_key: String,
     pub jwt_secret: String,
+    /// Key for QUIC stateless resets (hex).
+    pub reset_key: String,
     /// Files created on this start (to tell the operator once).
     pub created: Vec<PathBuf>,
 }
@@ -48,9 +55,11 @@ impl Secrets {
             Some(v) => v,
             None => file_or_create(&data_dir.join(JWT_SECRET_FILE), "", &mut created)?,
         };
+        let reset_key = file_or_create(&data_dir.join(RESET_KEY_FILE), "", &mut created)?;
         Ok(Secrets {
             admin_key,
             jwt_secret,
+            reset_key,
             created,
         })
     }
@@ -69,6 +78,7 @@ impl Secrets {
         Ok(Secrets {
             admin_key: read(ADMIN_KEY_FILE, "HERALD_ADMIN_KEY")?,
             jwt_secret: read(JWT_SECRET_FILE, "HERALD_JWT_SECRET")?,
+            reset_key: String::new(),
             created: Vec::new(),
         })
     }
@@ -123,7 +133,7 @@ mod tests {
         let b = Secrets::load_or_create(dir.path()).unwrap();
         let c = Secrets::read_existing(dir.path()).unwrap();
         if std::env::var("HERALD_ADMIN_KEY").is_err() {
-            assert_eq!(a.created.len(), 2);
+            assert_eq!(a.created.len(), 3);
             assert!(a.admin_key.starts_with("hk_admin_"));
         }
         assert!(b.created.is_empty());

@@ -86,11 +86,16 @@ pub fn quic_client_config(
     trust: &ClientTrust,
     alpn: &[u8],
     keep_alive: std::time::Duration,
+    idle_timeout: std::time::Duration,
 ) -> Result<quinn::ClientConfig, ClientError> {
     let crypto = crate::tls::client_crypto(trust, alpn)?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(keep_alive));
+    t.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(idle_timeout)
+            .map_err(|e| ClientError::Connect(format!("idle timeout: {e}")))?,
+    ));
     t.max_concurrent_uni_streams(4u32.into());
     t.max_concurrent_bidi_streams(0u32.into());
     t.mtu_discovery_config(None);
@@ -114,6 +119,7 @@ pub(crate) fn client_endpoint(opts: &ClientOptions) -> Result<quinn::Endpoint, C
         &opts.trust,
         crate::ALPN,
         opts.keep_alive,
+        opts.idle_timeout,
     )?);
     Ok(endpoint)
 }
@@ -135,6 +141,7 @@ pub async fn connect_raw(
         trust,
         alpn,
         std::time::Duration::from_secs(10),
+        std::time::Duration::from_secs(30),
     )?);
     let conn = endpoint
         .connect(server, "localhost")

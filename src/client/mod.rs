@@ -69,8 +69,11 @@ pub struct ClientOptions {
     pub client_name: String,
     /// Reconnect and resume on retryable disconnects.
     pub reconnect: bool,
-    /// QUIC keep-alive interval; keep it near half the server's idle timeout.
+    /// QUIC keep-alive interval; keep it near half of `idle_timeout`.
     pub keep_alive: Duration,
+    /// A connection silent this long is considered lost (the smaller of this
+    /// and the server's idle timeout applies).
+    pub idle_timeout: Duration,
     /// Largest feed frame accepted.
     pub max_feed_frame: usize,
     /// Events buffered for the application.
@@ -81,7 +84,7 @@ pub struct ClientOptions {
 }
 
 impl ClientOptions {
-    /// Defaults: reconnect on, 20 s keep-alive, 1024 buffered events.
+    /// Defaults: reconnect on, 15 s keep-alive, 30 s idle timeout, 1024 buffered events.
     pub fn new(server: SocketAddr, trust: ClientTrust, token: String) -> ClientOptions {
         ClientOptions {
             server,
@@ -91,7 +94,8 @@ impl ClientOptions {
             token_refresher: None,
             client_name: format!("herald-client/{}", env!("CARGO_PKG_VERSION")),
             reconnect: true,
-            keep_alive: Duration::from_secs(20),
+            keep_alive: Duration::from_secs(15),
+            idle_timeout: Duration::from_secs(30),
             max_feed_frame: crate::wire::DEFAULT_MAX_FEED_FRAME,
             event_buffer: 1024,
             backoff_min: Duration::from_millis(50),

@@ -159,11 +159,20 @@ struct Counters {
     lag_events: AtomicU64,
 }
 
+/// Totals since start, updated once per fan-out (not per delivery).
+#[derive(Debug, Default)]
+pub struct HubTotals {
+    pub events: AtomicU64,
+    pub delivered: AtomicU64,
+    pub lagged: AtomicU64,
+}
+
 /// The subscription registry and fan-out. See the module docs.
 pub struct Hub {
     channels: DashMap<ChannelId, Arc<ChannelSubs>>,
     counters: DashMap<ChannelId, Counters>,
     buckets: usize,
+    totals: HubTotals,
 }
 
 impl Default for Hub {
@@ -179,6 +188,7 @@ impl Hub {
             channels: DashMap::new(),
             counters: DashMap::new(),
             buckets: buckets.max(1),
+            totals: HubTotals::default(),
         }
     }
 
@@ -279,11 +289,41 @@ impl Hub {
         }
     }
 
+    /// Totals since start.
+    pub fn totals(&self) -> &HubTotals {
+        &self.totals
+    }
+
+    /// Largest number of live-event bytes any one current session has had
+    /// queued at once, and the number of sessions looked at. Walks every subscription: for
+    /// diagnostics and tests, not for the hot path.
+    pub fn peak_queued_bytes(&self) -> (usize, usize) {
+        let mut seen = std::collections::HashSet::new();
+        let mut max = 0;
+        for entry in self.channels.iter() {
+            for b in entry.value().buckets.iter() {
+                for sub in lock(b).iter() {
+                    if seen.insert(sub.session) {
+                        max = max.max(sub.outbox.peak_bytes());
+                    }
+                }
+            }
+        }
+        (max, seen.len())
+    }
+
     /// Fans one encoded event out to every follower of its channel.
     pub fn publish(&self, ev: Arc<FeedEvent>) -> Fanout {
-        let total = self.fan_out(&ev);
-        self.count(&ev.channel, total);
-        total
+        let f = self.fan_out(&ev);
+        self.count(&ev.channel, f);
+        self.totals.events.fetch_add(1, Ordering::Relaxed);
+        self.totals
+            .delivered
+            .fetch_add(f.delivered as u64, Ordering::Relaxed);
+        self.totals
+            .lagged
+            .fetch_add(f.lagged as u64, Ordering::Relaxed);
+        f
     }
 
     fn fan_out(&self, ev: &Arc<FeedEvent>) -> Fanout {

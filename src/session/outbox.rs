@@ -41,6 +41,8 @@ struct State {
     control: usize,
     lagged: Vec<ChannelId>,
     closed: bool,
+    /// Most bytes ever queued at once.
+    peak: usize,
 }
 
 /// The queue. See the module docs.
@@ -95,6 +97,7 @@ impl Outbox {
         }
         let was_empty = s.items.is_empty();
         s.bytes += len;
+        s.peak = s.peak.max(s.bytes);
         s.items.push_back(Item::Event(ev.clone()));
         drop(s);
         if was_empty {
@@ -163,6 +166,11 @@ impl Outbox {
     /// Bytes of live events queued now.
     pub fn queued_bytes(&self) -> usize {
         self.lock().bytes
+    }
+
+    /// Most bytes of live events ever queued at once.
+    pub fn peak_bytes(&self) -> usize {
+        self.lock().peak
     }
 
     /// The configured bound in bytes.
