@@ -598,3 +598,111 @@ impl IdemRecord {
         }
     }
 }
+
+#[cfg(test)]
+mod idempotency_tests {
+    //! Expiry of idempotency records, with records aged by hand.
+
+    use super::*;
+    use redb::ReadableTableMetadata;
+
+    fn age(log: &RedbLog, channel: &str, key: &str, by_ms: i64) {
+        let txn = log.db.begin_write().unwrap();
+        {
+            let mut idem = txn.open_table(IDEMPOTENCY).unwrap();
+            let mut by_age = txn.open_table(IDEMPOTENCY_BY_AGE).unwrap();
+            let mut rec =
+                IdemRecord::decode(idem.get((channel, key)).unwrap().unwrap().value()).unwrap();
+            by_age.remove((channel, rec.created_at_ms, key)).unwrap();
+            rec.created_at_ms -= by_ms;
+            idem.insert((channel, key), rec.encode().as_slice())
+                .unwrap();
+            by_age
+                .insert((channel, rec.created_at_ms, key), ())
+                .unwrap();
+        }
+        txn.commit().unwrap();
+    }
+
+    fn records(log: &RedbLog) -> (u64, u64) {
+        let txn = log.db.begin_read().unwrap();
+        let idem = txn.open_table(IDEMPOTENCY).unwrap();
+        let by_age = txn.open_table(IDEMPOTENCY_BY_AGE).unwrap();
+        (idem.len().unwrap(), by_age.len().unwrap())
+    }
+
+    #[tokio::test]
+    async fn keys_older_than_the_ttl_post_anew_and_are_trimmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = RedbLog::open(dir.path(), Arc::new(|_: &[LogEvent]| {})).unwrap();
+        let ch = ChannelId::parse("e").unwrap();
+        log.create_channel(ch.clone(), String::new()).await.unwrap();
+        let post = || NewPost::new("x".into(), vec![]).unwrap();
+        let key = |k: &str| Some(k.to_string());
+        assert_eq!(
+            log.append(ch.clone(), post(), key("old"))
+                .await
+                .unwrap()
+                .seq,
+            1
+        );
+        assert_eq!(
+            log.append(ch.clone(), post(), key("young"))
+                .await
+                .unwrap()
+                .seq,
+            2
+        );
+        age(&log, "e", "old", IDEMPOTENCY_TTL_MS + 1000);
+        // An expired key is a new key: it posts, and takes over the record.
+        assert_eq!(
+            log.append(ch.clone(), post(), key("old"))
+                .await
+                .unwrap()
+                .seq,
+            3
+        );
+        assert_eq!(
+            log.append(ch.clone(), post(), key("old"))
+                .await
+                .unwrap()
+                .seq,
+            3
+        );
+        assert_eq!(records(&log), (2, 2));
+        // The trim removes expired records only.
+        age(&log, "e", "young", IDEMPOTENCY_TTL_MS + 1000);
+        let keep_all = TrimPolicy {
+            older_than_ms: 0,
+            keep_max: 0,
+        };
+        assert_eq!(log.trim(ch.clone(), keep_all).await.unwrap(), 0);
+        assert_eq!(records(&log), (1, 1));
+        assert_eq!(
+            log.append(ch.clone(), post(), key("old"))
+                .await
+                .unwrap()
+                .seq,
+            3
+        );
+        assert_eq!(
+            log.append(ch.clone(), post(), key("young"))
+                .await
+                .unwrap()
+                .seq,
+            4
+        );
+    }
+
+    #[test]
+    fn record_round_trip_and_corruption() {
+        let r = IdemRecord {
+            seq: 7,
+            epoch: 2,
+            created_at_ms: 123,
+            id: "abc".into(),
+        };
+        assert_eq!(IdemRecord::decode(&r.encode()).unwrap(), r);
+        assert!(IdemRecord::decode(&[1, 2, 3]).is_err());
+    }
+}
