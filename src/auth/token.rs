@@ -243,6 +243,14 @@ impl TokenIssuer {
         }
     }
 
+    /// Signs RS256 tokens with an RSA private key (PEM), naming `kid`.
+    pub fn rs256_pem(pem: &[u8], kid: Option<String>) -> Result<TokenIssuer, TokenError> {
+        let key = EncodingKey::from_rsa_pem(pem).map_err(|e| TokenError::Invalid(e.to_string()))?;
+        let mut header = Header::new(Algorithm::RS256);
+        header.kid = kid;
+        Ok(TokenIssuer { key, header })
+    }
+
     /// Signs ES256 tokens with a P-256 private key (PKCS#8 PEM), naming `kid`.
     pub fn es256_pem(pem: &[u8], kid: Option<String>) -> Result<TokenIssuer, TokenError> {
         let key = EncodingKey::from_ec_pem(pem).map_err(|e| TokenError::Invalid(e.to_string()))?;
@@ -390,6 +398,31 @@ mod tests {
         let exp = unverified_expiry(&good).unwrap();
         assert!((exp - (crate::model::now_ms() / 1000 + 60)).abs() <= 1);
         assert_eq!(unverified_expiry("junk"), None);
+    }
+
+    #[test]
+    fn rs256_from_jwks_picks_the_key_by_kid() {
+        // A fixed test-only key (generating RSA keys is slow in debug builds).
+        let pem = include_bytes!("testdata/rs256-test-key.pem");
+        let rs = TokenIssuer::rs256_pem(pem, Some("rsa-1".into())).unwrap();
+        let es = es256();
+        let set = jsonwebtoken::jwk::JwkSet {
+            keys: vec![es.public_jwk().unwrap(), rs.public_jwk().unwrap()],
+        };
+        let verifier =
+            TokenVerifier::hs256(b"s").with_public_keys(crate::auth::jwks::from_set(&set));
+        let t = rs.sign(&scoped("rita", None, None)).unwrap();
+        assert_eq!(verifier.verify(&t).unwrap().id, "rita");
+        let t = es.sign(&scoped("eli", None, None)).unwrap();
+        assert_eq!(verifier.verify(&t).unwrap().id, "eli");
+        // A kid the set does not have is refused before any signature check.
+        let unknown = TokenIssuer::rs256_pem(pem, Some("rsa-2".into()))
+            .unwrap()
+            .sign(&scoped("rita", None, None))
+            .unwrap();
+        assert!(
+            matches!(verifier.verify(&unknown), Err(TokenError::Invalid(m)) if m.contains("kid"))
+        );
     }
 
     #[test]
