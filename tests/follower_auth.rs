@@ -269,3 +269,33 @@ async fn stats_count_followers_posts_and_deliveries() {
     c.close().await;
     s.stop().await;
 }
+
+#[tokio::test]
+async fn a_refresh_that_would_drop_a_followed_channel_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = AuthServer::start(config(dir.path())).await;
+    s.brand("acme").await;
+    s.channel("wide", "acme").await;
+    let issuer = s.issuer.clone();
+    let refresher: TokenRefresher = Arc::new(move || -> RefreshFuture {
+        let t = issuer.sign(&claims("nar", now() + 3600, None, Some(vec!["elsewhere"])));
+        Box::pin(async move { t.map_err(|e| e.into()) })
+    });
+    let mut opts = s.options(
+        s.issuer
+            .sign(&claims("nar", now() + 2, None, None))
+            .unwrap(),
+    );
+    opts.token_refresher = Some(refresher);
+    let mut c = Client::connect(opts).await.unwrap();
+    c.follow("wide").await.unwrap();
+    match next(&mut c).await {
+        Event::Error { code, channel, .. } => {
+            assert_eq!(code, Some(ErrorCode::Forbidden));
+            assert_eq!(channel, "wide");
+        }
+        other => panic!("expected the refused refresh, got {other:?}"),
+    }
+    c.close().await;
+    s.stop().await;
+}

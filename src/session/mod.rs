@@ -331,10 +331,21 @@ impl Session {
             }
             ClientRequest::Refresh { token } => match self.ctx.verifier.verify(&token) {
                 Ok(f) if f.id == follower.id => {
-                    *follower = f;
-                    reply(Kind::Refreshed(pb::Refreshed {
-                        expires_at: follower.expires_at,
-                    }))
+                    // A narrower token must not keep channels it no longer allows.
+                    match subs.channels.iter().find(|c| !f.may_follow(c.as_str())) {
+                        Some(c) => error_frame(
+                            request_id,
+                            ErrorCode::Forbidden,
+                            format!("the new token does not allow channel {c:?}, which this session follows; unfollow it first"),
+                            c.as_str(),
+                        ),
+                        None => {
+                            *follower = f;
+                            reply(Kind::Refreshed(pb::Refreshed {
+                                expires_at: follower.expires_at,
+                            }))
+                        }
+                    }
                 }
                 Ok(_) => {
                     return Err(close(
