@@ -312,6 +312,12 @@ impl Committer {
             let now = now_ms();
             for op in ops {
                 let r = self.apply_one(op, now, &mut tables, &mut out);
+                // A storage error may have left an operation half applied
+                // (say, a post without its idempotency record): abort the
+                // whole batch rather than commit it.
+                if let Err(e @ StoreError::Storage(_)) = &r {
+                    return Err(e.clone());
+                }
                 out.results.push(r);
             }
             for info in out.changed.values() {
