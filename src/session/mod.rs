@@ -13,7 +13,7 @@
 //! channel, forbidden channel, too many follows) answer an Error frame and the
 //! session goes on.
 //!
-//! Limits ([`limits`]): control frames and follows per second per connection
+//! Limits ([`ConnLimits`], [`FollowerConnections`]): control frames and follows per second per connection
 //! answer `rate_limited` and close the connection if it keeps going over; a
 //! follower id may hold only so many connections at once
 //! (`too_many_connections` at Hello).
