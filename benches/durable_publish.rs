@@ -48,7 +48,9 @@ fn bench(c: &mut Criterion) {
                         tasks.push(tokio::spawn(async move {
                             for _ in 0..POSTS_PER_ITER / PUBLISHERS {
                                 let post = NewPost::new(text.clone(), vec![]).expect("valid post");
-                                log.append(channel.clone(), post).await.expect("append");
+                                log.append(channel.clone(), post, None)
+                                    .await
+                                    .expect("append");
                             }
                         }));
                     }

@@ -21,6 +21,19 @@ pub struct Config {
     pub tls: TlsConfig,
     pub limits: Limits,
     pub retention: Retention,
+    pub auth: AuthConfig,
+}
+
+/// How follower tokens are checked. HS256 tokens signed with the server's
+/// secret are always accepted; with `jwks_file`, ES256 / RS256 tokens signed
+/// by one of its public keys are too. `issuer` and `audience`, when set, must
+/// match the token's `iss` / `aud`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    pub jwks_file: Option<PathBuf>,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
 }
 
 /// Certificate files; when both are absent a self-signed certificate is made.
@@ -57,6 +70,22 @@ pub struct Limits {
     pub lag_window_secs: u64,
     /// Posts read from the log per catch-up step (bounds memory per catch-up).
     pub catchup_batch: usize,
+    /// Publishes per second per brand API key (token bucket), and the burst.
+    /// Over it the API answers 429 with Retry-After. The admin key is not limited.
+    pub publish_per_sec: f64,
+    pub publish_burst: u32,
+    /// Follow requests per second per connection, and the burst (a
+    /// reconnecting client re-follows everything at once: keep it large).
+    pub follows_per_sec: f64,
+    pub follow_burst: u32,
+    /// Control frames per second per connection, and the burst.
+    pub control_frames_per_sec: f64,
+    pub control_frame_burst: u32,
+    /// Requests refused for rate a connection may make (refilling at one per
+    /// second) before it is closed with `rate_limited`.
+    pub rate_limit_strikes: u32,
+    /// Most connections open at once with tokens for the same follower id.
+    pub max_connections_per_follower: usize,
 }
 
 impl Default for Limits {
@@ -72,6 +101,14 @@ impl Default for Limits {
             max_lag_events: 20,
             lag_window_secs: 60,
             catchup_batch: 256,
+            publish_per_sec: 50.0,
+            publish_burst: 100,
+            follows_per_sec: 100.0,
+            follow_burst: 2048,
+            control_frames_per_sec: 200.0,
+            control_frame_burst: 4096,
+            rate_limit_strikes: 20,
+            max_connections_per_follower: 16,
         }
     }
 }
@@ -118,6 +155,7 @@ impl Default for Config {
             tls: TlsConfig::default(),
             limits: Limits::default(),
             retention: Retention::default(),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -208,6 +246,25 @@ impl Config {
         if l.idle_timeout_secs < 2 || l.hello_timeout_secs == 0 {
             return bad("limits.idle_timeout_secs must be >= 2 and limits.hello_timeout_secs > 0");
         }
+        let positive = |v: f64| v.is_finite() && v > 0.0;
+        if !(positive(l.publish_per_sec)
+            && positive(l.follows_per_sec)
+            && positive(l.control_frames_per_sec))
+        {
+            return bad(
+                "limits.publish_per_sec, follows_per_sec and control_frames_per_sec must be > 0",
+            );
+        }
+        if l.publish_burst == 0
+            || l.follow_burst == 0
+            || l.control_frame_burst == 0
+            || l.rate_limit_strikes == 0
+            || l.max_connections_per_follower == 0
+        {
+            return bad(
+                "limits bursts, rate_limit_strikes and max_connections_per_follower must be > 0",
+            );
+        }
         if self.retention.interval_secs == 0 {
             return bad("retention.interval_secs must be > 0");
         }
@@ -248,5 +305,19 @@ mod tests {
         c.tls.cert = Some("x".into());
         assert!(c.validate().is_err());
         assert!(Config::default().validate().is_ok());
+        let mut c = Config::default();
+        c.limits.publish_per_sec = 0.0;
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn auth_section_parses() {
+        let c = Config::from_toml(
+            "[auth]\njwks_file = \"keys.json\"\nissuer = \"https://id\"\naudience = \"herald\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.auth.jwks_file, Some(PathBuf::from("keys.json")));
+        assert_eq!(c.auth.audience.as_deref(), Some("herald"));
+        assert!(Config::from_toml("[auth]\nissuers = \"x\"").is_err());
     }
 }

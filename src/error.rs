@@ -41,6 +41,10 @@ pub enum ErrorCode {
     RateLimited = 15,
     /// The server is at its connection limit.
     Overloaded = 16,
+    /// The follower id has too many connections open at once.
+    TooManyConnections = 17,
+    /// The API key was revoked.
+    KeyRevoked = 18,
 }
 
 impl ErrorCode {
@@ -68,13 +72,15 @@ impl ErrorCode {
             ErrorCode::NotFound => "not_found",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Overloaded => "overloaded",
+            ErrorCode::TooManyConnections => "too_many_connections",
+            ErrorCode::KeyRevoked => "key_revoked",
         }
     }
 
     /// Maps a wire number back to a code; `None` for numbers this build does not know.
     pub fn from_u32(n: u32) -> Option<ErrorCode> {
         use ErrorCode::*;
-        const ALL: [ErrorCode; 16] = [
+        const ALL: [ErrorCode; 18] = [
             MalformedFrame,
             FrameTooLarge,
             HelloRequired,
@@ -91,6 +97,8 @@ impl ErrorCode {
             NotFound,
             RateLimited,
             Overloaded,
+            TooManyConnections,
+            KeyRevoked,
         ];
         ALL.into_iter().find(|c| c.as_u32() == n)
     }
@@ -115,7 +123,7 @@ mod tests {
                 assert!(seen.insert(c.as_str()), "duplicate name {}", c.as_str());
             }
         }
-        assert_eq!(seen.len(), 16);
+        assert_eq!(seen.len(), 18);
         assert_eq!(ErrorCode::from_u32(0), None);
     }
 }

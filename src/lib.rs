@@ -14,12 +14,14 @@ pub mod client;
 pub mod config;
 pub mod error;
 pub mod hub;
+pub mod limits;
 pub mod model;
 pub mod promo;
 pub mod proto;
 pub mod server;
 pub mod session;
 pub mod store;
+pub mod tenancy;
 pub mod tls;
 pub mod wire;
 

@@ -21,8 +21,9 @@ use crate::config::Config;
 use crate::error::ErrorCode;
 use crate::hub::{FeedEvent, Hub};
 use crate::promo::{Promo, PromoError};
-use crate::session::{Session, SessionContext, SessionError};
+use crate::session::{FollowerConnections, Session, SessionContext, SessionError};
 use crate::store::{ChannelLog, EventSink, LogEvent, RedbLog, StoreError, TrimPolicy};
+use crate::tenancy::Tenancy;
 use crate::tls::{CertStore, ClientTrust, TlsError};
 
 /// How long shutdown waits for connections to close and HTTP requests to finish.
@@ -56,6 +57,10 @@ pub enum ServerError {
     Promo(#[from] PromoError),
     #[error("invalid transport setting: {0}")]
     Transport(String),
+    #[error("auth.jwks_file: {0}")]
+    Jwks(#[from] crate::auth::JwksError),
+    #[error("tenancy: {0}")]
+    Tenancy(#[from] crate::tenancy::TenancyError),
 }
 
 /// A bound, not yet running server.
@@ -68,6 +73,8 @@ pub struct Server {
     promo: Arc<Promo>,
     certs: Arc<CertStore>,
     secrets: Secrets,
+    verifier: TokenVerifier,
+    tenancy: Arc<Tenancy>,
     quic_addr: SocketAddr,
     http_addr: SocketAddr,
 }
@@ -102,6 +109,13 @@ impl Server {
             }
         });
         let log: Arc<dyn ChannelLog> = RedbLog::open(&dir, sink)?;
+        let tenancy = Tenancy::open(&dir)?;
+        let mut verifier = TokenVerifier::hs256(secrets.jwt_secret.as_bytes())
+            .with_issuer(config.auth.issuer.clone())
+            .with_audience(config.auth.audience.clone());
+        if let Some(path) = &config.auth.jwks_file {
+            verifier = verifier.with_public_keys(crate::auth::jwks::load(path)?);
+        }
 
         let mut server_config =
             quinn::ServerConfig::with_crypto(Arc::new(crate::tls::server_crypto(certs.clone())?));
@@ -152,6 +166,8 @@ impl Server {
             promo,
             certs,
             secrets,
+            verifier,
+            tenancy,
             quic_addr,
             http_addr,
         })
@@ -195,6 +211,11 @@ impl Server {
         self.log.clone()
     }
 
+    /// Brands, keys and channel ownership, for embedding and tests.
+    pub fn tenancy(&self) -> Arc<Tenancy> {
+        self.tenancy.clone()
+    }
+
     /// The hub, for embedding and tests.
     pub fn hub(&self) -> Arc<Hub> {
         self.hub.clone()
@@ -207,8 +228,9 @@ impl Server {
             hub: self.hub.clone(),
             log: self.log.clone(),
             promo: self.promo.clone(),
-            verifier: TokenVerifier::hs256(self.secrets.jwt_secret.as_bytes()),
+            verifier: self.verifier.clone(),
             limits: self.config.limits.clone(),
+            connections: FollowerConnections::new(self.config.limits.max_connections_per_follower),
         });
 
         let api = crate::api::router(crate::api::ApiState {
@@ -216,6 +238,11 @@ impl Server {
             hub: self.hub.clone(),
             promo: self.promo.clone(),
             admin_key: Arc::from(self.secrets.admin_key.as_str()),
+            tenancy: self.tenancy.clone(),
+            publish_limiter: Arc::new(crate::limits::PublishLimiter::new(
+                self.config.limits.publish_per_sec,
+                self.config.limits.publish_burst,
+            )),
         });
         let mut http_stop = stop_rx.clone();
         let http = tokio::spawn(async move {

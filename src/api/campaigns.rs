@@ -1,5 +1,10 @@
 //! Campaign routes (create, get, update, stats) and a channel's promoted-slot
 //! settings. Placement rules are in `crate::promo`.
+//!
+//! A campaign belongs to a brand (its `advertiser`): the admin key or an
+//! owner-on-`*` key of that brand creates and changes it; any key of the brand
+//! reads it. A channel's slot settings need the owner role in the channel to
+//! change and the analyst role to read.
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -7,8 +12,10 @@ use axum::Json;
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
+use super::caller::Caller;
 use super::error::ApiError;
-use super::extract::{Admin, JsonBody, PathParams};
+use super::error::ErrorBody;
+use super::extract::{JsonBody, PathParams};
 use super::ApiState;
 use crate::error::ErrorCode;
 use crate::model::{now_ms, ChannelId};
@@ -16,6 +23,7 @@ use crate::promo::{
     Campaign, CampaignStats, ChannelSlot, Creative, FrequencyCap, PromoError,
     State as CampaignState, Targeting,
 };
+use crate::tenancy::Role;
 
 impl From<PromoError> for ApiError {
     fn from(e: PromoError) -> Self {
@@ -36,11 +44,12 @@ impl From<PromoError> for ApiError {
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateCampaign {
+    /// The brand paying; a brand key may omit it (its own brand).
     #[serde(default)]
-    pub advertiser: String,
+    pub advertiser: Option<String>,
     pub creative: Creative,
     #[serde(default)]
     pub targeting: Targeting,
@@ -58,12 +67,19 @@ pub struct CreateCampaign {
 }
 
 /// A campaign with its derived state and numbers.
-#[derive(Serialize, Deserialize, Debug)]
+#[derive(Serialize, Deserialize, Debug, utoipa::ToSchema)]
 pub struct CampaignView {
     #[serde(flatten)]
     pub campaign: Campaign,
     pub state: CampaignState,
     pub stats: CampaignStats,
+}
+
+/// The campaign, if the caller's brand may see it.
+fn view_for(state: &ApiState, caller: &Caller, id: &str) -> Result<CampaignView, ApiError> {
+    let v = view(state, id)?;
+    caller.require_brand(&v.campaign.advertiser)?;
+    Ok(v)
 }
 
 fn view(state: &ApiState, id: &str) -> Result<CampaignView, ApiError> {
@@ -78,17 +94,33 @@ fn view(state: &ApiState, id: &str) -> Result<CampaignView, ApiError> {
     })
 }
 
+#[utoipa::path(post, path = "/v1/campaigns", tag = "campaigns",
+    request_body = CreateCampaign,
+    responses((status = 201, body = CampaignView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+    security(("api_key" = [])))]
 pub async fn create(
     State(state): State<ApiState>,
-    _admin: Admin,
+    caller: Caller,
     JsonBody(b): JsonBody<CreateCampaign>,
 ) -> Result<(StatusCode, Json<CampaignView>), ApiError> {
+    let advertiser = match (&caller, b.advertiser) {
+        (Caller::Admin, a) => a.unwrap_or_default(),
+        (Caller::Key(k), a) => {
+            let brand = a.unwrap_or_else(|| k.brand.clone());
+            if brand != k.brand || !caller.owns_brand(&brand) {
+                return Err(ApiError::forbidden(
+                    "creating a campaign needs the owner role on '*' of the advertiser brand",
+                ));
+            }
+            brand
+        }
+    };
     let mut id = [0u8; 8];
     rand::rng().fill_bytes(&mut id);
     let now = now_ms();
     let c = Campaign {
         id: format!("cmp_{}", hex::encode(id)),
-        advertiser: b.advertiser,
+        advertiser,
         creative: b.creative,
         targeting: b.targeting,
         budget_impressions: b.budget_impressions,
@@ -112,23 +144,31 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(view(&state, &created.id)?)))
 }
 
+#[utoipa::path(get, path = "/v1/campaigns/{id}", tag = "campaigns",
+    params(("id" = String, Path)),
+    responses((status = 200, body = CampaignView), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("api_key" = [])))]
 pub async fn get(
     State(state): State<ApiState>,
-    _admin: Admin,
+    caller: Caller,
     PathParams(id): PathParams<String>,
 ) -> Result<Json<CampaignView>, ApiError> {
-    Ok(Json(view(&state, &id)?))
+    Ok(Json(view_for(&state, &caller, &id)?))
 }
 
+#[utoipa::path(get, path = "/v1/campaigns/{id}/stats", tag = "campaigns",
+    params(("id" = String, Path)),
+    responses((status = 200, body = CampaignStats), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("api_key" = [])))]
 pub async fn stats(
     State(state): State<ApiState>,
-    _admin: Admin,
+    caller: Caller,
     PathParams(id): PathParams<String>,
 ) -> Result<Json<CampaignStats>, ApiError> {
-    Ok(Json(view(&state, &id)?.stats))
+    Ok(Json(view_for(&state, &caller, &id)?.stats))
 }
 
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateCampaign {
     pub state: Option<CampaignState>,
@@ -153,12 +193,23 @@ mod double_option {
     }
 }
 
+#[utoipa::path(patch, path = "/v1/campaigns/{id}", tag = "campaigns",
+    params(("id" = String, Path)),
+    request_body = UpdateCampaign,
+    responses((status = 200, body = CampaignView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("api_key" = [])))]
 pub async fn update(
     State(state): State<ApiState>,
-    _admin: Admin,
+    caller: Caller,
     PathParams(id): PathParams<String>,
     JsonBody(b): JsonBody<UpdateCampaign>,
 ) -> Result<Json<CampaignView>, ApiError> {
+    let current = view_for(&state, &caller, &id)?;
+    if !caller.owns_brand(&current.campaign.advertiser) {
+        return Err(ApiError::forbidden(
+            "changing a campaign needs the owner role on '*' of its brand",
+        ));
+    }
     let promo = state.promo.clone();
     let cid = id.clone();
     tokio::task::spawn_blocking(move || {
@@ -201,7 +252,7 @@ pub async fn update(
 }
 
 /// A channel's promoted-slot settings and what it has shown.
-#[derive(Serialize, Deserialize, Debug, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Debug, PartialEq, Eq, utoipa::ToSchema)]
 pub struct ChannelPromoView {
     pub opt_in: bool,
     pub every_posts: u32,
@@ -210,10 +261,6 @@ pub struct ChannelPromoView {
 }
 
 fn channel_view(state: &ApiState, id: &str) -> Result<ChannelPromoView, ApiError> {
-    let channel = ChannelId::parse(id)?;
-    if state.log.channel(&channel).is_none() {
-        return Err(crate::store::StoreError::UnknownChannel(channel).into());
-    }
     let (s, promoted_impressions) = state.promo.channel(id);
     Ok(ChannelPromoView {
         opt_in: s.opt_in,
@@ -222,15 +269,20 @@ fn channel_view(state: &ApiState, id: &str) -> Result<ChannelPromoView, ApiError
     })
 }
 
+#[utoipa::path(get, path = "/v1/channels/{id}/promo", tag = "campaigns",
+    params(("id" = String, Path)),
+    responses((status = 200, body = ChannelPromoView), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("api_key" = [])))]
 pub async fn get_channel(
     State(state): State<ApiState>,
-    _admin: Admin,
+    caller: Caller,
     PathParams(id): PathParams<String>,
 ) -> Result<Json<ChannelPromoView>, ApiError> {
+    caller.require_channel(&state, &ChannelId::parse(&id)?, Role::Analyst)?;
     Ok(Json(channel_view(&state, &id)?))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SetChannelPromo {
     pub opt_in: bool,
@@ -238,13 +290,18 @@ pub struct SetChannelPromo {
     pub every_posts: Option<u32>,
 }
 
+#[utoipa::path(put, path = "/v1/channels/{id}/promo", tag = "campaigns",
+    params(("id" = String, Path)),
+    request_body = SetChannelPromo,
+    responses((status = 200, body = ChannelPromoView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("api_key" = [])))]
 pub async fn set_channel(
     State(state): State<ApiState>,
-    _admin: Admin,
+    caller: Caller,
     PathParams(id): PathParams<String>,
     JsonBody(b): JsonBody<SetChannelPromo>,
 ) -> Result<Json<ChannelPromoView>, ApiError> {
-    channel_view(&state, &id)?;
+    caller.require_channel(&state, &ChannelId::parse(&id)?, Role::Owner)?;
     let settings = ChannelSlot {
         opt_in: b.opt_in,
         every_posts: b.every_posts.unwrap_or(crate::promo::DEFAULT_EVERY_POSTS),

@@ -1,25 +1,44 @@
-//! Channel routes: create, get, list.
+//! Channel routes: create, get, list, settings, stats.
+//!
+//! A channel belongs to one brand (kept in [`crate::tenancy`]); its title and
+//! positions live in the log. The admin may create a channel for any brand
+//! (or, as before brands existed, for none: then only the admin manages it);
+//! a brand key needs the owner role on `*` to create channels for its brand.
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use serde::{Deserialize, Serialize};
 
-use super::error::ApiError;
-use super::extract::{Admin, JsonBody, PathParams};
+use super::caller::Caller;
+use super::error::{ApiError, ErrorBody};
+use super::extract::{JsonBody, PathParams};
 use super::ApiState;
 use crate::model::{ChannelId, ChannelInfo, MAX_TITLE_BYTES};
+use crate::tenancy::{validate_len, validate_url, ChannelMeta, Role, MAX_DESCRIPTION_BYTES};
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateChannel {
     pub id: String,
     #[serde(default)]
     pub title: String,
+    /// The owning brand. A brand key may omit it (its own brand is used).
+    #[serde(default)]
+    pub brand: Option<String>,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub avatar_url: String,
+    /// Admin only.
+    #[serde(default)]
+    pub verified: bool,
+    #[serde(default)]
+    pub promoted_opt_in: bool,
 }
 
 /// A channel as the API shows it.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, utoipa::ToSchema)]
 pub struct ChannelView {
     pub id: String,
     pub title: String,
@@ -28,9 +47,22 @@ pub struct ChannelView {
     pub oldest_seq: u64,
     pub followers: usize,
     pub created_at_ms: i64,
+    /// The owning brand; absent for channels made by the admin without one.
+    #[serde(default)]
+    pub brand: Option<String>,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub avatar_url: String,
+    #[serde(default)]
+    pub verified: bool,
+    #[serde(default)]
+    pub promoted_opt_in: bool,
 }
 
 fn view(state: &ApiState, c: ChannelInfo) -> ChannelView {
+    let meta = state.tenancy.channel_meta(c.id.as_str());
+    let m = meta.clone().unwrap_or_default();
     ChannelView {
         followers: state.hub.follower_count(&c.id),
         id: c.id.to_string(),
@@ -39,30 +71,129 @@ fn view(state: &ApiState, c: ChannelInfo) -> ChannelView {
         head_seq: c.head_seq,
         oldest_seq: c.oldest_seq,
         created_at_ms: c.created_at_ms,
+        brand: meta.map(|m| m.brand),
+        description: m.description,
+        avatar_url: m.avatar_url,
+        verified: m.verified,
+        // The promo engine owns the slot settings; see `set_promo_opt_in`.
+        promoted_opt_in: state.promo.channel(c.id.as_str()).0.opt_in,
     }
 }
 
+/// Applies a `promoted_opt_in` change to the promo engine, which places slots.
+async fn set_promo_opt_in(
+    state: &ApiState,
+    channel: &ChannelId,
+    opt_in: bool,
+) -> Result<(), ApiError> {
+    let promo = state.promo.clone();
+    let ch = channel.to_string();
+    tokio::task::spawn_blocking(move || {
+        let (mut settings, _) = promo.channel(&ch);
+        settings.opt_in = opt_in;
+        promo.set_channel(&ch, settings)
+    })
+    .await
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            crate::error::ErrorCode::Internal,
+            e.to_string(),
+        )
+    })??;
+    Ok(())
+}
+
+#[utoipa::path(post, path = "/v1/channels", tag = "channels",
+    request_body = CreateChannel,
+    responses(
+        (status = 201, body = ChannelView),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody, description = "not an owner of the brand, another brand, or `verified` without the admin key"),
+        (status = 404, body = ErrorBody, description = "no such brand"),
+        (status = 409, body = ErrorBody),
+    ),
+    security(("api_key" = [])))]
 pub async fn create(
     State(state): State<ApiState>,
-    _admin: Admin,
+    caller: Caller,
     JsonBody(body): JsonBody<CreateChannel>,
 ) -> Result<(StatusCode, Json<ChannelView>), ApiError> {
     let id = ChannelId::parse(&body.id)?;
-    if body.title.len() > MAX_TITLE_BYTES {
-        return Err(ApiError::bad_request(format!(
-            "title is longer than {MAX_TITLE_BYTES} bytes"
-        )));
+    validate_len("title", &body.title, MAX_TITLE_BYTES)?;
+    validate_len("description", &body.description, MAX_DESCRIPTION_BYTES)?;
+    validate_url(&body.avatar_url)?;
+    let brand = match (&caller, body.brand) {
+        (Caller::Admin, b) => b,
+        (Caller::Key(k), b) => {
+            if b.as_ref().is_some_and(|b| *b != k.brand) {
+                return Err(ApiError::forbidden(
+                    "a brand key creates channels only for its own brand",
+                ));
+            }
+            if !caller.owns_brand(&k.brand) {
+                return Err(ApiError::forbidden(
+                    "creating a channel needs the owner role on '*'",
+                ));
+            }
+            if body.verified {
+                caller.require_admin("setting verified")?;
+            }
+            Some(k.brand.clone())
+        }
+    };
+    if state.log.channel(&id).is_some() {
+        return Err(crate::store::StoreError::ChannelExists(id).into());
     }
-    let info = state.log.create_channel(id, body.title).await?;
+    if let Some(brand) = brand {
+        let meta = ChannelMeta {
+            brand,
+            description: body.description,
+            avatar_url: body.avatar_url,
+            verified: body.verified,
+            promoted_opt_in: body.promoted_opt_in,
+        };
+        let ch = id.to_string();
+        state
+            .tenancy
+            .run(move |t| t.claim_channel(&ch, meta))
+            .await?;
+    } else if !body.description.is_empty()
+        || !body.avatar_url.is_empty()
+        || body.verified
+        || body.promoted_opt_in
+    {
+        return Err(ApiError::bad_request(
+            "channel settings need a brand; give \"brand\"",
+        ));
+    }
+    let info = match state.log.create_channel(id.clone(), body.title).await {
+        Ok(info) => info,
+        Err(e) => {
+            let ch = id.to_string();
+            if !matches!(e, crate::store::StoreError::ChannelExists(_)) {
+                let _ = state.tenancy.run(move |t| t.release_channel(&ch)).await;
+            }
+            return Err(e.into());
+        }
+    };
+    if body.promoted_opt_in {
+        set_promo_opt_in(&state, &id, true).await?;
+    }
     Ok((StatusCode::CREATED, Json(view(&state, info))))
 }
 
+#[utoipa::path(get, path = "/v1/channels/{id}", tag = "channels",
+    params(("id" = String, Path)),
+    responses((status = 200, body = ChannelView), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("api_key" = [])))]
 pub async fn get(
     State(state): State<ApiState>,
-    _admin: Admin,
+    caller: Caller,
     PathParams(id): PathParams<String>,
 ) -> Result<Json<ChannelView>, ApiError> {
     let id = ChannelId::parse(&id)?;
+    caller.require_channel(&state, &id, Role::Analyst)?;
     let info = state
         .log
         .channel(&id)
@@ -70,15 +201,137 @@ pub async fn get(
     Ok(Json(view(&state, info)))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, Deserialize, Debug, utoipa::ToSchema)]
 pub struct ChannelList {
     pub channels: Vec<ChannelView>,
 }
 
-pub async fn list(State(state): State<ApiState>, _admin: Admin) -> Json<ChannelList> {
+#[utoipa::path(get, path = "/v1/channels", tag = "channels",
+    responses((status = 200, body = ChannelList, description = "every channel the caller may see"), (status = 401, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn list(State(state): State<ApiState>, caller: Caller) -> Json<ChannelList> {
     let mut all = state.log.channels();
+    if let Caller::Key(k) = &caller {
+        all.retain(|c| {
+            state
+                .tenancy
+                .channel_meta(c.id.as_str())
+                .is_some_and(|m| m.brand == k.brand)
+                && k.allows(c.id.as_str(), Role::Analyst)
+        });
+    }
     all.sort_by(|a, b| a.id.cmp(&b.id));
     Json(ChannelList {
         channels: all.into_iter().map(|c| view(&state, c)).collect(),
     })
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateChannel {
+    pub description: Option<String>,
+    pub avatar_url: Option<String>,
+    pub promoted_opt_in: Option<bool>,
+    /// Admin only.
+    pub verified: Option<bool>,
+}
+
+#[utoipa::path(patch, path = "/v1/channels/{id}", tag = "channels",
+    params(("id" = String, Path)),
+    request_body = UpdateChannel,
+    responses(
+        (status = 200, body = ChannelView),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody, description = "not an owner of the channel, or `verified` without the admin key"),
+        (status = 404, body = ErrorBody),
+    ),
+    security(("api_key" = [])))]
+pub async fn update(
+    State(state): State<ApiState>,
+    caller: Caller,
+    PathParams(id): PathParams<String>,
+    JsonBody(body): JsonBody<UpdateChannel>,
+) -> Result<Json<ChannelView>, ApiError> {
+    let id = ChannelId::parse(&id)?;
+    caller.require_channel(&state, &id, Role::Owner)?;
+    if body.verified.is_some() {
+        caller.require_admin("setting verified")?;
+    }
+    if let Some(d) = &body.description {
+        validate_len("description", d, MAX_DESCRIPTION_BYTES)?;
+    }
+    if let Some(u) = &body.avatar_url {
+        validate_url(u)?;
+    }
+    let ch = id.to_string();
+    let opt_in = body.promoted_opt_in;
+    state
+        .tenancy
+        .run(move |t| {
+            t.update_channel(&ch, |m| {
+                if let Some(v) = body.description {
+                    m.description = v;
+                }
+                if let Some(v) = body.avatar_url {
+                    m.avatar_url = v;
+                }
+                if let Some(v) = opt_in {
+                    m.promoted_opt_in = v;
+                }
+                if let Some(v) = body.verified {
+                    m.verified = v;
+                }
+            })
+        })
+        .await?;
+    if let Some(v) = opt_in {
+        set_promo_opt_in(&state, &id, v).await?;
+    }
+    let info = state
+        .log
+        .channel(&id)
+        .ok_or(crate::store::StoreError::UnknownChannel(id))?;
+    Ok(Json(view(&state, info)))
+}
+
+/// A channel's numbers. `deliveries` and `lag_events` count since the server started.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, utoipa::ToSchema)]
+pub struct ChannelStatsView {
+    pub channel: String,
+    /// Followers connected now.
+    pub followers: usize,
+    /// Posts made in the current epoch (the head seq).
+    pub posts: u64,
+    /// Posts still retained.
+    pub retained_posts: u64,
+    /// Events queued to followers live.
+    pub deliveries: u64,
+    /// Live events a follower's full queue refused (it catches up from the log).
+    pub lag_events: u64,
+}
+
+#[utoipa::path(get, path = "/v1/channels/{id}/stats", tag = "channels",
+    params(("id" = String, Path)),
+    responses((status = 200, body = ChannelStatsView), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn stats(
+    State(state): State<ApiState>,
+    caller: Caller,
+    PathParams(id): PathParams<String>,
+) -> Result<Json<ChannelStatsView>, ApiError> {
+    let id = ChannelId::parse(&id)?;
+    caller.require_channel(&state, &id, Role::Analyst)?;
+    let info = state
+        .log
+        .channel(&id)
+        .ok_or_else(|| crate::store::StoreError::UnknownChannel(id.clone()))?;
+    let s = state.hub.channel_stats(&id);
+    Ok(Json(ChannelStatsView {
+        channel: id.to_string(),
+        followers: state.hub.follower_count(&id),
+        posts: info.head_seq,
+        retained_posts: (info.head_seq + 1).saturating_sub(info.oldest_seq),
+        deliveries: s.deliveries,
+        lag_events: s.lag_events,
+    }))
 }

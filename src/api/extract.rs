@@ -1,14 +1,12 @@
 //! Request extractors whose rejections are [`ApiError`]s (JSON bodies with a
-//! stable code) instead of axum's plain-text defaults.
+//! stable code) instead of axum's plain-text defaults. The caller's identity
+//! is extracted by [`super::caller::Caller`].
 
 use axum::extract::{FromRequest, FromRequestParts, Request};
-use axum::http::header;
 use axum::http::request::Parts;
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
-use super::ApiState;
-use crate::auth::constant_time_eq;
 use crate::error::ErrorCode;
 
 /// A JSON body; malformed or oversized bodies answer 400 / 413 with a JSON error.
@@ -25,35 +23,6 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
                 ErrorCode::InvalidArgument,
                 rej.body_text(),
             )),
-        }
-    }
-}
-
-/// A caller that presented the admin key as `Authorization: Bearer <key>`.
-pub struct Admin;
-
-impl FromRequestParts<ApiState> for Admin {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &ApiState,
-    ) -> Result<Self, Self::Rejection> {
-        let Some(value) = parts.headers.get(header::AUTHORIZATION) else {
-            return Err(ApiError::unauthorized(
-                "missing Authorization header; send 'Authorization: Bearer <key>'",
-            ));
-        };
-        let key = value
-            .to_str()
-            .ok()
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(str::trim)
-            .ok_or_else(|| ApiError::unauthorized("Authorization must be 'Bearer <key>'"))?;
-        if constant_time_eq(key.as_bytes(), state.admin_key.as_bytes()) {
-            Ok(Admin)
-        } else {
-            Err(ApiError::unauthorized("unknown API key"))
         }
     }
 }

@@ -1,27 +1,42 @@
-//! The brand HTTP API (axum, JSON), plus `/healthz`.
+//! The brand HTTP API (axum, JSON), plus `/healthz` and `/v1/openapi.json`.
 //!
 //! Every error is a JSON body `{"error": {"code", "message"}}` with the right
 //! status ([`error::ApiError`]). Writes are answered only once durable.
+//! Every route takes a key ([`caller::Caller`]: the admin key or a brand API
+//! key) and checks the caller's role in the channel or brand it touches.
+//! The routes and the OpenAPI document come from the same annotated handlers
+//! ([`openapi`]), so the document lists every route.
 
+mod brands;
+mod caller;
 mod campaigns;
 mod channels;
 pub use campaigns::{CampaignView, ChannelPromoView};
-pub use channels::ChannelView;
-pub use posts::{History, PostView, Published};
 mod error;
 mod extract;
+pub mod openapi;
 mod posts;
 
-pub use error::ApiError;
+pub use brands::{BrandList, CreatedKey, KeyList, KeyView};
+pub use caller::Caller;
+pub use channels::{ChannelList, ChannelStatsView, ChannelView};
+pub use error::{ApiError, ErrorBody, ErrorDetail};
+pub use posts::{History, PostView, Published, IDEMPOTENCY_KEY};
 
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{get, patch, post};
+use axum::http::header;
+use axum::routing::get;
 use axum::Router;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::hub::Hub;
+use crate::limits::PublishLimiter;
 use crate::store::ChannelLog;
+use crate::tenancy::Tenancy;
 
 /// Largest request body accepted, in bytes (a post's text is at most 16 KiB).
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -33,37 +48,70 @@ pub struct ApiState {
     pub hub: Arc<Hub>,
     pub promo: Arc<crate::promo::Promo>,
     pub admin_key: Arc<str>,
+    pub tenancy: Arc<Tenancy>,
+    pub publish_limiter: Arc<PublishLimiter>,
+}
+
+/// The routed API and its OpenAPI document, from the same annotated handlers.
+pub fn routes() -> (Router<ApiState>, utoipa::openapi::OpenApi) {
+    OpenApiRouter::with_openapi(openapi::ApiDoc::openapi())
+        .routes(routes!(brands::create_brand, brands::list_brands))
+        .routes(routes!(brands::get_brand))
+        .routes(routes!(brands::create_key, brands::list_keys))
+        .routes(routes!(brands::revoke_key))
+        .routes(routes!(channels::create, channels::list))
+        .routes(routes!(channels::get, channels::update))
+        .routes(routes!(channels::stats))
+        .routes(routes!(posts::publish, posts::history))
+        .routes(routes!(posts::edit, posts::delete))
+        .routes(routes!(campaigns::create))
+        .routes(routes!(campaigns::get, campaigns::update))
+        .routes(routes!(campaigns::stats))
+        .routes(routes!(campaigns::get_channel, campaigns::set_channel))
+        .split_for_parts()
+}
+
+/// The OpenAPI document as served.
+pub fn openapi_document() -> utoipa::openapi::OpenApi {
+    routes().1
 }
 
 /// The API's routes.
 pub fn router(state: ApiState) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/v1/channels", post(channels::create).get(channels::list))
-        .route("/v1/channels/{id}", get(channels::get))
+    let (routed, doc) = routes();
+    let json: Arc<str> = match doc.to_json() {
+        Ok(j) => Arc::from(j),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot serialize the OpenAPI document");
+            Arc::from("{}")
+        }
+    };
+    routed
+        .route("/healthz", get(openapi::healthz))
         .route(
-            "/v1/channels/{id}/posts",
-            post(posts::publish).get(posts::history),
-        )
-        .route(
-            "/v1/channels/{id}/posts/{seq}",
-            patch(posts::edit).delete(posts::delete),
-        )
-        .route("/v1/campaigns", post(campaigns::create))
-        .route(
-            "/v1/campaigns/{id}",
-            get(campaigns::get).patch(campaigns::update),
-        )
-        .route("/v1/campaigns/{id}/stats", get(campaigns::stats))
-        .route(
-            "/v1/channels/{id}/promo",
-            get(campaigns::get_channel).put(campaigns::set_channel),
+            "/v1/openapi.json",
+            get(move || {
+                let json = json.clone();
+                async move {
+                    (
+                        [(header::CONTENT_TYPE, "application/json")],
+                        json.to_string(),
+                    )
+                }
+            }),
         )
         .fallback(|| async {
             ApiError::new(
                 axum::http::StatusCode::NOT_FOUND,
                 crate::error::ErrorCode::NotFound,
                 "no such route",
+            )
+        })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                axum::http::StatusCode::METHOD_NOT_ALLOWED,
+                crate::error::ErrorCode::InvalidArgument,
+                "this route does not take that method",
             )
         })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

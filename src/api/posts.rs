@@ -1,27 +1,42 @@
-//! Post routes: publish, edit, delete, history.
+//! Post routes: publish, edit, delete (publisher role), history (any role).
+//!
+//! Publishing takes an optional `Idempotency-Key` header: a retry with the
+//! same key on the same channel within 24 h answers the first post (same
+//! seq, same status) and posts nothing; the log commits the key with the
+//! post, so this holds across a crash or restart. Brand keys are limited to
+//! `limits.publish_per_sec` (429 with `Retry-After` beyond it).
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use serde::{Deserialize, Serialize};
 
-use super::error::ApiError;
-use super::extract::{Admin, JsonBody, PathParams, QueryParams};
+use super::caller::Caller;
+use super::error::{ApiError, ErrorBody};
+use super::extract::{JsonBody, PathParams, QueryParams};
 use super::ApiState;
 use crate::model::{validate_text, ChannelId, Media, NewPost, Post};
+use crate::tenancy::Role;
+
+/// The request header that makes a publish idempotent.
+pub const IDEMPOTENCY_KEY: &str = "idempotency-key";
+/// Longest idempotency key, in bytes.
+pub const MAX_IDEMPOTENCY_KEY: usize = 255;
 
 /// Most posts one history page returns.
 pub const MAX_HISTORY_PAGE: usize = 1000;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PublishBody {
     pub text: String,
+    /// Media references: `{"url": "...", "mime": "..."}`.
     #[serde(default)]
+    #[schema(value_type = Vec<Object>)]
     pub media: Vec<Media>,
 }
 
-#[derive(Serialize, Deserialize, Debug)]
+#[derive(Serialize, Deserialize, Debug, utoipa::ToSchema)]
 pub struct Published {
     pub seq: u64,
     pub epoch: u64,
@@ -29,13 +44,14 @@ pub struct Published {
 }
 
 /// A post as the API shows it.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, utoipa::ToSchema)]
 pub struct PostView {
     pub channel: String,
     pub seq: u64,
     pub epoch: u64,
     pub id: String,
     pub text: String,
+    #[schema(value_type = Vec<Object>)]
     pub media: Vec<Media>,
     pub created_at_ms: i64,
     pub edited_at_ms: i64,
@@ -58,15 +74,54 @@ impl From<Post> for PostView {
     }
 }
 
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(v) = headers.get(IDEMPOTENCY_KEY) else {
+        return Ok(None);
+    };
+    let bad = || {
+        ApiError::bad_request(format!(
+            "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters"
+        ))
+    };
+    let s = v.to_str().map_err(|_| bad())?;
+    if s.is_empty() || s.len() > MAX_IDEMPOTENCY_KEY || !s.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(bad());
+    }
+    Ok(Some(s.to_string()))
+}
+
+#[utoipa::path(post, path = "/v1/channels/{id}/posts", tag = "posts",
+    params(
+        ("id" = String, Path),
+        ("Idempotency-Key" = Option<String>, Header, description = "a retry with the same key within 24 h answers the first post and posts nothing"),
+    ),
+    request_body = PublishBody,
+    responses(
+        (status = 201, body = Published, description = "durable; a retry with the same Idempotency-Key gets the same answer"),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody, description = "no publisher role in this channel"),
+        (status = 404, body = ErrorBody),
+        (status = 429, body = ErrorBody, description = "publish rate limit; see Retry-After"),
+    ),
+    security(("api_key" = [])))]
 pub async fn publish(
     State(state): State<ApiState>,
-    _admin: Admin,
+    caller: Caller,
     PathParams(id): PathParams<String>,
+    headers: HeaderMap,
     JsonBody(body): JsonBody<PublishBody>,
 ) -> Result<(StatusCode, Json<Published>), ApiError> {
     let channel = ChannelId::parse(&id)?;
+    caller.require_channel(&state, &channel, Role::Publisher)?;
+    let key = idempotency_key(&headers)?;
     let post = NewPost::new(body.text, body.media)?;
-    let p = state.log.append(channel, post).await?;
+    if let Some(k) = caller.key_id() {
+        state
+            .publish_limiter
+            .check(k)
+            .map_err(ApiError::rate_limited)?;
+    }
+    let p = state.log.append(channel, post, key).await?;
     Ok((
         StatusCode::CREATED,
         Json(Published {
@@ -77,34 +132,53 @@ pub async fn publish(
     ))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EditBody {
     pub text: String,
 }
 
+#[utoipa::path(patch, path = "/v1/channels/{id}/posts/{seq}", tag = "posts",
+    params(("id" = String, Path), ("seq" = u64, Path)),
+    request_body = EditBody,
+    responses(
+        (status = 200, body = PostView),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+    ),
+    security(("api_key" = [])))]
 pub async fn edit(
     State(state): State<ApiState>,
-    _admin: Admin,
+    caller: Caller,
     PathParams((id, seq)): PathParams<(String, u64)>,
     JsonBody(body): JsonBody<EditBody>,
 ) -> Result<Json<PostView>, ApiError> {
     let channel = ChannelId::parse(&id)?;
+    caller.require_channel(&state, &channel, Role::Publisher)?;
     validate_text(&body.text)?;
     Ok(Json(state.log.edit(channel, seq, body.text).await?.into()))
 }
 
+#[utoipa::path(delete, path = "/v1/channels/{id}/posts/{seq}", tag = "posts",
+    params(("id" = String, Path), ("seq" = u64, Path)),
+    responses(
+        (status = 200, body = PostView, description = "the tombstone"),
+        (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+    ),
+    security(("api_key" = [])))]
 pub async fn delete(
     State(state): State<ApiState>,
-    _admin: Admin,
+    caller: Caller,
     PathParams((id, seq)): PathParams<(String, u64)>,
 ) -> Result<Json<PostView>, ApiError> {
     let channel = ChannelId::parse(&id)?;
+    caller.require_channel(&state, &channel, Role::Publisher)?;
     Ok(Json(state.log.delete(channel, seq).await?.into()))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 pub struct HistoryQuery {
     #[serde(default)]
     pub after_seq: u64,
@@ -112,7 +186,7 @@ pub struct HistoryQuery {
     pub limit: Option<usize>,
 }
 
-#[derive(Serialize, Deserialize, Debug)]
+#[derive(Serialize, Deserialize, Debug, utoipa::ToSchema)]
 pub struct History {
     pub posts: Vec<PostView>,
     pub head_seq: u64,
@@ -120,13 +194,22 @@ pub struct History {
     pub epoch: u64,
 }
 
+#[utoipa::path(get, path = "/v1/channels/{id}/posts", tag = "posts",
+    params(("id" = String, Path), HistoryQuery),
+    responses(
+        (status = 200, body = History),
+        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+    ),
+    security(("api_key" = [])))]
 pub async fn history(
     State(state): State<ApiState>,
-    _admin: Admin,
+    caller: Caller,
     PathParams(id): PathParams<String>,
     QueryParams(q): QueryParams<HistoryQuery>,
 ) -> Result<Json<History>, ApiError> {
     let channel = ChannelId::parse(&id)?;
+    caller.require_channel(&state, &channel, Role::Analyst)?;
     let limit = q.limit.unwrap_or(100);
     if limit == 0 || limit > MAX_HISTORY_PAGE {
         return Err(ApiError::bad_request(format!(

@@ -1,11 +1,16 @@
-//! Authentication: follower tokens (JWT) checked at Hello, and the secrets
-//! (admin key, token signing secret) kept in the data directory.
+//! Authentication: follower tokens (JWT) checked at Hello, the public keys
+//! they may be signed with (JWKS), and the secrets (admin key, token signing
+//! secret) kept in the data directory.
 
+pub mod jwks;
 mod secrets;
 mod token;
 
+pub use jwks::{JwksError, PublicKey};
 pub use secrets::{Secrets, SecretsError, ADMIN_KEY_FILE, JWT_SECRET_FILE, RESET_KEY_FILE};
-pub use token::{Claims, Follower, TokenError, TokenIssuer, TokenVerifier};
+pub use token::{
+    unverified_expiry, Claims, Follower, ScopedClaims, TokenError, TokenIssuer, TokenVerifier,
+};
 
 /// Compares two byte strings in time that depends only on their lengths.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

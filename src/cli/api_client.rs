@@ -4,7 +4,8 @@
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::api::{ChannelView, History, Published};
+use crate::api::{ChannelStatsView, ChannelView, CreatedKey, History, KeyView, Published};
+use crate::tenancy::{Brand, Grant};
 
 /// Calls the HTTP API with one key.
 #[derive(Clone)]
@@ -93,6 +94,81 @@ impl ApiClient {
             self.http
                 .post(format!("{}/v1/channels/{channel}/posts", self.base))
                 .json(&serde_json::json!({ "text": text })),
+        )
+        .await
+    }
+
+    /// Publishes with an `Idempotency-Key`: a retry with the same key answers
+    /// the first post.
+    pub async fn publish_idempotent(
+        &self,
+        channel: &str,
+        text: &str,
+        idempotency_key: &str,
+    ) -> Result<Published, ApiCallError> {
+        self.send(
+            self.http
+                .post(format!("{}/v1/channels/{channel}/posts", self.base))
+                .header(crate::api::IDEMPOTENCY_KEY, idempotency_key)
+                .json(&serde_json::json!({ "text": text })),
+        )
+        .await
+    }
+
+    /// Creates a brand (admin key).
+    pub async fn create_brand(&self, id: &str, name: &str) -> Result<Brand, ApiCallError> {
+        self.send(
+            self.http
+                .post(format!("{}/v1/brands", self.base))
+                .json(&serde_json::json!({ "id": id, "name": name })),
+        )
+        .await
+    }
+
+    /// Creates a channel owned by `brand`.
+    pub async fn create_brand_channel(
+        &self,
+        id: &str,
+        title: &str,
+        brand: &str,
+    ) -> Result<ChannelView, ApiCallError> {
+        self.send(
+            self.http
+                .post(format!("{}/v1/channels", self.base))
+                .json(&serde_json::json!({ "id": id, "title": title, "brand": brand })),
+        )
+        .await
+    }
+
+    /// Creates an API key of `brand`; the answer holds the key, shown once.
+    pub async fn create_key(
+        &self,
+        brand: &str,
+        label: &str,
+        grants: &[Grant],
+    ) -> Result<CreatedKey, ApiCallError> {
+        self.send(
+            self.http
+                .post(format!("{}/v1/brands/{brand}/keys", self.base))
+                .json(&serde_json::json!({ "label": label, "grants": grants })),
+        )
+        .await
+    }
+
+    /// Revokes a key of `brand`.
+    pub async fn revoke_key(&self, brand: &str, key_id: &str) -> Result<KeyView, ApiCallError> {
+        self.send(
+            self.http
+                .delete(format!("{}/v1/brands/{brand}/keys/{key_id}", self.base)),
+        )
+        .await
+    }
+
+    /// A channel's stats.
+    pub async fn stats(&self, channel: &str) -> Result<ChannelStatsView, ApiCallError> {
+        self.send(
+            self.http
+                .get(format!("{}/v1/channels/{channel}/stats", self.base)),
         )
         .await
     }

@@ -1,6 +1,7 @@
 //! The `herald` command line: `serve`, and the client commands (`channel`,
-//! `post`, `follow`, `token`) that talk to a server, by default the local one
-//! whose data directory holds the admin key, token secret and certificate.
+//! `post`, `follow`, `token`, `brand`, `key`) that talk to a server, by
+//! default the local one whose data directory holds the admin key, token
+//! secret and certificate.
 
 mod api_client;
 mod follow;
@@ -38,6 +39,12 @@ pub enum Command {
     },
     /// Follow channels and print each post as it arrives.
     Follow(follow::FollowArgs),
+    /// Manage brands (admin key).
+    #[command(subcommand)]
+    Brand(BrandCommand),
+    /// Manage a brand's API keys.
+    #[command(subcommand)]
+    Key(KeyCommand),
     /// Mint a follower token with the local secret.
     Token {
         /// Follower id (the token's `sub`).
@@ -58,12 +65,54 @@ pub enum ChannelCommand {
         id: String,
         #[arg(long, default_value = "")]
         title: String,
+        /// The owning brand (a brand key may leave it out: its own brand).
+        #[arg(long)]
+        brand: Option<String>,
         #[command(flatten)]
         common: ClientArgs,
     },
     /// Show a channel.
     Get {
         id: String,
+        #[command(flatten)]
+        common: ClientArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BrandCommand {
+    /// Create a brand.
+    Create {
+        id: String,
+        #[arg(long, default_value = "")]
+        name: String,
+        #[command(flatten)]
+        common: ClientArgs,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeyCommand {
+    /// Create an API key with a role in a channel (`*`: every channel of the
+    /// brand); prints the key, which cannot be shown again.
+    Create {
+        #[arg(long)]
+        brand: String,
+        #[arg(long)]
+        channel: String,
+        /// owner, publisher or analyst.
+        #[arg(long)]
+        role: crate::tenancy::Role,
+        #[arg(long, default_value = "")]
+        label: String,
+        #[command(flatten)]
+        common: ClientArgs,
+    },
+    /// Revoke an API key by its id.
+    Revoke {
+        #[arg(long)]
+        brand: String,
+        key_id: String,
         #[command(flatten)]
         common: ClientArgs,
     },
@@ -138,8 +187,17 @@ pub fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve::run(args).await,
-        Command::Channel(ChannelCommand::Create { id, title, common }) => {
-            let c = common.api_client()?.create_channel(&id, &title).await?;
+        Command::Channel(ChannelCommand::Create {
+            id,
+            title,
+            brand,
+            common,
+        }) => {
+            let api = common.api_client()?;
+            let c = match brand {
+                Some(b) => api.create_brand_channel(&id, &title, &b).await?,
+                None => api.create_channel(&id, &title).await?,
+            };
             println!("created channel {} (epoch {})", c.id, c.epoch);
             Ok(())
         }
@@ -158,6 +216,36 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Follow(args) => follow::run(args).await,
+        Command::Brand(BrandCommand::Create { id, name, common }) => {
+            let b = common.api_client()?.create_brand(&id, &name).await?;
+            println!("created brand {}", b.id);
+            Ok(())
+        }
+        Command::Key(KeyCommand::Create {
+            brand,
+            channel,
+            role,
+            label,
+            common,
+        }) => {
+            let grants = [crate::tenancy::Grant { channel, role }];
+            let k = common
+                .api_client()?
+                .create_key(&brand, &label, &grants)
+                .await?;
+            eprintln!("key id {} (the key below is shown only once)", k.info.id);
+            println!("{}", k.key);
+            Ok(())
+        }
+        Command::Key(KeyCommand::Revoke {
+            brand,
+            key_id,
+            common,
+        }) => {
+            let k = common.api_client()?.revoke_key(&brand, &key_id).await?;
+            println!("revoked key {}", k.id);
+            Ok(())
+        }
         Command::Token {
             user,
             ttl_secs,

@@ -1,6 +1,12 @@
 //! The client's background task: runs one connection at a time, turns frames
 //! into [`Event`]s, and on a retryable disconnect reconnects and re-follows
 //! every channel from the last seq it delivered.
+//!
+//! With a [`super::TokenRefresher`], it also keeps the token fresh: at about
+//! 80 % of the token's remaining lifetime (read from its `exp`, unverified)
+//! it asks the application for a new one and sends it in band (Refresh);
+//! reconnects use the newest token, and a session closed for an expired
+//! token is reconnected with a fresh one.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -10,7 +16,9 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 use super::conn::{ClientError, Conn};
-use super::{ClientOptions, ClientStats, Command, Event, FollowFrom, Followed};
+use super::{
+    ClientOptions, ClientStats, Command, Event, FollowFrom, Followed, RefreshError, RefreshFuture,
+};
 use crate::error::ErrorCode;
 use crate::model::{ChannelId, Media, Post};
 use crate::proto::v1 as pb;
@@ -32,6 +40,34 @@ enum Pending {
     },
     Unfollow(oneshot::Sender<Result<(), ClientError>>),
     Click(oneshot::Sender<Result<bool, ClientError>>),
+    Refresh,
+}
+
+/// Share of a token's remaining lifetime after which it is refreshed.
+pub const REFRESH_AT: f64 = 0.8;
+/// Pause before asking the refresher again after it failed.
+const REFRESH_RETRY: Duration = Duration::from_secs(1);
+
+/// When to refresh `token`: at [`REFRESH_AT`] of its remaining lifetime.
+fn refresh_deadline(token: &str) -> Option<tokio::time::Instant> {
+    let exp = crate::auth::unverified_expiry(token)?;
+    let now_ms = crate::model::now_ms();
+    let left_ms = (exp * 1000 - now_ms).max(0) as f64;
+    Some(tokio::time::Instant::now() + Duration::from_millis((left_ms * REFRESH_AT) as u64))
+}
+
+async fn wait_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn run_refresh(f: &mut Option<RefreshFuture>) -> Result<String, RefreshError> {
+    match f {
+        Some(f) => f.await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Why a connection ended.
@@ -83,7 +119,15 @@ impl Driver {
                 }
                 End::Failed(e) => e,
             };
-            if !self.opts.reconnect || !err.is_retryable() {
+            let expired = matches!(
+                err,
+                ClientError::Refused {
+                    code: Some(ErrorCode::TokenExpired),
+                    ..
+                }
+            );
+            let refreshable = expired && self.opts.token_refresher.is_some();
+            if !self.opts.reconnect || !(err.is_retryable() || refreshable) {
                 let code = match &err {
                     ClientError::Refused { code, .. } => *code,
                     _ => None,
@@ -126,6 +170,7 @@ impl Driver {
                     Some(Command::Click { reply, .. }) => { let _ = reply.send(Err(ClientError::Disconnected)); continue; }
                 },
             }
+            self.refresh_if_due().await;
             match Conn::open(&self.endpoint, &self.opts).await {
                 Ok(c) => return Some(c),
                 Err(e) if e.is_retryable() => {
@@ -147,6 +192,22 @@ impl Driver {
                     return None;
                 }
             }
+        }
+    }
+
+    /// Before reconnecting: gets a new token if the current one is due.
+    async fn refresh_if_due(&mut self) {
+        let Some(refresher) = self.opts.token_refresher.clone() else {
+            return;
+        };
+        let due =
+            refresh_deadline(&self.opts.token).is_none_or(|at| at <= tokio::time::Instant::now());
+        if !due {
+            return;
+        }
+        match refresher().await {
+            Ok(t) => self.opts.token = t,
+            Err(e) => tracing::warn!(error = %e, "token refresh failed before reconnecting"),
         }
     }
 
@@ -192,8 +253,45 @@ impl Driver {
             );
         }
         let mut feed: Option<FrameReader<quinn::RecvStream>> = None;
+        let mut refresh_at = self
+            .opts
+            .token_refresher
+            .as_ref()
+            .and_then(|_| refresh_deadline(&self.opts.token));
+        let mut refreshing: Option<RefreshFuture> = None;
         loop {
             tokio::select! {
+                _ = wait_until(refresh_at), if refreshing.is_none() => {
+                    refresh_at = None;
+                    if let Some(r) = &self.opts.token_refresher {
+                        refreshing = Some(r());
+                    }
+                }
+                res = run_refresh(&mut refreshing), if refreshing.is_some() => {
+                    refreshing = None;
+                    match res {
+                        Ok(token) => {
+                            let id = self.next_request;
+                            self.next_request += 1;
+                            let frame = pb::ClientFrame {
+                                request_id: id,
+                                kind: Some(pb::client_frame::Kind::Refresh(pb::Refresh { token: token.clone() })),
+                            };
+                            refresh_at = refresh_deadline(&token);
+                            self.opts.token = token;
+                            pending.insert(id, Pending::Refresh);
+                            if let Err(e) = c.ctl_send.write_all(&encode_frame(&frame)).await {
+                                let err = write_error(&c.conn, e);
+                                fail_pending(pending);
+                                return End::Failed(err);
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "token refresh failed; retrying");
+                            refresh_at = Some(tokio::time::Instant::now() + REFRESH_RETRY);
+                        }
+                    }
+                }
                 cmd = self.cmds.recv() => {
                     let frame = match cmd {
                         None | Some(Command::Close) => return End::Closed,
@@ -357,7 +455,7 @@ impl Driver {
                             message: e.message,
                         }));
                     }
-                    None => {
+                    Some(Pending::Refresh) | None => {
                         if !self
                             .emit(Event::Error {
                                 code,

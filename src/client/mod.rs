@@ -22,13 +22,20 @@
 //! Events wait in a bounded buffer ([`ClientOptions::event_buffer`]); an
 //! application that stops reading stops the client reading, and the server
 //! catches it up later.
+//!
+//! Tokens expire. Give [`ClientOptions::token_refresher`] a callback that
+//! fetches a new token from the application's backend: the client calls it
+//! before the current token runs out, sends the new token in band (the
+//! session goes on), and uses it for every reconnect.
 
 mod conn;
 mod driver;
 
 pub use conn::{connect_raw, ClientError};
 
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,6 +46,13 @@ use crate::error::ErrorCode;
 use crate::model::Post;
 use crate::tls::ClientTrust;
 
+/// Why a token refresh failed (the application's own error).
+pub type RefreshError = Box<dyn std::error::Error + Send + Sync>;
+/// A token refresh in flight.
+pub type RefreshFuture = Pin<Box<dyn Future<Output = Result<String, RefreshError>> + Send>>;
+/// Fetches a new follower token (for the same `sub`) from the application.
+pub type TokenRefresher = Arc<dyn Fn() -> RefreshFuture + Send + Sync>;
+
 /// How to reach and authenticate to a server.
 #[derive(Clone)]
 pub struct ClientOptions {
@@ -48,6 +62,9 @@ pub struct ClientOptions {
     pub trust: ClientTrust,
     /// Follower token (JWT).
     pub token: String,
+    /// Called before `token` expires (at about 80 % of its remaining
+    /// lifetime) for a new one; `None`: the session ends when it expires.
+    pub token_refresher: Option<TokenRefresher>,
     /// Sent in Hello, for server logs.
     pub client_name: String,
     /// Reconnect and resume on retryable disconnects.
@@ -74,6 +91,7 @@ impl ClientOptions {
             server_name: "localhost".into(),
             trust,
             token,
+            token_refresher: None,
             client_name: format!("herald-client/{}", env!("CARGO_PKG_VERSION")),
             reconnect: true,
             keep_alive: Duration::from_secs(15),

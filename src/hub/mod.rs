@@ -17,6 +17,9 @@
 //! the same bucket lock, so a session's writer always sees its Follow before
 //! any live event of that channel (see `session::feed` for why that makes the
 //! catch-up seam gapless). No map guard or lock is ever held across `.await`.
+//!
+//! Per-channel counters (deliveries, lag events) are kept for the stats API;
+//! they are bumped once per fan-out with its totals, never per follower.
 
 mod subscribers;
 
@@ -145,6 +148,22 @@ impl std::ops::AddAssign for Fanout {
     }
 }
 
+/// Totals of a channel's fan-outs since the server started.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ChannelStats {
+    /// Events queued to followers.
+    pub deliveries: u64,
+    /// Events not queued because the follower's queue was full (it is caught
+    /// up from the log later).
+    pub lag_events: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    deliveries: AtomicU64,
+    lag_events: AtomicU64,
+}
+
 /// Totals since start, updated once per fan-out (not per delivery).
 #[derive(Debug, Default)]
 pub struct HubTotals {
@@ -156,6 +175,7 @@ pub struct HubTotals {
 /// The subscription registry and fan-out. See the module docs.
 pub struct Hub {
     channels: DashMap<ChannelId, Arc<ChannelSubs>>,
+    counters: DashMap<ChannelId, Counters>,
     buckets: usize,
     totals: HubTotals,
 }
@@ -171,6 +191,7 @@ impl Hub {
     pub fn new(buckets: usize) -> Hub {
         Hub {
             channels: DashMap::new(),
+            counters: DashMap::new(),
             buckets: buckets.max(1),
             totals: HubTotals::default(),
         }
@@ -248,6 +269,31 @@ impl Hub {
         total
     }
 
+    /// Fan-out totals of `channel` since start.
+    pub fn channel_stats(&self, channel: &ChannelId) -> ChannelStats {
+        self.counters
+            .get(channel)
+            .map_or_else(ChannelStats::default, |c| ChannelStats {
+                deliveries: c.deliveries.load(Ordering::Relaxed),
+                lag_events: c.lag_events.load(Ordering::Relaxed),
+            })
+    }
+
+    fn count(&self, channel: &ChannelId, f: Fanout) {
+        if f.delivered == 0 && f.lagged == 0 {
+            return;
+        }
+        let add = |c: &Counters| {
+            c.deliveries
+                .fetch_add(f.delivered as u64, Ordering::Relaxed);
+            c.lag_events.fetch_add(f.lagged as u64, Ordering::Relaxed);
+        };
+        match self.counters.get(channel) {
+            Some(c) => add(&c),
+            None => add(&self.counters.entry(channel.clone()).or_default()),
+        }
+    }
+
     /// Totals since start.
     pub fn totals(&self) -> &HubTotals {
         &self.totals
@@ -273,7 +319,8 @@ impl Hub {
 
     /// Fans one encoded event out to every follower of its channel.
     pub fn publish(&self, ev: Arc<FeedEvent>) -> Fanout {
-        let f = self.fan_out(ev);
+        let f = self.fan_out(&ev);
+        self.count(&ev.channel, f);
         self.totals.events.fetch_add(1, Ordering::Relaxed);
         self.totals
             .delivered
@@ -284,14 +331,14 @@ impl Hub {
         f
     }
 
-    fn fan_out(&self, ev: Arc<FeedEvent>) -> Fanout {
+    fn fan_out(&self, ev: &Arc<FeedEvent>) -> Fanout {
         let Some(subs) = self.channels.get(&ev.channel).map(|s| s.value().clone()) else {
             return Fanout::default();
         };
         if subs.count.load(Ordering::Relaxed) < PARALLEL_FANOUT_MIN || subs.buckets.len() == 1 {
             let mut total = Fanout::default();
             for b in subs.buckets.iter() {
-                total += self.fan_bucket(&lock(b), &ev);
+                total += self.fan_bucket(&lock(b), ev);
             }
             return total;
         }

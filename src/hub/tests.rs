@@ -101,3 +101,17 @@ async fn parallel_fanout_reaches_everyone_in_order() {
         assert_eq!(seqs, vec![1, 2, 3]);
     }
 }
+
+#[tokio::test]
+async fn channel_stats_count_deliveries_and_lag_per_fan_out() {
+    let hub = Hub::new(2);
+    let big = Arc::new(Outbox::new(1 << 20));
+    hub.follow(&ch("s"), 1, &big, follow_item("s")).unwrap();
+    hub.follow(&ch("s"), 2, &big, follow_item("s")).unwrap();
+    assert_eq!(hub.channel_stats(&ch("s")), ChannelStats::default());
+    hub.publish(post_event("s", 1));
+    hub.publish(post_event("s", 2));
+    let s = hub.channel_stats(&ch("s"));
+    assert_eq!(s.deliveries + s.lag_events, 4);
+    assert_eq!(hub.channel_stats(&ch("other")), ChannelStats::default());
+}

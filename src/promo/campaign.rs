@@ -22,12 +22,13 @@ fn invalid(m: impl Into<String>) -> InvalidField {
 }
 
 /// What the follower sees.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Creative {
     pub title: String,
     pub text: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
     pub media: Option<Media>,
     pub cta_url: String,
 }
@@ -64,7 +65,7 @@ impl Creative {
 }
 
 /// Which channels a campaign may appear in.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Targeting {
     /// These channels (each must have opted in). Empty: every opted-in
@@ -104,7 +105,7 @@ impl Targeting {
 }
 
 /// At most `impressions` per follower within any `period_secs`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FrequencyCap {
     pub impressions: u32,
@@ -113,7 +114,7 @@ pub struct FrequencyCap {
 
 /// The campaign's lifecycle as set by its owner; `finished` and `exhausted`
 /// are derived (see [`Campaign::state`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum State {
     Draft,
@@ -124,7 +125,7 @@ pub enum State {
 }
 
 /// A campaign as stored.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Campaign {
     pub id: String,
     pub advertiser: String,

@@ -84,7 +84,9 @@ struct ChannelLive {
 }
 
 /// A campaign's numbers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
 pub struct CampaignStats {
     pub impressions: u64,
     pub clicks: u64,

@@ -12,13 +12,20 @@
 //! code and message as the QUIC close reason; request-level errors (unknown
 //! channel, forbidden channel, too many follows) answer an Error frame and the
 //! session goes on.
+//!
+//! Limits ([`ConnLimits`], [`FollowerConnections`]): control frames and follows per second per connection
+//! answer `rate_limited` and close the connection if it keeps going over; a
+//! follower id may hold only so many connections at once
+//! (`too_many_connections` at Hello).
 
 #[cfg(feature = "fault-injection")]
 mod fault;
 mod feed;
+mod limits;
 mod outbox;
 
 pub use feed::{FeedDeps, FeedError, FeedStats, FeedWriter, LagPolicy, MAX_DRAIN};
+pub use limits::{ConnLimits, ConnectionSlot, FollowerConnections, Verdict};
 pub use outbox::{ControlRefused, Item, Outbox, MAX_PENDING_CONTROL};
 
 use std::collections::HashSet;
@@ -43,6 +50,8 @@ pub struct SessionContext {
     pub promo: Arc<crate::promo::Promo>,
     pub verifier: TokenVerifier,
     pub limits: Limits,
+    /// Connections open per follower id.
+    pub connections: Arc<FollowerConnections>,
 }
 
 /// How a session ended.
@@ -180,6 +189,17 @@ impl Session {
             Ok(f) => f,
             Err(e) => return Err(close(&self.conn, e.code(), &e.to_string())),
         };
+        let Some(_slot) = self.ctx.connections.enter(&follower.id) else {
+            return Err(close(
+                &self.conn,
+                ErrorCode::TooManyConnections,
+                &format!(
+                    "this follower has {} connections open already",
+                    limits.max_connections_per_follower
+                ),
+            ));
+        };
+        let mut rate = ConnLimits::new(limits, std::time::Instant::now());
 
         // Feed stream and writer.
         let feed = self.conn.open_uni().await?;
@@ -241,7 +261,23 @@ impl Session {
                         Ok(r) => r,
                         Err(e) => return Err(close(&self.conn, ErrorCode::MalformedFrame, &e.to_string())),
                     };
-                    let reply = self.handle(request_id, req, &mut subs, &mut follower)?;
+                    let now = std::time::Instant::now();
+                    let mut verdict = rate.control_frame(now);
+                    if verdict == Verdict::Allow && matches!(req, ClientRequest::Follow(_)) {
+                        verdict = rate.follow(now);
+                    }
+                    let reply = match verdict {
+                        Verdict::Allow => self.handle(request_id, req, &mut subs, &mut follower)?,
+                        Verdict::Refuse(wait) => error_frame(
+                            request_id,
+                            ErrorCode::RateLimited,
+                            format!("too many requests; retry in {} ms", wait.as_millis().max(1)),
+                            "",
+                        ),
+                        Verdict::Close => {
+                            return Err(close(&self.conn, ErrorCode::RateLimited, "too many requests over the limit"))
+                        }
+                    };
                     ctl_send.write_all(&encode_frame(&reply)).await.map_err(std::io::Error::from)?;
                 }
                 res = &mut writer.0 => {
@@ -301,10 +337,21 @@ impl Session {
             }
             ClientRequest::Refresh { token } => match self.ctx.verifier.verify(&token) {
                 Ok(f) if f.id == follower.id => {
-                    *follower = f;
-                    reply(Kind::Refreshed(pb::Refreshed {
-                        expires_at: follower.expires_at,
-                    }))
+                    // A narrower token must not keep channels it no longer allows.
+                    match subs.channels.iter().find(|c| !f.may_follow(c.as_str())) {
+                        Some(c) => error_frame(
+                            request_id,
+                            ErrorCode::Forbidden,
+                            format!("the new token does not allow channel {c:?}, which this session follows; unfollow it first"),
+                            c.as_str(),
+                        ),
+                        None => {
+                            *follower = f;
+                            reply(Kind::Refreshed(pb::Refreshed {
+                                expires_at: follower.expires_at,
+                            }))
+                        }
+                    }
                 }
                 Ok(_) => {
                     return Err(close(

@@ -11,11 +11,13 @@
 //! - A write's future resolves only after the write is durable.
 //! - Committed changes reach the [`EventSink`] exactly once each, in commit
 //!   order, before the writer is answered.
+//! - An append with an idempotency key seen in the last 24 h posts nothing
+//!   and answers with the first post.
 
 mod records;
 mod redb_log;
 
-pub use redb_log::{RedbLog, LOG_FILE, MAX_BATCH, WRITE_QUEUE};
+pub use redb_log::{RedbLog, IDEMPOTENCY_TTL_MS, LOG_FILE, MAX_BATCH, WRITE_QUEUE};
 
 use std::future::Future;
 use std::pin::Pin;
@@ -70,7 +72,18 @@ pub trait ChannelLog: Send + Sync + 'static {
     /// Every channel.
     fn channels(&self) -> Vec<ChannelInfo>;
     /// Appends a post; resolves once durable, with its seq.
-    fn append(&self, channel: ChannelId, post: NewPost) -> LogFuture<'_, Post>;
+    ///
+    /// With an `idempotency_key`, an append whose key was already used on
+    /// this channel within [`IDEMPOTENCY_TTL_MS`] posts nothing and resolves
+    /// with the first post (same seq). The key's record commits in the same
+    /// transaction as the post, so the promise holds across a crash; expired
+    /// records are removed by [`ChannelLog::trim`].
+    fn append(
+        &self,
+        channel: ChannelId,
+        post: NewPost,
+        idempotency_key: Option<String>,
+    ) -> LogFuture<'_, Post>;
     /// Replaces a post's text; resolves once durable.
     fn edit(&self, channel: ChannelId, seq: u64, text: String) -> LogFuture<'_, Post>;
     /// Turns a post into a tombstone; resolves once durable.

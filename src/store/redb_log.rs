@@ -32,9 +32,16 @@ pub const MAX_BATCH: usize = 4096;
 pub const WRITE_QUEUE: usize = 16_384;
 /// Most posts one trim operation removes (a large trim runs as several).
 const TRIM_STEP: u64 = 10_000;
+/// How long an idempotency key answers with its first post (24 h).
+pub const IDEMPOTENCY_TTL_MS: i64 = 24 * 3600 * 1000;
 
 const CHANNELS: TableDefinition<&str, &[u8]> = TableDefinition::new("channels");
 const POSTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("posts");
+/// Idempotency records: (channel, key) -> the first answer (see [`IdemRecord`]).
+const IDEMPOTENCY: TableDefinition<(&str, &str), &[u8]> = TableDefinition::new("idempotency");
+/// The same records by age: (channel, created_at_ms, key), for expiry.
+const IDEMPOTENCY_BY_AGE: TableDefinition<(&str, i64, &str), ()> =
+    TableDefinition::new("idempotency_by_age");
 
 fn storage(e: impl std::fmt::Display) -> StoreError {
     StoreError::Storage(e.to_string())
@@ -48,6 +55,7 @@ enum OpKind {
     Append {
         channel: ChannelId,
         post: NewPost,
+        idempotency_key: Option<String>,
     },
     Edit {
         channel: ChannelId,
@@ -113,6 +121,8 @@ impl RedbLog {
             let txn = db.begin_write().map_err(storage)?;
             txn.open_table(CHANNELS).map_err(storage)?;
             txn.open_table(POSTS).map_err(storage)?;
+            txn.open_table(IDEMPOTENCY).map_err(storage)?;
+            txn.open_table(IDEMPOTENCY_BY_AGE).map_err(storage)?;
             txn.commit().map_err(storage)?;
             let read = db.begin_read().map_err(storage)?;
             let table = read.open_table(CHANNELS).map_err(storage)?;
@@ -180,8 +190,22 @@ impl ChannelLog for RedbLog {
         self.channels.iter().map(|c| c.clone()).collect()
     }
 
-    fn append(&self, channel: ChannelId, post: NewPost) -> LogFuture<'_, Post> {
-        Box::pin(async move { expect_post(self.submit(OpKind::Append { channel, post }).await?) })
+    fn append(
+        &self,
+        channel: ChannelId,
+        post: NewPost,
+        idempotency_key: Option<String>,
+    ) -> LogFuture<'_, Post> {
+        Box::pin(async move {
+            expect_post(
+                self.submit(OpKind::Append {
+                    channel,
+                    post,
+                    idempotency_key,
+                })
+                .await?,
+            )
+        })
     }
 
     fn edit(&self, channel: ChannelId, seq: u64, text: String) -> LogFuture<'_, Post> {
@@ -301,10 +325,20 @@ impl Committer {
         };
         {
             let mut channels = txn.open_table(CHANNELS).map_err(storage)?;
-            let mut posts = txn.open_table(POSTS).map_err(storage)?;
+            let mut tables = Tables {
+                posts: txn.open_table(POSTS).map_err(storage)?,
+                idem: txn.open_table(IDEMPOTENCY).map_err(storage)?,
+                idem_age: txn.open_table(IDEMPOTENCY_BY_AGE).map_err(storage)?,
+            };
             let now = now_ms();
             for op in ops {
-                let r = self.apply_one(op, now, &mut posts, &mut out);
+                let r = self.apply_one(op, now, &mut tables, &mut out);
+                // A storage error may have left an operation half applied
+                // (say, a post without its idempotency record): abort the
+                // whole batch rather than commit it.
+                if let Err(e @ StoreError::Storage(_)) = &r {
+                    return Err(e.clone());
+                }
                 out.results.push(r);
             }
             for info in out.changed.values() {
@@ -340,9 +374,10 @@ impl Committer {
         &self,
         op: &OpKind,
         now: i64,
-        posts: &mut redb::Table<(&str, u64), &[u8]>,
+        tables: &mut Tables<'_>,
         out: &mut Applied,
     ) -> Result<Outcome, StoreError> {
+        let posts = &mut tables.posts;
         match op {
             OpKind::Create { id, title } => {
                 if self.channels.contains_key(id) || out.changed.contains_key(id) {
@@ -359,8 +394,39 @@ impl Committer {
                 out.changed.insert(id.clone(), info.clone());
                 Ok(Outcome::Channel(info))
             }
-            OpKind::Append { channel, post } => {
+            OpKind::Append {
+                channel,
+                post,
+                idempotency_key,
+            } => {
                 let info = self.working(&mut out.changed, channel)?;
+                // A key seen within the TTL answers with the first post, from
+                // this transaction's own view (so a repeat in the same batch
+                // sees the first one too).
+                if let Some(key) = idempotency_key {
+                    let ch = channel.as_str();
+                    let found = match tables.idem.get((ch, key.as_str())).map_err(storage)? {
+                        Some(v) => Some(IdemRecord::decode(v.value())?),
+                        None => None,
+                    };
+                    if let Some(rec) = found {
+                        if rec.created_at_ms >= now - IDEMPOTENCY_TTL_MS {
+                            let stored = match posts.get((ch, rec.seq)).map_err(storage)? {
+                                Some(v) => {
+                                    Some(decode_post(channel, rec.epoch, rec.seq, v.value())?)
+                                }
+                                None => None,
+                            };
+                            return Ok(Outcome::Post(
+                                stored.unwrap_or_else(|| rec.to_post(channel)),
+                            ));
+                        }
+                        tables
+                            .idem_age
+                            .remove((ch, rec.created_at_ms, key.as_str()))
+                            .map_err(storage)?;
+                    }
+                }
                 let seq = info.head_seq + 1;
                 let mut idb = [0u8; 12];
                 rand::rng().fill_bytes(&mut idb);
@@ -379,6 +445,23 @@ impl Committer {
                     .insert((channel.as_str(), seq), encode_post(&p).as_slice())
                     .map_err(storage)?;
                 info.head_seq = seq;
+                if let Some(key) = idempotency_key {
+                    let rec = IdemRecord {
+                        seq,
+                        epoch: p.epoch,
+                        created_at_ms: now,
+                        id: p.id.clone(),
+                    };
+                    let ch = channel.as_str();
+                    tables
+                        .idem
+                        .insert((ch, key.as_str()), rec.encode().as_slice())
+                        .map_err(storage)?;
+                    tables
+                        .idem_age
+                        .insert((ch, now, key.as_str()), ())
+                        .map_err(storage)?;
+                }
                 out.events.push(LogEvent::Posted(p.clone()));
                 Ok(Outcome::Post(p))
             }
@@ -422,6 +505,7 @@ impl Committer {
                     info.oldest_seq += 1;
                     removed += 1;
                 }
+                expire_idempotency(tables, channel, now - IDEMPOTENCY_TTL_MS)?;
                 Ok(Outcome::Trimmed(removed))
             }
         }
@@ -431,7 +515,7 @@ impl Committer {
         &self,
         channel: &ChannelId,
         seq: u64,
-        posts: &mut redb::Table<(&str, u64), &[u8]>,
+        posts: &mut redb::Table<'_, (&str, u64), &[u8]>,
         out: &mut Applied,
         change: impl FnOnce(&mut Post),
     ) -> Result<Post, StoreError> {
@@ -452,5 +536,200 @@ impl Committer {
             .insert((channel.as_str(), seq), encode_post(&p).as_slice())
             .map_err(storage)?;
         Ok(p)
+    }
+}
+
+/// The tables one batch writes.
+struct Tables<'txn> {
+    posts: redb::Table<'txn, (&'static str, u64), &'static [u8]>,
+    idem: redb::Table<'txn, (&'static str, &'static str), &'static [u8]>,
+    idem_age: redb::Table<'txn, (&'static str, i64, &'static str), ()>,
+}
+
+/// Removes up to [`TRIM_STEP`] of `channel`'s idempotency records created
+/// before `cutoff_ms`.
+fn expire_idempotency(
+    tables: &mut Tables<'_>,
+    channel: &ChannelId,
+    cutoff_ms: i64,
+) -> Result<u64, StoreError> {
+    let ch = channel.as_str();
+    let mut old: Vec<(i64, String)> = Vec::new();
+    for entry in tables
+        .idem_age
+        .range((ch, i64::MIN, "")..(ch, cutoff_ms, ""))
+        .map_err(storage)?
+        .take(TRIM_STEP as usize)
+    {
+        let (k, _) = entry.map_err(storage)?;
+        let (_, at, key) = k.value();
+        old.push((at, key.to_string()));
+    }
+    for (at, key) in &old {
+        tables
+            .idem_age
+            .remove((ch, *at, key.as_str()))
+            .map_err(storage)?;
+        tables.idem.remove((ch, key.as_str())).map_err(storage)?;
+    }
+    Ok(old.len() as u64)
+}
+
+/// The first answer to an idempotent append: seq, epoch, post id, and when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct IdemRecord {
+    seq: u64,
+    epoch: u64,
+    created_at_ms: i64,
+    id: String,
+}
+
+impl IdemRecord {
+    fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(24 + self.id.len());
+        v.extend_from_slice(&self.seq.to_be_bytes());
+        v.extend_from_slice(&self.epoch.to_be_bytes());
+        v.extend_from_slice(&self.created_at_ms.to_be_bytes());
+        v.extend_from_slice(self.id.as_bytes());
+        v
+    }
+
+    fn decode(b: &[u8]) -> Result<IdemRecord, StoreError> {
+        let corrupt = || StoreError::Storage("corrupt idempotency record".into());
+        let word = |i: usize| -> Result<[u8; 8], StoreError> {
+            b.get(i * 8..i * 8 + 8)
+                .and_then(|s| s.try_into().ok())
+                .ok_or_else(corrupt)
+        };
+        Ok(IdemRecord {
+            seq: u64::from_be_bytes(word(0)?),
+            epoch: u64::from_be_bytes(word(1)?),
+            created_at_ms: i64::from_be_bytes(word(2)?),
+            id: String::from_utf8(b.get(24..).ok_or_else(corrupt)?.to_vec())
+                .map_err(|_| corrupt())?,
+        })
+    }
+
+    /// The answer when the post itself is gone (trimmed): its identity only.
+    fn to_post(&self, channel: &ChannelId) -> Post {
+        Post {
+            channel: channel.clone(),
+            seq: self.seq,
+            epoch: self.epoch,
+            id: self.id.clone(),
+            text: String::new(),
+            media: Vec::new(),
+            created_at_ms: self.created_at_ms,
+            edited_at_ms: 0,
+            deleted: true,
+        }
+    }
+}
+
+#[cfg(test)]
+mod idempotency_tests {
+    //! Expiry of idempotency records, with records aged by hand.
+
+    use super::*;
+    use redb::ReadableTableMetadata;
+
+    fn age(log: &RedbLog, channel: &str, key: &str, by_ms: i64) {
+        let txn = log.db.begin_write().unwrap();
+        {
+            let mut idem = txn.open_table(IDEMPOTENCY).unwrap();
+            let mut by_age = txn.open_table(IDEMPOTENCY_BY_AGE).unwrap();
+            let mut rec =
+                IdemRecord::decode(idem.get((channel, key)).unwrap().unwrap().value()).unwrap();
+            by_age.remove((channel, rec.created_at_ms, key)).unwrap();
+            rec.created_at_ms -= by_ms;
+            idem.insert((channel, key), rec.encode().as_slice())
+                .unwrap();
+            by_age
+                .insert((channel, rec.created_at_ms, key), ())
+                .unwrap();
+        }
+        txn.commit().unwrap();
+    }
+
+    fn records(log: &RedbLog) -> (u64, u64) {
+        let txn = log.db.begin_read().unwrap();
+        let idem = txn.open_table(IDEMPOTENCY).unwrap();
+        let by_age = txn.open_table(IDEMPOTENCY_BY_AGE).unwrap();
+        (idem.len().unwrap(), by_age.len().unwrap())
+    }
+
+    #[tokio::test]
+    async fn keys_older_than_the_ttl_post_anew_and_are_trimmed() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = RedbLog::open(dir.path(), Arc::new(|_: &[LogEvent]| {})).unwrap();
+        let ch = ChannelId::parse("e").unwrap();
+        log.create_channel(ch.clone(), String::new()).await.unwrap();
+        let post = || NewPost::new("x".into(), vec![]).unwrap();
+        let key = |k: &str| Some(k.to_string());
+        assert_eq!(
+            log.append(ch.clone(), post(), key("old"))
+                .await
+                .unwrap()
+                .seq,
+            1
+        );
+        assert_eq!(
+            log.append(ch.clone(), post(), key("young"))
+                .await
+                .unwrap()
+                .seq,
+            2
+        );
+        age(&log, "e", "old", IDEMPOTENCY_TTL_MS + 1000);
+        // An expired key is a new key: it posts, and takes over the record.
+        assert_eq!(
+            log.append(ch.clone(), post(), key("old"))
+                .await
+                .unwrap()
+                .seq,
+            3
+        );
+        assert_eq!(
+            log.append(ch.clone(), post(), key("old"))
+                .await
+                .unwrap()
+                .seq,
+            3
+        );
+        assert_eq!(records(&log), (2, 2));
+        // The trim removes expired records only.
+        age(&log, "e", "young", IDEMPOTENCY_TTL_MS + 1000);
+        let keep_all = TrimPolicy {
+            older_than_ms: 0,
+            keep_max: 0,
+        };
+        assert_eq!(log.trim(ch.clone(), keep_all).await.unwrap(), 0);
+        assert_eq!(records(&log), (1, 1));
+        assert_eq!(
+            log.append(ch.clone(), post(), key("old"))
+                .await
+                .unwrap()
+                .seq,
+            3
+        );
+        assert_eq!(
+            log.append(ch.clone(), post(), key("young"))
+                .await
+                .unwrap()
+                .seq,
+            4
+        );
+    }
+
+    #[test]
+    fn record_round_trip_and_corruption() {
+        let r = IdemRecord {
+            seq: 7,
+            epoch: 2,
+            created_at_ms: 123,
+            id: "abc".into(),
+        };
+        assert_eq!(IdemRecord::decode(&r.encode()).unwrap(), r);
+        assert!(IdemRecord::decode(&[1, 2, 3]).is_err());
     }
 }

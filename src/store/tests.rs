@@ -40,7 +40,7 @@ async fn seqs_are_gapless_across_concurrent_appends_and_reopen() {
             let mut seqs = Vec::new();
             for i in 0..50 {
                 seqs.push(
-                    log.append(ch("a"), post(&format!("{w}-{i}")))
+                    log.append(ch("a"), post(&format!("{w}-{i}")), None)
                         .await
                         .unwrap()
                         .seq,
@@ -82,7 +82,10 @@ async fn seqs_are_gapless_across_concurrent_appends_and_reopen() {
         posts.iter().map(|p| p.seq).collect::<Vec<_>>(),
         vec![796, 797, 798, 799, 800]
     );
-    assert_eq!(log.append(ch("a"), post("next")).await.unwrap().seq, 801);
+    assert_eq!(
+        log.append(ch("a"), post("next"), None).await.unwrap().seq,
+        801
+    );
 }
 
 #[tokio::test]
@@ -91,12 +94,14 @@ async fn unknown_channel_edit_delete_and_tombstones() {
     let (sink, seen) = recording_sink();
     let log = RedbLog::open(dir.path(), sink).unwrap();
     assert!(matches!(
-        log.append(ch("nope"), post("x")).await,
+        log.append(ch("nope"), post("x"), None).await,
         Err(StoreError::UnknownChannel(_))
     ));
     log.create_channel(ch("c"), String::new()).await.unwrap();
     for i in 0..3 {
-        log.append(ch("c"), post(&format!("p{i}"))).await.unwrap();
+        log.append(ch("c"), post(&format!("p{i}")), None)
+            .await
+            .unwrap();
     }
     let e = log.edit(ch("c"), 2, "edited".into()).await.unwrap();
     assert_eq!(e.text, "edited");
@@ -117,7 +122,7 @@ async fn unknown_channel_edit_delete_and_tombstones() {
     assert_eq!(all[1].text, "edited");
     assert_eq!(all[2].text, "p2");
     // A new post after edits still takes the next seq.
-    assert_eq!(log.append(ch("c"), post("p3")).await.unwrap().seq, 4);
+    assert_eq!(log.append(ch("c"), post("p3"), None).await.unwrap().seq, 4);
     let kinds: Vec<&str> = seen
         .lock()
         .unwrap()
@@ -138,7 +143,9 @@ async fn trim_by_count_and_age() {
     let log = RedbLog::open(dir.path(), sink).unwrap();
     log.create_channel(ch("t"), String::new()).await.unwrap();
     for i in 0..10 {
-        log.append(ch("t"), post(&format!("{i}"))).await.unwrap();
+        log.append(ch("t"), post(&format!("{i}")), None)
+            .await
+            .unwrap();
     }
     let n = log
         .trim(
@@ -167,5 +174,67 @@ async fn trim_by_count_and_age() {
     assert_eq!(n, 4);
     let info = log.channel(&ch("t")).unwrap();
     assert_eq!((info.oldest_seq, info.head_seq), (11, 10));
-    assert_eq!(log.append(ch("t"), post("after")).await.unwrap().seq, 11);
+    assert_eq!(
+        log.append(ch("t"), post("after"), None).await.unwrap().seq,
+        11
+    );
+}
+
+#[tokio::test]
+async fn idempotent_append_answers_the_first_post_also_in_one_batch_and_after_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let (sink, seen) = recording_sink();
+    let log = RedbLog::open(dir.path(), sink).unwrap();
+    log.create_channel(ch("i"), String::new()).await.unwrap();
+    let key = || Some("k-1".to_string());
+    // Many concurrent appends with one key: likely in one batch; one post.
+    let mut tasks = Vec::new();
+    for n in 0..8 {
+        let log = log.clone();
+        tasks.push(tokio::spawn(async move {
+            log.append(ch("i"), post(&format!("try {n}")), key())
+                .await
+                .unwrap()
+        }));
+    }
+    let mut answers = Vec::new();
+    for t in tasks {
+        answers.push(t.await.unwrap());
+    }
+    assert!(answers.iter().all(|p| p.seq == 1 && p.id == answers[0].id));
+    assert_eq!(log.channel(&ch("i")).unwrap().head_seq, 1);
+    assert_eq!(seen.lock().unwrap().len(), 1);
+    // Another key, and no key, post anew.
+    let other = log
+        .append(ch("i"), post("b"), Some("k-2".into()))
+        .await
+        .unwrap();
+    assert_eq!(other.seq, 2);
+    assert_eq!(log.append(ch("i"), post("c"), None).await.unwrap().seq, 3);
+    // The same key on another channel is another key.
+    log.create_channel(ch("j"), String::new()).await.unwrap();
+    assert_eq!(log.append(ch("j"), post("x"), key()).await.unwrap().seq, 1);
+    drop(log);
+
+    let (sink, _) = recording_sink();
+    let log = loop {
+        match RedbLog::open(dir.path(), sink.clone()) {
+            Ok(l) => break l,
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+        }
+    };
+    let again = log.append(ch("i"), post("retry"), key()).await.unwrap();
+    assert_eq!((again.seq, again.id.as_str()), (1, answers[0].id.as_str()));
+    assert_eq!(log.channel(&ch("i")).unwrap().head_seq, 3);
+    // A trim keeps records younger than the TTL.
+    log.trim(
+        ch("i"),
+        TrimPolicy {
+            older_than_ms: 0,
+            keep_max: 0,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(log.append(ch("i"), post("r"), key()).await.unwrap().seq, 1);
 }
