@@ -131,16 +131,7 @@ pub async fn create(
         status: b.state.unwrap_or(CampaignState::Draft),
         created_at_ms: now,
     };
-    let promo = state.promo.clone();
-    let created = tokio::task::spawn_blocking(move || promo.create(c))
-        .await
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                ErrorCode::Internal,
-                e.to_string(),
-            )
-        })??;
+    let created = state.promo.run(move |p| p.create(c)).await?;
     Ok((StatusCode::CREATED, Json(view(&state, &created.id)?)))
 }
 
@@ -210,44 +201,38 @@ pub async fn update(
             "changing a campaign needs the owner role on '*' of its brand",
         ));
     }
-    let promo = state.promo.clone();
     let cid = id.clone();
-    tokio::task::spawn_blocking(move || {
-        promo.update(&cid, |c| {
-            if let Some(v) = b.state {
-                c.status = v;
-            }
-            if let Some(v) = b.creative {
-                c.creative = v;
-            }
-            if let Some(v) = b.targeting {
-                c.targeting = v;
-            }
-            if let Some(v) = b.budget_impressions {
-                c.budget_impressions = v;
-            }
-            if let Some(v) = b.cpm_bid_micros {
-                c.cpm_bid_micros = v;
-            }
-            if let Some(v) = b.frequency_cap {
-                c.frequency_cap = v;
-            }
-            if let Some(v) = b.start_ms {
-                c.start_ms = v;
-            }
-            if let Some(v) = b.end_ms {
-                c.end_ms = v;
-            }
+    state
+        .promo
+        .run(move |p| {
+            p.update(&cid, |c| {
+                if let Some(v) = b.state {
+                    c.status = v;
+                }
+                if let Some(v) = b.creative {
+                    c.creative = v;
+                }
+                if let Some(v) = b.targeting {
+                    c.targeting = v;
+                }
+                if let Some(v) = b.budget_impressions {
+                    c.budget_impressions = v;
+                }
+                if let Some(v) = b.cpm_bid_micros {
+                    c.cpm_bid_micros = v;
+                }
+                if let Some(v) = b.frequency_cap {
+                    c.frequency_cap = v;
+                }
+                if let Some(v) = b.start_ms {
+                    c.start_ms = v;
+                }
+                if let Some(v) = b.end_ms {
+                    c.end_ms = v;
+                }
+            })
         })
-    })
-    .await
-    .map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            ErrorCode::Internal,
-            e.to_string(),
-        )
-    })??;
+        .await?;
     Ok(Json(view(&state, &id)?))
 }
 
@@ -306,16 +291,10 @@ pub async fn set_channel(
         opt_in: b.opt_in,
         every_posts: b.every_posts.unwrap_or(crate::promo::DEFAULT_EVERY_POSTS),
     };
-    let promo = state.promo.clone();
     let cid = id.clone();
-    tokio::task::spawn_blocking(move || promo.set_channel(&cid, settings))
-        .await
-        .map_err(|e| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                ErrorCode::Internal,
-                e.to_string(),
-            )
-        })??;
+    state
+        .promo
+        .run(move |p| p.set_channel(&cid, settings))
+        .await?;
     Ok(Json(channel_view(&state, &id)?))
 }

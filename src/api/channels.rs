@@ -86,21 +86,15 @@ async fn set_promo_opt_in(
     channel: &ChannelId,
     opt_in: bool,
 ) -> Result<(), ApiError> {
-    let promo = state.promo.clone();
     let ch = channel.to_string();
-    tokio::task::spawn_blocking(move || {
-        let (mut settings, _) = promo.channel(&ch);
-        settings.opt_in = opt_in;
-        promo.set_channel(&ch, settings)
-    })
-    .await
-    .map_err(|e| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            crate::error::ErrorCode::Internal,
-            e.to_string(),
-        )
-    })??;
+    state
+        .promo
+        .run(move |p| {
+            let (mut settings, _) = p.channel(&ch);
+            settings.opt_in = opt_in;
+            p.set_channel(&ch, settings)
+        })
+        .await?;
     Ok(())
 }
 

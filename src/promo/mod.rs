@@ -198,6 +198,17 @@ impl Promo {
         }))
     }
 
+    /// Runs `f` (which may write to disk) on the blocking pool.
+    pub async fn run<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&Promo) -> Result<T, PromoError> + Send + 'static,
+    ) -> Result<T, PromoError> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || f(&me))
+            .await
+            .map_err(|e| PromoError::Storage(LedgerError(e.to_string())))?
+    }
+
     fn campaign(&self, id: &str) -> Option<Arc<CampaignLive>> {
         self.campaigns
             .read()
