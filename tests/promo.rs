@@ -267,3 +267,92 @@ async fn campaign_api_rejects_bad_input() {
     assert_eq!(r.status(), 404);
     server.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn campaigns_belong_to_their_brand() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start(dir.path()).await;
+    let http = reqwest::Client::new();
+    let base = format!("http://{}", server.http);
+    let mut keys = Vec::new();
+    for brand in ["acme", "globex"] {
+        let r = http
+            .post(format!("{base}/v1/brands"))
+            .bearer_auth(&server.admin_key)
+            .json(&serde_json::json!({"id": brand, "name": brand}))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{}", r.status());
+        let r: serde_json::Value = http
+            .post(format!("{base}/v1/brands/{brand}/keys"))
+            .bearer_auth(&server.admin_key)
+            .json(&serde_json::json!({"label": "owner", "grants": [{"channel": "*", "role": "owner"}]}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        keys.push(r["key"].as_str().expect("key shown once").to_string());
+    }
+    let now = herald::model::now_ms();
+    let body = serde_json::json!({
+        "creative": {"title": "T", "text": "x", "cta_url": "https://a.example"},
+        "budget_impressions": 10, "cpm_bid_micros": 1, "end_ms": now + 60_000
+    });
+    // A brand key creates campaigns for its own brand only.
+    let r = http
+        .post(format!("{base}/v1/campaigns"))
+        .bearer_auth(&keys[0])
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let c: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(c["advertiser"], "acme");
+    let id = c["id"].as_str().unwrap();
+    let mut other = body.clone();
+    other["advertiser"] = "globex".into();
+    let r = http
+        .post(format!("{base}/v1/campaigns"))
+        .bearer_auth(&keys[0])
+        .json(&other)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    // Another brand can neither read nor change it.
+    for r in [
+        http.get(format!("{base}/v1/campaigns/{id}"))
+            .bearer_auth(&keys[1])
+            .send()
+            .await
+            .unwrap(),
+        http.get(format!("{base}/v1/campaigns/{id}/stats"))
+            .bearer_auth(&keys[1])
+            .send()
+            .await
+            .unwrap(),
+        http.patch(format!("{base}/v1/campaigns/{id}"))
+            .bearer_auth(&keys[1])
+            .json(&serde_json::json!({"state": "active"}))
+            .send()
+            .await
+            .unwrap(),
+    ] {
+        assert_eq!(r.status(), 403);
+        let b: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(b["error"]["code"], "forbidden");
+    }
+    let r = http
+        .patch(format!("{base}/v1/campaigns/{id}"))
+        .bearer_auth(&keys[0])
+        .json(&serde_json::json!({"state": "active"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    server.stop().await;
+}
