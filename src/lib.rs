@@ -14,6 +14,7 @@ pub mod client;
 pub mod config;
 pub mod error;
 pub mod hub;
+pub mod metrics;
 pub mod model;
 pub mod proto;
 pub mod server;

@@ -185,6 +185,7 @@ impl Server {
             log: self.log.clone(),
             hub: self.hub.clone(),
             admin_key: Arc::from(self.secrets.admin_key.as_str()),
+            metrics: crate::metrics::install(),
         });
         let mut http_stop = stop_rx.clone();
         let http = tokio::spawn(async move {
@@ -204,6 +205,7 @@ impl Server {
                 stop_rx.clone(),
             )),
             tokio::spawn(cert_renewal_loop(self.certs.clone(), stop_rx.clone())),
+            tokio::spawn(metrics_upkeep_loop(stop_rx.clone())),
         ];
 
         accept_loop(&self.endpoint, ctx, shutdown).await;
@@ -269,8 +271,7 @@ async fn accept_loop(
             incoming.refuse();
             continue;
         }
-        open.fetch_add(1, Ordering::Relaxed);
-        let guard = OpenGuard(open.clone());
+        let guard = OpenGuard::new(open.clone());
         let id = next_id.fetch_add(1, Ordering::Relaxed);
         let ctx = ctx.clone();
         let handshakes = handshakes.clone();
@@ -283,8 +284,14 @@ async fn accept_loop(
                         return;
                     };
                     match incoming.await {
-                        Ok(c) => c,
+                        Ok(c) => {
+                            metrics::counter!(crate::metrics::HANDSHAKES, "result" => "ok")
+                                .increment(1);
+                            c
+                        }
                         Err(e) => {
+                            metrics::counter!(crate::metrics::HANDSHAKES, "result" => "failed")
+                                .increment(1);
                             tracing::debug!(error = %e, "handshake failed");
                             return;
                         }
@@ -306,9 +313,18 @@ async fn accept_loop(
 /// Counts a connection as open until dropped.
 struct OpenGuard(Arc<AtomicUsize>);
 
+impl OpenGuard {
+    fn new(open: Arc<AtomicUsize>) -> OpenGuard {
+        open.fetch_add(1, Ordering::Relaxed);
+        metrics::gauge!(crate::metrics::CONNECTIONS_OPEN).increment(1.0);
+        OpenGuard(open)
+    }
+}
+
 impl Drop for OpenGuard {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+        metrics::gauge!(crate::metrics::CONNECTIONS_OPEN).decrement(1.0);
     }
 }
 
@@ -343,6 +359,20 @@ async fn retention_loop(
                 }
             }
         }
+    }
+}
+
+/// Compacts histogram storage periodically, so memory stays bounded when
+/// nobody scrapes `/metrics`.
+async fn metrics_upkeep_loop(mut stop: tokio::sync::watch::Receiver<bool>) {
+    let handle = crate::metrics::install();
+    let mut tick = tokio::time::interval(crate::metrics::UPKEEP_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        handle.run_upkeep();
     }
 }
 

@@ -1,4 +1,5 @@
-//! The brand HTTP API (axum, JSON), plus `/healthz`.
+//! The brand HTTP API (axum, JSON), plus `/healthz` and the Prometheus
+//! exposition at `/metrics` (see [`crate::metrics`]).
 //!
 //! Every error is a JSON body `{"error": {"code", "message"}}` with the right
 //! status ([`error::ApiError`]). Writes are answered only once durable.
@@ -30,12 +31,27 @@ pub struct ApiState {
     pub log: Arc<dyn ChannelLog>,
     pub hub: Arc<Hub>,
     pub admin_key: Arc<str>,
+    /// Renders `/metrics`.
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+}
+
+async fn render_metrics(
+    axum::extract::State(state): axum::extract::State<ApiState>,
+) -> impl axum::response::IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        crate::metrics::render(&state.metrics),
+    )
 }
 
 /// The API's routes.
 pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(render_metrics))
         .route("/v1/channels", post(channels::create).get(channels::list))
         .route("/v1/channels/{id}", get(channels::get))
         .route(

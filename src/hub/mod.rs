@@ -224,12 +224,19 @@ impl Hub {
         self.channels.len()
     }
 
-    /// Fans committed log events out, in order.
+    /// Fans committed log events out, in order, and counts the batch in
+    /// the metrics once.
     pub fn publish_log(&self, events: &[LogEvent]) -> Fanout {
+        let started = std::time::Instant::now();
         let mut total = Fanout::default();
+        let mut posts = 0u64;
         for ev in events {
+            posts += u64::from(matches!(ev, LogEvent::Posted(_)));
             total += self.publish(Arc::new(FeedEvent::from_log(ev)));
         }
+        metrics::histogram!(crate::metrics::FANOUT_SECONDS).record(started.elapsed().as_secs_f64());
+        metrics::counter!(crate::metrics::POSTS_PUBLISHED).increment(posts);
+        metrics::counter!(crate::metrics::FANOUT_DELIVERIES).increment(total.delivered as u64);
         total
     }
 
@@ -280,6 +287,11 @@ impl Hub {
             } else {
                 f.lagged += 1;
             }
+        }
+        if f.delivered > 0 {
+            // The outboxes take these bytes off again as their writers drain.
+            metrics::gauge!(crate::metrics::QUEUE_BYTES)
+                .increment((f.delivered * ev.frame.len()) as f64);
         }
         f
     }

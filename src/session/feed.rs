@@ -16,7 +16,8 @@
 //! after registration (and comes live); the cursor drops the overlap.
 //!
 //! Frames are written in batches: everything drained at once goes out in one
-//! `write_all_chunks` call.
+//! `write_all_chunks` call, and the frame and byte counters are added once per
+//! such flush.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -162,6 +163,7 @@ impl FeedWriter {
 
     fn note_lag(&mut self) -> Result<(), FeedError> {
         self.stats.lag_events += 1;
+        metrics::counter!(crate::metrics::LAG_EVENTS).increment(1);
         let now = Instant::now();
         self.recent_lags.push_back(now);
         while self
@@ -182,8 +184,12 @@ impl FeedWriter {
 
     async fn flush(&mut self) -> Result<(), FeedError> {
         if !self.chunks.is_empty() {
+            let frames = self.chunks.len() as u64;
+            let bytes: usize = self.chunks.iter().map(Bytes::len).sum();
             self.stream.write_all_chunks(&mut self.chunks).await?;
             self.chunks.clear();
+            metrics::counter!(crate::metrics::FRAMES_DELIVERED).increment(frames);
+            metrics::counter!(crate::metrics::BYTES_DELIVERED).increment(bytes as u64);
         }
         Ok(())
     }
@@ -224,6 +230,9 @@ impl FeedWriter {
 
     /// Writes posts from the log until the channel's cursor reaches `upto`.
     async fn fill(&mut self, ch: &ChannelId, upto: u64) -> Result<(), FeedError> {
+        if self.cursors.get(ch).is_some_and(|&cur| cur < upto) {
+            metrics::counter!(crate::metrics::CATCHUPS).increment(1);
+        }
         loop {
             let Some(&cur) = self.cursors.get(ch) else {
                 return Ok(());

@@ -81,6 +81,22 @@ impl Drop for Subscriptions {
     }
 }
 
+/// Counts a session in the active-sessions gauge while alive.
+struct ActiveSession;
+
+impl ActiveSession {
+    fn new() -> ActiveSession {
+        metrics::gauge!(crate::metrics::SESSIONS_ACTIVE).increment(1.0);
+        ActiveSession
+    }
+}
+
+impl Drop for ActiveSession {
+    fn drop(&mut self) {
+        metrics::gauge!(crate::metrics::SESSIONS_ACTIVE).decrement(1.0);
+    }
+}
+
 /// Aborts a spawned task when dropped.
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
 
@@ -179,6 +195,8 @@ impl Session {
             Ok(f) => f,
             Err(e) => return Err(close(&self.conn, e.code(), &e.to_string())),
         };
+        metrics::counter!(crate::metrics::SESSIONS).increment(1);
+        let _active = ActiveSession::new();
 
         // Feed stream and writer.
         let feed = self.conn.open_uni().await?;
@@ -367,6 +385,7 @@ impl Session {
             .follow(&channel, self.id, &subs.outbox, Item::Follow(resolved))
         {
             Ok(_) => {
+                metrics::counter!(crate::metrics::FOLLOWS).increment(1);
                 subs.channels.insert(channel);
             }
             Err(ControlRefused::Full) => {

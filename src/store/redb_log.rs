@@ -120,18 +120,13 @@ impl RedbLog {
         }))
     }
 
-    fn submit(
-        &self,
-        kind: OpKind,
-    ) -> impl std::future::Future<Output = Result<Outcome, StoreError>> + Send + '_ {
-        async move {
-            let (reply, rx) = oneshot::channel();
-            self.ops
-                .send(Op { kind, reply })
-                .await
-                .map_err(|_| StoreError::Closed)?;
-            rx.await.map_err(|_| StoreError::Closed)?
-        }
+    async fn submit(&self, kind: OpKind) -> Result<Outcome, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.ops
+            .send(Op { kind, reply })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
     }
 }
 
@@ -253,7 +248,12 @@ impl Committer {
                 }
             }
             let kinds: Vec<&OpKind> = batch.iter().map(|op| &op.kind).collect();
-            match self.apply(&kinds) {
+            let started = std::time::Instant::now();
+            let applied = self.apply(&kinds);
+            metrics::histogram!(crate::metrics::COMMIT_SECONDS)
+                .record(started.elapsed().as_secs_f64());
+            metrics::histogram!(crate::metrics::COMMIT_BATCH_SIZE).record(batch.len() as f64);
+            match applied {
                 Ok(applied) => {
                     for (id, info) in applied.changed {
                         self.channels.insert(id, info);
