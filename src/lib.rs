@@ -21,6 +21,7 @@ pub mod server;
 pub mod session;
 pub mod store;
 pub mod tls;
+pub mod udp;
 pub mod wire;
 
 /// ALPN protocol id spoken on the QUIC port.

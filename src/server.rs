@@ -93,7 +93,7 @@ impl Server {
             quinn::ServerConfig::with_crypto(Arc::new(crate::tls::server_crypto(certs.clone())?));
         server_config.transport_config(Arc::new(transport(&config)?));
         let endpoint =
-            quinn::Endpoint::server(server_config, config.quic_addr).map_err(|source| {
+            crate::udp::endpoint(config.quic_addr, Some(server_config)).map_err(|source| {
                 ServerError::BindQuic {
                     addr: config.quic_addr,
                     source,

@@ -82,10 +82,11 @@ impl ClientOptions {
     }
 }
 
-/// A client endpoint (one UDP socket) set up for `opts`' trust and
-/// keep-alive, for sharing between clients with [`Client::connect_via`].
+/// A client endpoint (one UDP socket, with large kernel buffers, see
+/// [`crate::udp`]) set up for `opts`' trust and keep-alive, for sharing
+/// between clients with [`Client::connect_via`].
 pub fn shared_endpoint(opts: &ClientOptions) -> Result<quinn::Endpoint, ClientError> {
-    conn::client_endpoint(opts)
+    conn::client_endpoint(opts, true)
 }
 
 /// Something that happened on the feed or the connection.
@@ -192,7 +193,7 @@ impl Client {
     /// Connects, says Hello and waits for Welcome. A refused token or
     /// handshake is returned here as an error.
     pub async fn connect(opts: ClientOptions) -> Result<Client, ClientError> {
-        let endpoint = conn::client_endpoint(&opts)?;
+        let endpoint = conn::client_endpoint(&opts, false)?;
         Client::start(endpoint, true, opts).await
     }
 
