@@ -35,6 +35,10 @@ use crate::wire::encode_frame;
 /// Most queued items the writer takes at once.
 pub const MAX_DRAIN: usize = 1024;
 
+/// Batch buffers larger than this (in items) are released after the batch,
+/// so idle sessions hold none; buffers start empty and grow on first use.
+const IDLE_CAPACITY: usize = 64;
+
 /// Why the feed writer stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum FeedError {
@@ -90,14 +94,14 @@ impl FeedWriter {
             catchup_batch: catchup_batch.max(1),
             lag_policy,
             recent_lags: VecDeque::new(),
-            chunks: Vec::with_capacity(64),
+            chunks: Vec::new(),
             stats: FeedStats::default(),
         }
     }
 
     /// Runs until the outbox is closed and drained, or the stream fails.
     pub async fn run(mut self) -> Result<FeedStats, FeedError> {
-        let mut items = Vec::with_capacity(64);
+        let mut items = Vec::new();
         let mut lagged = Vec::new();
         while self
             .outbox
@@ -149,6 +153,13 @@ impl FeedWriter {
                 }
             }
             self.flush().await?;
+            // An idle follower should not keep a burst's worth of buffers.
+            if items.capacity() > IDLE_CAPACITY {
+                items = Vec::new();
+            }
+            if self.chunks.capacity() > IDLE_CAPACITY {
+                self.chunks = Vec::new();
+            }
             for ch in lagged.drain(..) {
                 self.note_lag()?;
                 let Some(head) = self.log.channel(&ch).map(|c| c.head_seq) else {

@@ -36,6 +36,9 @@ use crate::proto::v1 as pb;
 use crate::store::ChannelLog;
 use crate::wire::{encode_frame, FrameError, FrameReader};
 
+/// Buffer a session's control-stream reader keeps while idle, in bytes.
+pub const CONTROL_IDLE_BUFFER: usize = 256;
+
 /// What every session shares.
 pub struct SessionContext {
     pub hub: Arc<Hub>,
@@ -151,7 +154,9 @@ impl Session {
                     ))
                 }
             };
-        let mut reader = FrameReader::new(ctl_recv, limits.max_frame_bytes);
+        // Control frames are rare and small: keep little buffer per idle session.
+        let mut reader = FrameReader::new(ctl_recv, limits.max_frame_bytes)
+            .with_idle_capacity(CONTROL_IDLE_BUFFER);
 
         // Hello.
         let first = match timeout(
