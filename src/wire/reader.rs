@@ -117,3 +117,34 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::v1 as pb;
+    use crate::wire::encode_frame;
+
+    #[tokio::test]
+    async fn idle_capacity_is_given_back_after_a_big_frame() {
+        let big = pb::ClientFrame {
+            request_id: 1,
+            kind: Some(pb::client_frame::Kind::Unfollow(pb::Unfollow {
+                channel: "c".repeat(3000),
+            })),
+        };
+        let small = pb::ClientFrame {
+            request_id: 2,
+            kind: None,
+        };
+        let mut wire = encode_frame(&big).to_vec();
+        wire.extend_from_slice(&encode_frame(&small));
+        let mut r = FrameReader::new(&wire[..], 16 * 1024).with_idle_capacity(64);
+        assert!(r.buf.capacity() <= 64);
+        let f: pb::ClientFrame = r.read_frame().await.unwrap().unwrap();
+        assert_eq!(f.request_id, 1);
+        let f: pb::ClientFrame = r.read_frame().await.unwrap().unwrap();
+        assert_eq!(f.request_id, 2);
+        assert!(r.read_frame::<pb::ClientFrame>().await.unwrap().is_none());
+        assert!(r.buf.capacity() <= 64, "kept {} bytes", r.buf.capacity());
+    }
+}
