@@ -38,20 +38,39 @@ impl Spawned {
 }
 
 /// The `herald` binary next to the running executable (`target/release/herald`
-/// for `target/release/herald-loadtest`).
+/// for `target/release/herald-loadtest`). When it is missing and this tool
+/// runs under `cargo run`, it is built first with the same profile
+/// (`cargo build [--release] -p herald --bin herald`), so one `cargo run`
+/// command measures from a fresh clone.
 pub fn sibling_binary() -> Result<PathBuf, LoadError> {
     let exe = std::env::current_exe()?;
     let dir = exe
         .parent()
         .ok_or_else(|| LoadError::Spawn(format!("{} has no parent directory", exe.display())))?;
     let bin = dir.join(format!("herald{}", std::env::consts::EXE_SUFFIX));
-    if !bin.is_file() {
-        return Err(LoadError::Spawn(format!(
-            "{} not found; build it first with `cargo build --release --workspace`",
-            bin.display()
-        )));
+    if bin.is_file() {
+        return Ok(bin);
     }
-    Ok(bin)
+    if let Some(cargo) = std::env::var_os("CARGO") {
+        let release = dir.file_name().is_some_and(|n| n == "release");
+        eprintln!("building {} ...", bin.display());
+        let mut cmd = std::process::Command::new(cargo);
+        cmd.args(["build", "-p", "herald", "--bin", "herald"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if release {
+            cmd.arg("--release");
+        }
+        let status = cmd
+            .status()
+            .map_err(|e| LoadError::Spawn(format!("cannot run cargo: {e}")))?;
+        if status.success() && bin.is_file() {
+            return Ok(bin);
+        }
+    }
+    Err(LoadError::Spawn(format!(
+        "{} not found; build it first with `cargo build --release --workspace`",
+        bin.display()
+    )))
 }
 
 /// Starts `bin serve` on a fresh temporary data directory and port 0.
