@@ -38,6 +38,8 @@ pub struct Shared {
     pub last_arrival_us: Vec<Vec<AtomicU64>>,
     /// Arrival time of the most recent delivery, microseconds since the epoch.
     pub last_delivery_at_us: AtomicU64,
+    /// Per channel, connected followers (what a failed publish is worth).
+    pub connected_per_channel: Vec<AtomicU64>,
     followers: u64,
 }
 
@@ -60,6 +62,10 @@ impl Shared {
                 .map(|&n| (0..n).map(|_| AtomicU64::new(0)).collect())
                 .collect(),
             last_delivery_at_us: AtomicU64::new(0),
+            connected_per_channel: posts_per_channel
+                .iter()
+                .map(|_| AtomicU64::new(0))
+                .collect(),
             followers,
         }
     }
@@ -73,6 +79,11 @@ impl Shared {
                     .map_or(0, |v| v.len() as u64)
             })
             .sum();
+        for t in channels {
+            if let Some(c) = self.connected_per_channel.get(t.channel) {
+                c.fetch_add(1, Ordering::Relaxed);
+            }
+        }
         self.remaining.fetch_add(expected as i64, Ordering::AcqRel);
         self.settle();
     }

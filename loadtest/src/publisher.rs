@@ -96,7 +96,11 @@ pub async fn publish_all(
                 out.failed += 1;
                 out.first_error.get_or_insert_with(|| e.to_string());
                 // Nobody will receive it: stop waiting for it.
-                shared.advance(plan.followers_per_channel[ch]);
+                let followers = shared
+                    .connected_per_channel
+                    .get(ch)
+                    .map_or(0, |c| c.load(std::sync::atomic::Ordering::Relaxed));
+                shared.advance(followers);
             }
             Err(e) => {
                 out.failed += 1;
