@@ -15,6 +15,7 @@ pub mod config;
 pub mod error;
 pub mod hub;
 pub mod limits;
+pub mod metrics;
 pub mod model;
 pub mod promo;
 pub mod proto;
@@ -23,6 +24,7 @@ pub mod session;
 pub mod store;
 pub mod tenancy;
 pub mod tls;
+pub mod udp;
 pub mod wire;
 
 /// ALPN protocol id spoken on the QUIC port.

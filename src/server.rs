@@ -19,10 +19,10 @@ use tracing::Instrument;
 use crate::auth::{Secrets, TokenIssuer, TokenVerifier};
 use crate::config::Config;
 use crate::error::ErrorCode;
-use crate::hub::{FeedEvent, Hub};
+use crate::hub::Hub;
 use crate::promo::{Promo, PromoError};
 use crate::session::{FollowerConnections, Session, SessionContext, SessionError};
-use crate::store::{ChannelLog, EventSink, LogEvent, RedbLog, StoreError, TrimPolicy};
+use crate::store::{ChannelLog, EventSink, RedbLog, StoreError, TrimPolicy};
 use crate::tenancy::Tenancy;
 use crate::tls::{CertStore, ClientTrust, TlsError};
 
@@ -97,16 +97,10 @@ impl Server {
         let promo = Promo::open(&dir)?;
         let (sink_hub, sink_promo) = (hub.clone(), promo.clone());
         let sink: EventSink = Arc::new(move |events| {
-            for ev in events {
-                sink_hub.publish(Arc::new(FeedEvent::from_log(ev)));
-                // After an organic post, the channel's promoted slot may open.
-                if let LogEvent::Posted(p) = ev {
-                    let followers = sink_hub.follower_count(&p.channel);
-                    if let Some(promoted) = sink_promo.after_post(&p.channel, p.seq, followers) {
-                        sink_hub.publish(promoted);
-                    }
-                }
-            }
+            // After an organic post, the channel's promoted slot may open.
+            sink_hub.publish_log_with(events, |p, followers| {
+                sink_promo.after_post(&p.channel, p.seq, followers)
+            });
         });
         let log: Arc<dyn ChannelLog> = RedbLog::open(&dir, sink)?;
         let tenancy = Tenancy::open(&dir)?;
@@ -124,10 +118,7 @@ impl Server {
             addr: config.quic_addr,
             source,
         };
-        let socket = std::net::UdpSocket::bind(config.quic_addr).map_err(bind_err)?;
         let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secrets.reset_key.as_bytes());
-        let runtime = quinn::default_runtime()
-            .ok_or_else(|| ServerError::Transport("no async runtime for QUIC".into()))?;
         // Connection ids are validated with a key too; derive it from the same
         // persisted secret so a restarted server recognises the ids of the
         // previous process and answers them with a stateless reset.
@@ -139,7 +130,7 @@ impl Server {
         endpoint_config.cid_generator(move || {
             Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
         });
-        let endpoint = quinn::Endpoint::new(endpoint_config, Some(server_config), socket, runtime)
+        let endpoint = crate::udp::endpoint(config.quic_addr, endpoint_config, Some(server_config))
             .map_err(bind_err)?;
         let quic_addr = endpoint
             .local_addr()
@@ -243,6 +234,7 @@ impl Server {
                 self.config.limits.publish_per_sec,
                 self.config.limits.publish_burst,
             )),
+            metrics: crate::metrics::install(),
         });
         let mut http_stop = stop_rx.clone();
         let http = tokio::spawn(async move {
@@ -263,6 +255,7 @@ impl Server {
             )),
             tokio::spawn(cert_renewal_loop(self.certs.clone(), stop_rx.clone())),
             tokio::spawn(promo_flush_loop(self.promo.clone(), stop_rx.clone())),
+            tokio::spawn(metrics_upkeep_loop(stop_rx.clone())),
         ];
 
         let mut sessions = accept_loop(&self.endpoint, ctx, shutdown).await;
@@ -349,8 +342,7 @@ async fn accept_loop(
             incoming.refuse();
             continue;
         }
-        open.fetch_add(1, Ordering::Relaxed);
-        let guard = OpenGuard(open.clone());
+        let guard = OpenGuard::new(open.clone());
         let id = next_id.fetch_add(1, Ordering::Relaxed);
         let ctx = ctx.clone();
         let handshakes = handshakes.clone();
@@ -363,8 +355,14 @@ async fn accept_loop(
                         return;
                     };
                     match incoming.await {
-                        Ok(c) => c,
+                        Ok(c) => {
+                            metrics::counter!(crate::metrics::HANDSHAKES, "result" => "ok")
+                                .increment(1);
+                            c
+                        }
                         Err(e) => {
+                            metrics::counter!(crate::metrics::HANDSHAKES, "result" => "failed")
+                                .increment(1);
                             tracing::debug!(error = %e, "handshake failed");
                             return;
                         }
@@ -387,9 +385,18 @@ async fn accept_loop(
 /// Counts a connection as open until dropped.
 struct OpenGuard(Arc<AtomicUsize>);
 
+impl OpenGuard {
+    fn new(open: Arc<AtomicUsize>) -> OpenGuard {
+        open.fetch_add(1, Ordering::Relaxed);
+        metrics::gauge!(crate::metrics::CONNECTIONS_OPEN).increment(1.0);
+        OpenGuard(open)
+    }
+}
+
 impl Drop for OpenGuard {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+        metrics::gauge!(crate::metrics::CONNECTIONS_OPEN).decrement(1.0);
     }
 }
 
@@ -424,6 +431,20 @@ async fn retention_loop(
                 }
             }
         }
+    }
+}
+
+/// Compacts histogram storage periodically, so memory stays bounded when
+/// nobody scrapes `/metrics`.
+async fn metrics_upkeep_loop(mut stop: tokio::sync::watch::Receiver<bool>) {
+    let handle = crate::metrics::install();
+    let mut tick = tokio::time::interval(crate::metrics::UPKEEP_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        handle.run_upkeep();
     }
 }
 

@@ -1,4 +1,5 @@
-//! The brand HTTP API (axum, JSON), plus `/healthz` and `/v1/openapi.json`.
+//! The brand HTTP API (axum, JSON), plus `/healthz`, `/v1/openapi.json` and
+//! the Prometheus exposition at `/metrics` (see [`crate::metrics`]).
 //!
 //! Every error is a JSON body `{"error": {"code", "message"}}` with the right
 //! status ([`error::ApiError`]). Writes are answered only once durable.
@@ -50,6 +51,20 @@ pub struct ApiState {
     pub admin_key: Arc<str>,
     pub tenancy: Arc<Tenancy>,
     pub publish_limiter: Arc<PublishLimiter>,
+    /// Renders `/metrics`.
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+}
+
+async fn render_metrics(
+    axum::extract::State(state): axum::extract::State<ApiState>,
+) -> impl axum::response::IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        crate::metrics::render(&state.metrics),
+    )
 }
 
 /// The routed API and its OpenAPI document, from the same annotated handlers.
@@ -88,6 +103,7 @@ pub fn router(state: ApiState) -> Router {
     };
     routed
         .route("/healthz", get(openapi::healthz))
+        .route("/metrics", get(render_metrics))
         .route(
             "/v1/openapi.json",
             get(move || {

@@ -13,7 +13,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-pub use api_client::ApiClient;
+pub use api_client::{ApiCallError, ApiClient};
 
 /// Broadcast-channels server.
 #[derive(Parser, Debug)]

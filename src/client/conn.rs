@@ -103,7 +103,13 @@ pub fn quic_client_config(
     Ok(cfg)
 }
 
-pub(crate) fn client_endpoint(opts: &ClientOptions) -> Result<quinn::Endpoint, ClientError> {
+/// A client endpoint for `opts`; `large_buffers` asks the kernel for
+/// [`crate::udp::UDP_BUFFER_BYTES`] socket buffers (for endpoints many
+/// connections share).
+pub(crate) fn client_endpoint(
+    opts: &ClientOptions,
+    large_buffers: bool,
+) -> Result<quinn::Endpoint, ClientError> {
     let bind: std::net::SocketAddr = if opts.server.is_ipv6() {
         "[::]:0"
             .parse()
@@ -113,8 +119,12 @@ pub(crate) fn client_endpoint(opts: &ClientOptions) -> Result<quinn::Endpoint, C
             .parse()
             .map_err(|e: std::net::AddrParseError| ClientError::Connect(e.to_string()))?
     };
-    let mut endpoint =
-        quinn::Endpoint::client(bind).map_err(|e| ClientError::Connect(e.to_string()))?;
+    let endpoint = if large_buffers {
+        crate::udp::endpoint(bind, quinn::EndpointConfig::default(), None)
+    } else {
+        quinn::Endpoint::client(bind)
+    };
+    let mut endpoint = endpoint.map_err(|e| ClientError::Connect(e.to_string()))?;
     endpoint.set_default_client_config(quic_client_config(
         &opts.trust,
         crate::ALPN,

@@ -81,6 +81,8 @@ enum End {
 pub(crate) struct Driver {
     opts: ClientOptions,
     endpoint: quinn::Endpoint,
+    /// Whether the endpoint is this client's alone (then it is drained on close).
+    owns_endpoint: bool,
     cmds: mpsc::Receiver<Command>,
     events: mpsc::Sender<Event>,
     stats: Arc<ClientStats>,
@@ -92,6 +94,7 @@ impl Driver {
     pub fn new(
         opts: ClientOptions,
         endpoint: quinn::Endpoint,
+        owns_endpoint: bool,
         cmds: mpsc::Receiver<Command>,
         events: mpsc::Sender<Event>,
         stats: Arc<ClientStats>,
@@ -99,6 +102,7 @@ impl Driver {
         Driver {
             opts,
             endpoint,
+            owns_endpoint,
             cmds,
             events,
             stats,
@@ -114,7 +118,9 @@ impl Driver {
             let err = match end {
                 End::Closed => {
                     conn.conn.close(0u32.into(), b"bye");
-                    self.endpoint.wait_idle().await;
+                    if self.owns_endpoint {
+                        self.endpoint.wait_idle().await;
+                    }
                     return;
                 }
                 End::Failed(e) => e,

@@ -104,6 +104,13 @@ impl ClientOptions {
     }
 }
 
+/// A client endpoint (one UDP socket, with large kernel buffers, see
+/// [`crate::udp`]) set up for `opts`' trust and keep-alive, for sharing
+/// between clients with [`Client::connect_via`].
+pub fn shared_endpoint(opts: &ClientOptions) -> Result<quinn::Endpoint, ClientError> {
+    conn::client_endpoint(opts, true)
+}
+
 /// Something that happened on the feed or the connection.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
@@ -228,13 +235,33 @@ impl Client {
     /// Connects, says Hello and waits for Welcome. A refused token or
     /// handshake is returned here as an error.
     pub async fn connect(opts: ClientOptions) -> Result<Client, ClientError> {
-        let endpoint = conn::client_endpoint(&opts)?;
+        let endpoint = conn::client_endpoint(&opts, false)?;
+        Client::start(endpoint, true, opts).await
+    }
+
+    /// Like [`Client::connect`], but through `endpoint`, which many clients
+    /// may share (one UDP socket and one receive task for all of them, as a
+    /// load generator wants). Make it with [`shared_endpoint`]. Closing this
+    /// client closes only its connection; the endpoint stays open.
+    pub async fn connect_via(
+        endpoint: &quinn::Endpoint,
+        opts: ClientOptions,
+    ) -> Result<Client, ClientError> {
+        Client::start(endpoint.clone(), false, opts).await
+    }
+
+    async fn start(
+        endpoint: quinn::Endpoint,
+        owns_endpoint: bool,
+        opts: ClientOptions,
+    ) -> Result<Client, ClientError> {
         let first = conn::Conn::open(&endpoint, &opts).await?;
         let session_id = first.session_id;
         let (cmd_tx, cmd_rx) = mpsc::channel(64);
         let (ev_tx, ev_rx) = mpsc::channel(opts.event_buffer.max(1));
         let stats = Arc::new(ClientStats::default());
-        let driver = driver::Driver::new(opts, endpoint, cmd_rx, ev_tx, stats.clone());
+        let driver =
+            driver::Driver::new(opts, endpoint, owns_endpoint, cmd_rx, ev_tx, stats.clone());
         tokio::spawn(driver.run(first));
         Ok(Client {
             cmds: cmd_tx,

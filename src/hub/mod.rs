@@ -260,12 +260,35 @@ impl Hub {
         self.channels.len()
     }
 
-    /// Fans committed log events out, in order.
+    /// Fans committed log events out, in order, and counts the batch in
+    /// the metrics once.
     pub fn publish_log(&self, events: &[LogEvent]) -> Fanout {
+        self.publish_log_with(events, |_, _| None)
+    }
+
+    /// Like [`Hub::publish_log`], and after each post fans out whatever
+    /// `after_post` returns for it (the promoted slot), so that event follows
+    /// its post directly.
+    pub fn publish_log_with(
+        &self,
+        events: &[LogEvent],
+        mut after_post: impl FnMut(&Post, usize) -> Option<Arc<FeedEvent>>,
+    ) -> Fanout {
+        let started = std::time::Instant::now();
         let mut total = Fanout::default();
+        let mut posts = 0u64;
         for ev in events {
             total += self.publish(Arc::new(FeedEvent::from_log(ev)));
+            if let LogEvent::Posted(p) = ev {
+                posts += 1;
+                if let Some(next) = after_post(p, self.follower_count(&p.channel)) {
+                    total += self.publish(next);
+                }
+            }
         }
+        metrics::histogram!(crate::metrics::FANOUT_SECONDS).record(started.elapsed().as_secs_f64());
+        metrics::counter!(crate::metrics::POSTS_PUBLISHED).increment(posts);
+        metrics::counter!(crate::metrics::FANOUT_DELIVERIES).increment(total.delivered as u64);
         total
     }
 
@@ -378,6 +401,11 @@ impl Hub {
             } else {
                 f.lagged += 1;
             }
+        }
+        if f.delivered > 0 {
+            // The outboxes take these bytes off again as their writers drain.
+            metrics::gauge!(crate::metrics::QUEUE_BYTES)
+                .increment((f.delivered * ev.frame.len()) as f64);
         }
         f
     }

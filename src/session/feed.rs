@@ -16,7 +16,8 @@
 //! after registration (and comes live); the cursor drops the overlap.
 //!
 //! Frames are written in batches: everything drained at once goes out in one
-//! `write_all_chunks` call.
+//! `write_all_chunks` call, and the frame and byte counters are added once per
+//! such flush.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -34,6 +35,10 @@ use crate::wire::encode_frame;
 
 /// Most queued items the writer takes at once.
 pub const MAX_DRAIN: usize = 1024;
+
+/// Batch buffers larger than this (in items) are released after the batch,
+/// so idle sessions hold none; buffers start empty and grow on first use.
+const IDLE_CAPACITY: usize = 64;
 
 /// Why the feed writer stopped.
 #[derive(Debug, thiserror::Error)]
@@ -108,14 +113,14 @@ impl FeedWriter {
             catchup_batch: catchup_batch.max(1),
             lag_policy,
             recent_lags: VecDeque::new(),
-            chunks: Vec::with_capacity(64),
+            chunks: Vec::new(),
             stats: FeedStats::default(),
         }
     }
 
     /// Runs until the outbox is closed and drained, or the stream fails.
     pub async fn run(mut self) -> Result<FeedStats, FeedError> {
-        let mut items = Vec::with_capacity(64);
+        let mut items = Vec::new();
         let mut lagged = Vec::new();
         while self
             .outbox
@@ -175,6 +180,13 @@ impl FeedWriter {
                 }
             }
             self.flush().await?;
+            // An idle follower should not keep a burst's worth of buffers.
+            if items.capacity() > IDLE_CAPACITY {
+                items = Vec::new();
+            }
+            if self.chunks.capacity() > IDLE_CAPACITY {
+                self.chunks = Vec::new();
+            }
             for ch in lagged.drain(..) {
                 self.note_lag()?;
                 let Some(head) = self.log.channel(&ch).map(|c| c.head_seq) else {
@@ -189,6 +201,7 @@ impl FeedWriter {
 
     fn note_lag(&mut self) -> Result<(), FeedError> {
         self.stats.lag_events += 1;
+        metrics::counter!(crate::metrics::LAG_EVENTS).increment(1);
         let now = Instant::now();
         self.recent_lags.push_back(now);
         while self
@@ -209,10 +222,14 @@ impl FeedWriter {
 
     async fn flush(&mut self) -> Result<(), FeedError> {
         if !self.chunks.is_empty() {
+            let frames = self.chunks.len() as u64;
+            let bytes: usize = self.chunks.iter().map(Bytes::len).sum();
             self.stream.write_all_chunks(&mut self.chunks).await?;
             self.chunks.clear();
             // Written: these promoted frames are impressions now.
             self.promo.confirm(&mut self.claims);
+            metrics::counter!(crate::metrics::FRAMES_DELIVERED).increment(frames);
+            metrics::counter!(crate::metrics::BYTES_DELIVERED).increment(bytes as u64);
         }
         Ok(())
     }
@@ -272,6 +289,9 @@ impl FeedWriter {
 
     /// Writes posts from the log until the channel's cursor reaches `upto`.
     async fn fill(&mut self, ch: &ChannelId, upto: u64) -> Result<(), FeedError> {
+        if self.cursors.get(ch).is_some_and(|&cur| cur < upto) {
+            metrics::counter!(crate::metrics::CATCHUPS).increment(1);
+        }
         loop {
             let Some(&cur) = self.cursors.get(ch) else {
                 return Ok(());

@@ -43,6 +43,9 @@ use crate::proto::v1 as pb;
 use crate::store::ChannelLog;
 use crate::wire::{encode_frame, FrameError, FrameReader};
 
+/// Buffer a session's control-stream reader keeps while idle, in bytes.
+pub const CONTROL_IDLE_BUFFER: usize = 256;
+
 /// What every session shares.
 pub struct SessionContext {
     pub hub: Arc<Hub>,
@@ -88,6 +91,22 @@ impl Drop for Subscriptions {
             self.hub.unfollow(&ch, self.session);
         }
         self.outbox.close();
+    }
+}
+
+/// Counts a session in the active-sessions gauge while alive.
+struct ActiveSession;
+
+impl ActiveSession {
+    fn new() -> ActiveSession {
+        metrics::gauge!(crate::metrics::SESSIONS_ACTIVE).increment(1.0);
+        ActiveSession
+    }
+}
+
+impl Drop for ActiveSession {
+    fn drop(&mut self) {
+        metrics::gauge!(crate::metrics::SESSIONS_ACTIVE).decrement(1.0);
     }
 }
 
@@ -145,7 +164,9 @@ impl Session {
                     ))
                 }
             };
-        let mut reader = FrameReader::new(ctl_recv, limits.max_frame_bytes);
+        // Control frames are rare and small: keep little buffer per idle session.
+        let mut reader = FrameReader::new(ctl_recv, limits.max_frame_bytes)
+            .with_idle_capacity(CONTROL_IDLE_BUFFER);
 
         // Hello.
         let first = match timeout(
@@ -200,6 +221,8 @@ impl Session {
             ));
         };
         let mut rate = ConnLimits::new(limits, std::time::Instant::now());
+        metrics::counter!(crate::metrics::SESSIONS).increment(1);
+        let _active = ActiveSession::new();
 
         // Feed stream and writer.
         let feed = self.conn.open_uni().await?;
@@ -423,6 +446,7 @@ impl Session {
             .follow(&channel, self.id, &subs.outbox, Item::Follow(resolved))
         {
             Ok(_) => {
+                metrics::counter!(crate::metrics::FOLLOWS).increment(1);
                 subs.channels.insert(channel);
             }
             Err(ControlRefused::Full) => {

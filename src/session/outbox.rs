@@ -9,7 +9,8 @@
 //! are few, bounded by [`MAX_PENDING_CONTROL`].
 //!
 //! The writer is woken only when the queue goes from empty to non-empty, so a
-//! burst costs one wake-up, not one per frame.
+//! burst costs one wake-up, not one per frame. The queue-bytes gauge is
+//! raised by the hub once per fan-out and lowered here once per drained batch.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -139,6 +140,7 @@ impl Outbox {
                 let s = &mut *guard;
                 if !s.items.is_empty() || !s.lagged.is_empty() {
                     let n = s.items.len().min(max);
+                    let before = s.bytes;
                     for item in s.items.drain(..n) {
                         match &item {
                             Item::Event(ev) => s.bytes -= ev.frame.len(),
@@ -147,6 +149,11 @@ impl Outbox {
                         items.push(item);
                     }
                     lagged.append(&mut s.lagged);
+                    let drained = before - s.bytes;
+                    drop(guard);
+                    if drained > 0 {
+                        metrics::gauge!(crate::metrics::QUEUE_BYTES).decrement(drained as f64);
+                    }
                     return true;
                 }
                 if s.closed {
@@ -176,6 +183,16 @@ impl Outbox {
     /// The configured bound in bytes.
     pub fn bound(&self) -> usize {
         self.bound
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        // Events never drained leave the queue-bytes gauge with the outbox.
+        let left = self.lock().bytes;
+        if left > 0 {
+            metrics::gauge!(crate::metrics::QUEUE_BYTES).decrement(left as f64);
+        }
     }
 }
 

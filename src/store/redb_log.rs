@@ -293,7 +293,12 @@ impl Committer {
                 }
             }
             let kinds: Vec<&OpKind> = batch.iter().map(|op| &op.kind).collect();
-            match self.apply(&kinds) {
+            let started = std::time::Instant::now();
+            let applied = self.apply(&kinds);
+            metrics::histogram!(crate::metrics::COMMIT_SECONDS)
+                .record(started.elapsed().as_secs_f64());
+            metrics::histogram!(crate::metrics::COMMIT_BATCH_SIZE).record(batch.len() as f64);
+            match applied {
                 Ok(applied) => {
                     for (id, info) in applied.changed {
                         self.channels.insert(id, info);

@@ -23,6 +23,8 @@ pub struct FrameReader<R> {
     inner: R,
     buf: BytesMut,
     max_frame: usize,
+    /// Capacity kept while waiting for the next frame with nothing buffered.
+    idle_capacity: usize,
 }
 
 /// Outcome of parsing the varint header from the buffered bytes.
@@ -53,11 +55,25 @@ fn parse_header(buf: &[u8]) -> Result<Header, FrameError> {
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// Reads from `inner`, rejecting frames larger than `max_frame` bytes.
     pub fn new(inner: R, max_frame: usize) -> Self {
+        let idle_capacity = 4096.min(max_frame + 10);
         FrameReader {
             inner,
-            buf: BytesMut::with_capacity(4096.min(max_frame + 10)),
+            buf: BytesMut::with_capacity(idle_capacity),
             max_frame,
+            idle_capacity,
         }
+    }
+
+    /// Holds at most `bytes` of buffer while idle between frames (a bigger
+    /// frame still gets the room it needs while it is read). For streams that
+    /// mostly wait, like a server's many control streams, where the default
+    /// 4 KiB per stream adds up.
+    pub fn with_idle_capacity(mut self, bytes: usize) -> Self {
+        self.idle_capacity = bytes.max(16);
+        if self.buf.is_empty() {
+            self.buf = BytesMut::with_capacity(self.idle_capacity);
+        }
+        self
     }
 
     /// The wrapped stream.
@@ -85,6 +101,10 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 }
                 self.buf.reserve(total - self.buf.len());
             } else {
+                if self.buf.is_empty() && self.buf.capacity() > self.idle_capacity {
+                    // A big frame grew the buffer: give it back before waiting.
+                    self.buf = BytesMut::with_capacity(self.idle_capacity);
+                }
                 self.buf.reserve(16);
             }
             if self.inner.read_buf(&mut self.buf).await? == 0 {
@@ -95,5 +115,36 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 };
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::v1 as pb;
+    use crate::wire::encode_frame;
+
+    #[tokio::test]
+    async fn idle_capacity_is_given_back_after_a_big_frame() {
+        let big = pb::ClientFrame {
+            request_id: 1,
+            kind: Some(pb::client_frame::Kind::Unfollow(pb::Unfollow {
+                channel: "c".repeat(3000),
+            })),
+        };
+        let small = pb::ClientFrame {
+            request_id: 2,
+            kind: None,
+        };
+        let mut wire = encode_frame(&big).to_vec();
+        wire.extend_from_slice(&encode_frame(&small));
+        let mut r = FrameReader::new(&wire[..], 16 * 1024).with_idle_capacity(64);
+        assert!(r.buf.capacity() <= 64);
+        let f: pb::ClientFrame = r.read_frame().await.unwrap().unwrap();
+        assert_eq!(f.request_id, 1);
+        let f: pb::ClientFrame = r.read_frame().await.unwrap().unwrap();
+        assert_eq!(f.request_id, 2);
+        assert!(r.read_frame::<pb::ClientFrame>().await.unwrap().is_none());
+        assert!(r.buf.capacity() <= 64, "kept {} bytes", r.buf.capacity());
     }
 }

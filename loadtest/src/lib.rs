@@ -1,0 +1,52 @@
+//! herald-loadtest as a library: the measurement run, callable in-process by
+//! tests and by the `herald-loadtest` binary.
+//!
+//! A run ([`run`]) opens N followers spread over K client endpoints at a
+//! bounded connect rate, has each follow a few channels picked with a
+//! Zipf-skewed popularity ([`plan`]), publishes P posts over the HTTP API at a
+//! rate or in a burst ([`publisher`]), and measures what arrives
+//! ([`follower`]). Every post carries its send time, so each delivery gives a
+//! publish-to-delivery latency. The run then checks what it measured
+//! ([`verify`]): every follower must get every post of its channels exactly
+//! once and in order within the timeout. The result is a [`Report`]
+//! ([`report`]) whose `verify.ok` says whether the run was clean.
+//!
+//! The server is either one this tool started ([`spawn`]; CPU and memory
+//! read from `/proc/<pid>`) or a running one (figures read from its
+//! `/metrics`), described by a [`Target`].
+
+pub mod campaign;
+pub mod follower;
+pub mod options;
+pub mod plan;
+pub mod probe;
+pub mod publisher;
+pub mod report;
+pub mod run;
+pub mod spawn;
+pub mod target;
+pub mod verify;
+
+pub use options::Options;
+pub use report::Report;
+pub use run::run;
+pub use target::Target;
+
+/// A run could not be set up or carried out (distinct from a run that
+/// completed but found violations, which is a [`Report`] with `verify.ok`
+/// false).
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("invalid options: {0}")]
+    Options(String),
+    #[error("cannot start the server: {0}")]
+    Spawn(String),
+    #[error("cannot reach the server: {0}")]
+    Target(String),
+    #[error("HTTP API call failed: {0}")]
+    Api(#[from] herald::cli::ApiCallError),
+    #[error("client setup failed: {0}")]
+    Client(#[from] herald::client::ClientError),
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}

@@ -1,0 +1,125 @@
+//! What a run does: how many followers, channels and posts, how fast, and
+//! for how long at most. Parsed from the command line by the binary; tests
+//! build it with [`Options::small`].
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+/// Run options. Every loop the run makes is bounded by these counts and by
+/// `timeout_secs`.
+#[derive(clap::Args, Debug, Clone, Serialize)]
+pub struct Options {
+    /// Follower connections to open.
+    #[arg(long, default_value_t = 1000)]
+    pub followers: usize,
+    /// Client endpoints (UDP sockets) the followers are spread over.
+    #[arg(long, default_value_t = 4)]
+    pub endpoints: usize,
+    /// New connections per second (0: as fast as `connect_concurrency` allows).
+    #[arg(long, default_value_t = 2000)]
+    pub connect_rate: u32,
+    /// Handshakes in flight at once.
+    #[arg(long, default_value_t = 128)]
+    pub connect_concurrency: usize,
+    /// Channels; follower counts per channel follow a Zipf law (a few huge
+    /// channels, a long tail).
+    #[arg(long, default_value_t = 10)]
+    pub channels: usize,
+    /// Channels each follower follows (at most `channels`).
+    #[arg(long, default_value_t = 2)]
+    pub follows: usize,
+    /// Zipf exponent of channel popularity.
+    #[arg(long, default_value_t = 1.0)]
+    pub zipf: f64,
+    /// Posts to publish (round-robin over the channels).
+    #[arg(long, default_value_t = 100)]
+    pub posts: usize,
+    /// Bytes of post text (at least 32, to carry the send timestamp).
+    #[arg(long, default_value_t = 256)]
+    pub size: usize,
+    /// Posts per second; 0 publishes everything at once (burst).
+    #[arg(long, default_value_t = 10.0)]
+    pub rate: f64,
+    /// Publish requests in flight at once.
+    #[arg(long, default_value_t = 64)]
+    pub publish_concurrency: usize,
+    /// Seconds the followers idle after connecting, while the server's idle
+    /// CPU is measured.
+    #[arg(long, default_value_t = 2.0)]
+    pub idle_secs: f64,
+    /// Longest the connect phase and the delivery phase may each take, in seconds.
+    #[arg(long = "timeout", default_value_t = 120)]
+    pub timeout_secs: u64,
+    /// Seed of the follower-to-channel assignment.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// No progress bars.
+    #[arg(long)]
+    pub quiet: bool,
+    /// Also run a promoted campaign: every channel opts in (a slot after
+    /// every 5 posts) and the run checks that the impressions the server
+    /// reports equal the promoted frames the followers received.
+    #[arg(long)]
+    pub campaign: bool,
+}
+
+impl Options {
+    /// A small run, for tests.
+    pub fn small(followers: usize, channels: usize, posts: usize) -> Options {
+        Options {
+            followers,
+            endpoints: 2,
+            connect_rate: 0,
+            connect_concurrency: 64,
+            channels,
+            follows: 2,
+            zipf: 1.0,
+            posts,
+            size: 64,
+            rate: 0.0,
+            publish_concurrency: 16,
+            idle_secs: 0.0,
+            timeout_secs: 30,
+            seed: 1,
+            quiet: true,
+            campaign: false,
+        }
+    }
+
+    /// The run's time limit per phase.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_secs(self.timeout_secs)
+    }
+
+    /// Checks the options make sense.
+    pub fn validate(&self) -> Result<(), crate::LoadError> {
+        let bad = |m: &str| Err(crate::LoadError::Options(m.to_string()));
+        if self.followers == 0 || self.channels == 0 || self.endpoints == 0 {
+            return bad("followers, channels and endpoints must be at least 1");
+        }
+        if self.follows == 0 {
+            return bad("follows must be at least 1");
+        }
+        if self.size < crate::publisher::MIN_SIZE || self.size > crate::publisher::MAX_SIZE {
+            return bad(&format!(
+                "size must be between {} and {} bytes",
+                crate::publisher::MIN_SIZE,
+                crate::publisher::MAX_SIZE
+            ));
+        }
+        if !(self.rate >= 0.0 && self.rate.is_finite()) {
+            return bad("rate must be 0 (burst) or a positive number");
+        }
+        if !(self.zipf >= 0.0 && self.zipf.is_finite()) {
+            return bad("zipf must be a non-negative number");
+        }
+        if !(self.idle_secs >= 0.0 && self.idle_secs.is_finite()) {
+            return bad("idle-secs must be a non-negative number");
+        }
+        if self.connect_concurrency == 0 || self.publish_concurrency == 0 {
+            return bad("concurrency limits must be at least 1");
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,126 @@
+//! Publishing the posts over the HTTP API, paced or in a burst.
+//!
+//! Each post's text starts with its send time in microseconds since the Unix
+//! epoch, then its number, padded to the requested size; followers read the
+//! time back to measure publish-to-delivery latency. Paced runs publish one
+//! post per `1 / rate` seconds; a burst (rate 0) publishes them all at once.
+//! Either way at most `publish_concurrency` requests are in flight.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use herald::cli::ApiClient;
+use tokio::sync::Semaphore;
+
+use crate::follower::Shared;
+use crate::plan::Plan;
+use crate::Options;
+
+/// Smallest post size: room for the timestamp and the post number.
+pub const MIN_SIZE: usize = 32;
+/// Largest post size the server accepts.
+pub const MAX_SIZE: usize = herald::model::MAX_POST_TEXT_BYTES;
+
+/// The text of post `index`, sent at `sent_us`, `size` bytes long.
+pub fn post_text(sent_us: u64, index: usize, size: usize) -> String {
+    let mut s = format!("{sent_us} {index} ");
+    if s.len() < size {
+        s.extend(std::iter::repeat_n('x', size - s.len()));
+    }
+    s
+}
+
+/// The send time carried by a post's text.
+pub fn parse_send_time(text: &str) -> Option<u64> {
+    text.split(' ').next()?.parse().ok()
+}
+
+/// How publishing went.
+#[derive(Debug, Default)]
+pub struct Published {
+    pub ok: u64,
+    pub failed: u64,
+    pub first_error: Option<String>,
+    /// Per channel, the highest seq the API acknowledged.
+    pub heads: Vec<u64>,
+    /// From the first request sent to the last answer received.
+    pub wall: Duration,
+}
+
+/// Publishes every planned post.
+pub async fn publish_all(
+    api: &ApiClient,
+    channels: &[String],
+    plan: &Plan,
+    opts: &Options,
+    shared: &Arc<Shared>,
+) -> Published {
+    let limit = Arc::new(Semaphore::new(opts.publish_concurrency));
+    let mut pacer = (opts.rate > 0.0).then(|| {
+        let mut t = tokio::time::interval(Duration::from_secs_f64(1.0 / opts.rate));
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        t
+    });
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(opts.posts);
+    for i in 0..opts.posts {
+        if let Some(p) = pacer.as_mut() {
+            p.tick().await;
+        }
+        let Ok(permit) = limit.clone().acquire_owned().await else {
+            break;
+        };
+        let ch = plan.channel_of_post(i);
+        let api = api.clone();
+        let name = channels[ch].clone();
+        let size = opts.size;
+        tasks.push(tokio::spawn(async move {
+            let _permit = permit;
+            let sent = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_micros() as u64);
+            (ch, api.publish(&name, &post_text(sent, i, size)).await)
+        }));
+    }
+    let mut out = Published {
+        heads: vec![0; channels.len()],
+        ..Published::default()
+    };
+    for t in tasks {
+        match t.await {
+            Ok((ch, Ok(p))) => {
+                out.ok += 1;
+                out.heads[ch] = out.heads[ch].max(p.seq);
+            }
+            Ok((ch, Err(e))) => {
+                out.failed += 1;
+                out.first_error.get_or_insert_with(|| e.to_string());
+                // Nobody will receive it: stop waiting for it.
+                let followers = shared
+                    .connected_per_channel
+                    .get(ch)
+                    .map_or(0, |c| c.load(std::sync::atomic::Ordering::Relaxed));
+                shared.advance(followers);
+            }
+            Err(e) => {
+                out.failed += 1;
+                out.first_error.get_or_insert_with(|| e.to_string());
+            }
+        }
+    }
+    out.wall = started.elapsed();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_has_size_and_time() {
+        let t = post_text(1_700_000_000_000_000, 42, 256);
+        assert_eq!(t.len(), 256);
+        assert_eq!(parse_send_time(&t), Some(1_700_000_000_000_000));
+        assert!(post_text(1, 2, 3).len() >= 3);
+    }
+}

@@ -1,0 +1,337 @@
+//! The measurement run, phase by phase: create channels, connect and follow
+//! (at the connect rate), idle (server idle CPU, memory per follower),
+//! publish and wait for every delivery (throughput, latency, server CPU),
+//! then stop the followers and verify what they received.
+//!
+//! Every phase is bounded: the loops by the configured counts, the waits by
+//! the timeout. Progress bars tick from the shared counters.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use herald::auth::TokenIssuer;
+use herald::cli::ApiClient;
+use herald::client::{shared_endpoint, ClientOptions};
+use indicatif::{ProgressBar, ProgressStyle};
+use tokio::sync::{watch, Semaphore};
+
+use crate::follower::{self, FollowerResult, FollowerSpec, Shared};
+use crate::plan::Plan;
+use crate::probe::Sample;
+use crate::publisher::publish_all;
+use crate::report::{
+    us_histogram, ConnectReport, DeliveryReport, Percentiles, PublishReport, Report, ServerInfo,
+    ServerStats,
+};
+use crate::verify::verify;
+use crate::{LoadError, Options, Target};
+
+/// Lifetime of the follower tokens the run mints.
+const TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
+/// How long followers get to stop and hand in their tallies.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+/// Progress bar refresh period.
+const TICK: Duration = Duration::from_millis(100);
+
+fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+fn bar(len: u64, msg: &'static str, quiet: bool) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(len);
+    if let Ok(style) =
+        ProgressStyle::with_template("{msg:>10} [{bar:40}] {pos}/{len} {per_sec} {elapsed}")
+    {
+        pb.set_style(style.progress_chars("=> "));
+    }
+    pb.set_message(msg);
+    pb
+}
+
+/// Runs one measurement against `target`. An `Err` means the run could not
+/// be carried out; a completed run with violations is `Ok` with
+/// `report.verify.ok == false`.
+pub async fn run(opts: &Options, target: &Target) -> Result<Report, LoadError> {
+    opts.validate()?;
+    let http = reqwest::Client::new();
+    let api = ApiClient::new(&target.api, target.admin_key.clone());
+
+    // Fresh channels per run, so seqs start at 1 even on a shared server.
+    let run_id = format!("lt{:x}", now_us());
+    let channels: Vec<String> = (0..opts.channels)
+        .map(|i| format!("{run_id}-{i}"))
+        .collect();
+    for ch in &channels {
+        api.create_channel(ch, "herald-loadtest").await?;
+    }
+    let campaign = if opts.campaign {
+        Some(crate::campaign::start(&http, target, &channels).await?)
+    } else {
+        None
+    };
+    let plan = Plan::new(
+        opts.followers,
+        opts.channels,
+        opts.follows,
+        opts.posts,
+        opts.zipf,
+        opts.seed,
+    );
+    let shared = Arc::new(Shared::new(
+        &channels,
+        &plan.posts_per_channel,
+        opts.followers as u64,
+    ));
+    let before = target.probe.read(&http).await;
+
+    // Connect and follow.
+    let mut base = ClientOptions::new(target.quic, target.trust.clone(), String::new());
+    base.client_name = "herald-loadtest".into();
+    let endpoints = (0..opts.endpoints)
+        .map(|_| shared_endpoint(&base))
+        .collect::<Result<Vec<_>, _>>()?;
+    let issuer = TokenIssuer::hs256(target.jwt_secret.as_bytes());
+    let handshakes = Arc::new(Semaphore::new(opts.connect_concurrency));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let pb = bar(opts.followers as u64, "connect", opts.quiet);
+    let mut pacer = (opts.connect_rate > 0).then(|| {
+        let mut t =
+            tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(opts.connect_rate)));
+        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        t
+    });
+    let connect_started = Instant::now();
+    let deadline = tokio::time::Instant::now() + opts.timeout();
+    let mut tasks = Vec::with_capacity(opts.followers);
+    for (i, follows) in plan.follows.iter().enumerate() {
+        if let Some(p) = pacer.as_mut() {
+            p.tick().await;
+        }
+        if i % 64 == 0 {
+            pb.set_position(shared.settled.load(Ordering::Relaxed));
+        }
+        let token = issuer
+            .mint(&format!("{run_id}-f{i}"), TOKEN_TTL)
+            .map_err(|e| LoadError::Target(format!("cannot mint a token: {e}")))?;
+        let spec = FollowerSpec {
+            endpoint: endpoints[i % endpoints.len()].clone(),
+            opts: ClientOptions {
+                token,
+                ..base.clone()
+            },
+            channels: follows.iter().map(|&c| channels[c].clone()).collect(),
+        };
+        tasks.push(tokio::spawn(follower::run(
+            spec,
+            shared.clone(),
+            handshakes.clone(),
+            stop_rx.clone(),
+        )));
+    }
+    let settled_all = loop {
+        let settled = shared.settled.load(Ordering::Acquire);
+        pb.set_position(settled);
+        if settled >= opts.followers as u64 {
+            break true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            break false;
+        }
+        tokio::select! {
+            _ = shared.all_settled.notified() => {}
+            _ = tokio::time::sleep(TICK) => {}
+        }
+    };
+    pb.finish();
+    let connect_wall = connect_started.elapsed();
+    let connect_failed = shared.connect_failed.load(Ordering::Relaxed);
+    let connected = shared.settled.load(Ordering::Relaxed) - connect_failed;
+
+    // Idle: memory per follower and idle CPU.
+    let idle_start = target.probe.read(&http).await;
+    tokio::time::sleep(Duration::from_secs_f64(opts.idle_secs)).await;
+    let idle_end = target.probe.read(&http).await;
+
+    // Publish and wait for every delivery.
+    let expected = shared.remaining.load(Ordering::Acquire).max(0) as u64;
+    let pb = bar(expected, "deliver", opts.quiet);
+    let run_start = idle_end;
+    let publish_started_us = now_us();
+    let (published, completed) = if settled_all {
+        let ticker = {
+            let shared = shared.clone();
+            let pb = pb.clone();
+            let mut stop = stop_rx.clone();
+            tokio::spawn(async move {
+                loop {
+                    pb.set_position(shared.delivered.load(Ordering::Relaxed));
+                    tokio::select! {
+                        _ = stop.wait_for(|s| *s) => return,
+                        _ = tokio::time::sleep(TICK) => {}
+                    }
+                }
+            })
+        };
+        let published = publish_all(&api, &channels, &plan, opts, &shared).await;
+        let deadline = tokio::time::Instant::now() + opts.timeout();
+        let completed = shared.is_complete()
+            || tokio::time::timeout_at(deadline, shared.complete.notified())
+                .await
+                .is_ok();
+        ticker.abort();
+        (published, completed)
+    } else {
+        (crate::publisher::Published::default(), false)
+    };
+    pb.set_position(shared.delivered.load(Ordering::Relaxed));
+    pb.finish();
+    let run_end = target.probe.read(&http).await;
+    let last_delivery_us = shared.last_delivery_at_us.load(Ordering::Relaxed);
+    // Followers are still reading: let the last promoted frames arrive, then
+    // compare what the server counted with what was received.
+    let campaign = match campaign {
+        Some(id) => Some(
+            crate::campaign::settle(&http, target, &id, &shared.promoted, opts.timeout()).await?,
+        ),
+        None => None,
+    };
+
+    // Stop the followers and collect their tallies.
+    let _ = stop_tx.send(true);
+    let grace = tokio::time::Instant::now() + STOP_GRACE;
+    let mut results: Vec<FollowerResult> = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        let abort = t.abort_handle();
+        match tokio::time::timeout_at(grace, t).await {
+            Ok(Ok(r)) => results.push(r),
+            Ok(Err(e)) => results.push(FollowerResult {
+                error: Some(format!("follower task failed: {e}")),
+                ..FollowerResult::default()
+            }),
+            Err(_) => {
+                abort.abort();
+                results.push(FollowerResult {
+                    error: Some("follower did not stop in time".into()),
+                    ..FollowerResult::default()
+                });
+            }
+        }
+    }
+    for e in &endpoints {
+        e.close(0u32.into(), b"done");
+    }
+    for e in &endpoints {
+        let _ = tokio::time::timeout(Duration::from_secs(2), e.wait_idle()).await;
+    }
+
+    let mut verdict = verify(&results, &published.heads, published.failed);
+    if let Some(c) = &campaign {
+        if c.impressions != c.received {
+            verdict.ok = false;
+            verdict.examples.insert(
+                0,
+                format!(
+                    "campaign {}: server counted {} impressions, followers received {} promoted frames",
+                    c.id, c.impressions, c.received
+                ),
+            );
+        }
+    }
+    if !settled_all {
+        verdict.ok = false;
+        let msg = format!(
+            "connect phase timed out: {} of {} followers settled",
+            connected + connect_failed,
+            opts.followers
+        );
+        verdict.examples.insert(0, msg);
+    }
+
+    // Aggregate.
+    let mut latency = us_histogram();
+    let mut connect_hist = us_histogram();
+    for r in &results {
+        for &l in &r.latencies_us {
+            latency.saturating_record(u64::from(l).max(1));
+        }
+        if r.connected {
+            connect_hist.saturating_record((r.connect_time.as_micros() as u64).max(1));
+        }
+    }
+    let mut last = us_histogram();
+    for slot in shared.last_arrival_us.iter().flatten() {
+        let v = slot.load(Ordering::Relaxed);
+        if v > 0 {
+            last.saturating_record(v);
+        }
+    }
+    let delivered = shared.delivered.load(Ordering::Relaxed);
+    let wall = Duration::from_micros(last_delivery_us.saturating_sub(publish_started_us));
+    let wall_secs = wall.as_secs_f64();
+    let rate = |n: u64, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
+    let run_cpu = match (run_start, run_end) {
+        (Some(a), Some(b)) => Some(b.cpu_seconds - a.cpu_seconds),
+        _ => None,
+    };
+    let idle_cpu = match (idle_start, idle_end) {
+        (Some(a), Some(b)) if opts.idle_secs > 0.0 => {
+            Some((b.cpu_seconds - a.cpu_seconds) / opts.idle_secs * 100.0)
+        }
+        _ => None,
+    };
+    let per_follower = match (before, idle_start) {
+        (Some(a), Some(b)) if connected > 0 => {
+            Some((b.rss_bytes as f64 - a.rss_bytes as f64) / connected as f64)
+        }
+        _ => None,
+    };
+    Ok(Report {
+        options: opts.clone(),
+        server: ServerInfo {
+            quic: target.quic.to_string(),
+            api: target.api.clone(),
+            probe: target.probe.source().to_string(),
+        },
+        connect: ConnectReport {
+            followers: opts.followers as u64,
+            connected,
+            failed: connect_failed,
+            wall_secs: connect_wall.as_secs_f64(),
+            per_sec: rate(connected, connect_wall.as_secs_f64()),
+            time_ms: Percentiles::from_us(&connect_hist),
+        },
+        publish: PublishReport {
+            posts: opts.posts as u64,
+            ok: published.ok,
+            failed: published.failed,
+            wall_secs: published.wall.as_secs_f64(),
+        },
+        delivery: DeliveryReport {
+            expected,
+            delivered,
+            completed,
+            wall_secs,
+            per_sec: rate(delivered, wall_secs),
+            latency_ms: Percentiles::from_us(&latency),
+            last_follower_ms: Percentiles::from_us(&last),
+        },
+        server_stats: ServerStats {
+            source: target.probe.source().to_string(),
+            idle_cpu_percent: idle_cpu,
+            run_cpu_seconds: run_cpu,
+            deliveries_per_cpu_second: run_cpu.filter(|c| *c > 0.0).map(|c| delivered as f64 / c),
+            rss_before_bytes: before.map(|s: Sample| s.rss_bytes),
+            rss_connected_bytes: idle_start.map(|s| s.rss_bytes),
+            peak_rss_bytes: run_end.map(|s| s.peak_rss_bytes),
+            bytes_per_idle_follower: per_follower,
+        },
+        campaign,
+        verify: verdict,
+    })
+}
