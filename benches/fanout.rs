@@ -46,6 +46,7 @@ fn fixture(hub: Hub, sessions: usize) -> Fixture {
             after_seq: Some(0),
             epoch: None,
             tail: 0,
+            resume: false,
         });
         if hub.follow(&ch, id as u64, ob, follow).is_err() {
             panic!("follow refused");

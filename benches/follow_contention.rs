@@ -23,6 +23,7 @@ fn follow_item(ch: &ChannelId) -> Item {
         after_seq: Some(0),
         epoch: None,
         tail: 0,
+        resume: false,
     })
 }
 

@@ -126,7 +126,8 @@ impl Limits {
 }
 
 /// How long posts are kept. A post is trimmed when it is older than
-/// `max_age_days` or when the channel holds more than `max_posts` (0: no limit).
+/// `max_age_days` (0: no age limit) or when the channel holds more than
+/// `max_posts` (0: no count limit).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Retention {

@@ -193,6 +193,10 @@ pub struct FollowRequest {
     pub epoch: Option<u64>,
     /// Without `after_seq`: how many of the latest posts to send first.
     pub tail: u32,
+    /// The follower asked to resume from a position (it sent `after_seq`),
+    /// as opposed to following live; kept when the server fills in the
+    /// starting position of a live follow.
+    pub resume: bool,
 }
 
 /// Most posts a follower may ask for as a tail.
@@ -207,6 +211,7 @@ impl TryFrom<pb::Follow> for FollowRequest {
         }
         Ok(FollowRequest {
             channel: ChannelId::parse(&f.channel)?,
+            resume: f.after_seq.is_some(),
             after_seq: f.after_seq,
             epoch: f.epoch,
             tail: f.tail,
@@ -348,7 +353,8 @@ mod tests {
                 channel: ChannelId::parse("a").unwrap(),
                 after_seq: Some(5),
                 epoch: Some(1),
-                tail: 0
+                tail: 0,
+                resume: true,
             })
         );
     }

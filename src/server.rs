@@ -413,8 +413,14 @@ async fn retention_loop(
             _ = stop.wait_for(|s| *s) => return,
         }
         let policy = TrimPolicy {
-            older_than_ms: crate::model::now_ms()
-                - (retention.max_age_days as i64).saturating_mul(24 * 3600 * 1000),
+            // 0 days means no age limit, like 0 posts means no count limit.
+            older_than_ms: if retention.max_age_days == 0 {
+                i64::MIN
+            } else {
+                crate::model::now_ms().saturating_sub(
+                    (retention.max_age_days as i64).saturating_mul(24 * 3600 * 1000),
+                )
+            },
             keep_max: retention.max_posts,
         };
         for c in log.channels() {

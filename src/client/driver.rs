@@ -426,7 +426,19 @@ impl Driver {
                 let code = ErrorCode::from_u32(e.code);
                 match waiting {
                     Some(Pending::Follow { channel, reply }) => {
-                        self.channels.remove(&channel);
+                        // A re-follow after reconnect that failed for a
+                        // passing reason keeps its position, and is tried
+                        // again on the next connection; only a channel that
+                        // is gone or forbidden is dropped.
+                        let permanent = matches!(
+                            code,
+                            Some(ErrorCode::UnknownChannel)
+                                | Some(ErrorCode::Forbidden)
+                                | Some(ErrorCode::InvalidArgument)
+                        );
+                        if reply.is_some() || permanent {
+                            self.channels.remove(&channel);
+                        }
                         let err = ClientError::Request {
                             code,
                             message: e.message.clone(),

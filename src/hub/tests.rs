@@ -16,6 +16,7 @@ fn follow_item(c: &str) -> Item {
         after_seq: None,
         epoch: None,
         tail: 0,
+        resume: false,
     })
 }
 

@@ -14,6 +14,14 @@ pub const MAX_PROMO_TITLE_CHARS: usize = 64;
 pub const MAX_CTA_URL_BYTES: usize = 2048;
 /// Most channels in a target or exclude list.
 pub const MAX_TARGET_CHANNELS: usize = 1000;
+/// Longest flight: 366 days, in milliseconds.
+pub const MAX_FLIGHT_MS: i64 = 366 * 24 * 3600 * 1000;
+/// Latest accepted time: the year 10000, in Unix milliseconds.
+pub const MAX_TIME_MS: i64 = 253_402_300_800_000;
+/// Largest budget, in impressions.
+pub const MAX_BUDGET: u64 = 1 << 50;
+/// Largest bid, in micros per thousand impressions.
+pub const MAX_BID_MICROS: u64 = 1 << 40;
 /// The label every promoted post carries.
 pub const PROMOTED_LABEL: &str = "Sponsored";
 
@@ -155,10 +163,27 @@ impl Campaign {
         if self.end_ms <= self.start_ms {
             return Err(invalid("the flight must end after it starts"));
         }
+        if self.start_ms < 0
+            || self.end_ms > MAX_TIME_MS
+            || self.end_ms - self.start_ms > MAX_FLIGHT_MS
+        {
+            return Err(invalid(
+                "start_ms and end_ms are Unix milliseconds before year 10000, at most 366 days apart",
+            ));
+        }
+        if self.budget_impressions > MAX_BUDGET || self.cpm_bid_micros > MAX_BID_MICROS {
+            return Err(invalid(format!(
+                "budget_impressions is at most {MAX_BUDGET} and cpm_bid_micros at most {MAX_BID_MICROS}"
+            )));
+        }
         if let Some(c) = self.frequency_cap {
-            if c.impressions == 0 || c.impressions > 1000 || c.period_secs == 0 {
+            if c.impressions == 0
+                || c.impressions > 1000
+                || c.period_secs == 0
+                || c.period_secs > MAX_FLIGHT_MS as u64 / 1000
+            {
                 return Err(invalid(
-                    "frequency_cap needs 1 to 1000 impressions and a period > 0",
+                    "frequency_cap needs 1 to 1000 impressions and a period of 1 s to 366 days",
                 ));
             }
         }
@@ -184,9 +209,13 @@ impl Campaign {
     /// over the flight, plus a tenth of it as slack so slots can be filled
     /// from the start.
     pub fn paced_allowance(&self, now_ms: i64) -> u64 {
-        let flight = (self.end_ms - self.start_ms).max(1) as u128;
-        let elapsed = (now_ms - self.start_ms).clamp(0, self.end_ms - self.start_ms) as u128;
-        let even = (self.budget_impressions as u128 * elapsed / flight) as u64;
+        // Wide arithmetic: stored campaigns are validated, but this must not
+        // overflow whatever the values (budget < 2^64, elapsed <= flight < 2^65).
+        let flight = (i128::from(self.end_ms) - i128::from(self.start_ms)).max(1) as u128;
+        let elapsed =
+            (i128::from(now_ms) - i128::from(self.start_ms)).clamp(0, flight as i128) as u128;
+        let even = u128::from(self.budget_impressions).saturating_mul(elapsed) / flight;
+        let even = u64::try_from(even).unwrap_or(u64::MAX);
         let slack = (self.budget_impressions / 10).max(1);
         even.saturating_add(slack).min(self.budget_impressions)
     }
@@ -237,6 +266,21 @@ mod tests {
         let mut c = campaign();
         c.targeting.channels = vec!["bad id".into()];
         assert!(c.validate().is_err());
+        // Times that would overflow the pacing arithmetic are refused.
+        let mut c = campaign();
+        c.start_ms = -1;
+        c.end_ms = i64::MAX;
+        assert!(c.validate().is_err());
+        let mut c = campaign();
+        c.end_ms = c.start_ms + MAX_FLIGHT_MS + 1;
+        assert!(c.validate().is_err());
+        // And pacing itself cannot panic on extreme values.
+        let mut c = campaign();
+        c.start_ms = i64::MIN;
+        c.end_ms = i64::MAX;
+        c.budget_impressions = u64::MAX;
+        let _ = c.paced_allowance(0);
+        let _ = c.paced_allowance(i64::MAX);
     }
 
     #[test]

@@ -14,8 +14,9 @@
 //! impression. Counts live in memory and are flushed to `promo.redb` in
 //! batches ([`Promo::flush`], every [`FLUSH_INTERVAL`] and at shutdown).
 //!
-//! Memory: frequency-cap entries exist per (campaign, follower) that was shown
-//! the campaign, so they are bounded by the sum of campaign budgets.
+//! Memory: a frequency-cap entry exists per (campaign, follower) that holds a
+//! claim or was shown the campaign, so entries are bounded by the sum of
+//! campaign budgets (impressions plus reservations never exceed a budget).
 
 pub mod campaign;
 mod ledger;
@@ -370,8 +371,8 @@ impl Promo {
             {
                 continue;
             }
-            let used =
-                live.impressions.load(Ordering::Relaxed) + live.reserved.load(Ordering::Relaxed);
+            let reserved = live.reserved.load(Ordering::SeqCst);
+            let used = live.impressions.load(Ordering::SeqCst) + reserved;
             let limit = spec.paced_allowance(now).min(spec.budget_impressions);
             if used >= limit {
                 continue;
@@ -392,7 +393,7 @@ impl Promo {
         if n == 0 {
             return None;
         }
-        live.reserved.fetch_add(n, Ordering::Relaxed);
+        live.reserved.fetch_add(n, Ordering::SeqCst);
         let frame = encode_frame(&pb::FeedFrame {
             kind: Some(pb::feed_frame::Kind::Promoted(pb::Promoted {
                 channel: channel.to_string(),
@@ -430,23 +431,27 @@ impl Promo {
         let now = now_ms();
         let mut entry = self
             .caps
-            .entry((slot.campaign.id.clone(), follower.to_string()))
-            .or_default();
-        if let Some(cap) = cap {
+            .entry((slot.campaign.id.clone(), follower.to_string()));
+        if let (Some(cap), dashmap::Entry::Occupied(e)) = (cap, &mut entry) {
+            let e = e.get_mut();
             let since = now - (cap.period_secs as i64).saturating_mul(1000);
-            while entry.times.front().is_some_and(|t| *t <= since) {
-                entry.times.pop_front();
+            while e.times.front().is_some_and(|t| *t <= since) {
+                e.times.pop_front();
             }
-            if entry.times.len() >= cap.impressions as usize {
+            if e.times.len() >= cap.impressions as usize {
                 return None;
             }
         }
         slot.remaining
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| r.checked_sub(1))
             .ok()?;
+        // Entries exist only for followers holding a claim or shown the
+        // campaign, so there are at most `impressions + reserved <= budget`.
+        let mut e = entry.or_default();
         if cap.is_some() {
-            entry.times.push_back(now);
+            e.times.push_back(now);
         }
+        drop(e);
         Some(Claim {
             promo: self.clone(),
             slot: slot.clone(),
@@ -465,8 +470,10 @@ impl Promo {
         for mut c in claims.drain(..) {
             c.confirmed = true;
             let live = &c.slot.campaign;
-            live.reserved.fetch_sub(1, Ordering::Relaxed);
-            live.impressions.fetch_add(1, Ordering::Relaxed);
+            // Impressions first, then the reservation: `place` reads them in
+            // the opposite order, so it never sees their sum too low.
+            live.impressions.fetch_add(1, Ordering::SeqCst);
+            live.reserved.fetch_sub(1, Ordering::SeqCst);
             let key = (live.id.clone(), c.follower.clone());
             if let Some(mut e) = self.caps.get_mut(&key) {
                 e.ever += 1;
@@ -485,15 +492,15 @@ impl Promo {
 
     /// Undoes an unconfirmed claim (from `Claim::drop`).
     fn release(&self, c: &Claim) {
-        c.slot.campaign.reserved.fetch_sub(1, Ordering::Relaxed);
-        if let Some(mut e) = self
-            .caps
-            .get_mut(&(c.slot.campaign.id.clone(), c.follower.clone()))
-        {
+        c.slot.campaign.reserved.fetch_sub(1, Ordering::SeqCst);
+        let key = (c.slot.campaign.id.clone(), c.follower.clone());
+        if let Some(mut e) = self.caps.get_mut(&key) {
             if let Some(i) = e.times.iter().rposition(|t| *t == c.at_ms) {
                 e.times.remove(i);
             }
         }
+        self.caps
+            .remove_if(&key, |_, e| e.ever == 0 && e.times.is_empty());
     }
 
     /// Records a click; `Ok(false)` for a repeat or for a follower who was

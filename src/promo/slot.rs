@@ -46,7 +46,7 @@ impl Drop for Slot {
     fn drop(&mut self) {
         let left = *self.remaining.get_mut();
         if left > 0 {
-            self.campaign.reserved.fetch_sub(left, Ordering::Relaxed);
+            self.campaign.reserved.fetch_sub(left, Ordering::SeqCst);
         }
     }
 }

@@ -187,8 +187,11 @@ impl FeedWriter {
             if self.chunks.capacity() > IDLE_CAPACITY {
                 self.chunks = Vec::new();
             }
-            for ch in lagged.drain(..) {
+            // One overflow episode is one lag, however many channels it hit.
+            if !lagged.is_empty() {
                 self.note_lag()?;
+            }
+            for ch in lagged.drain(..) {
                 let Some(head) = self.log.channel(&ch).map(|c| c.head_seq) else {
                     continue;
                 };
@@ -269,7 +272,7 @@ impl FeedWriter {
         self.fill(&req.channel, info.head_seq).await?;
         // At the end of a catch-up that delivered something, at most one
         // promoted post for this follower.
-        if req.after_seq.is_some() && self.stats.catchup_frames > before {
+        if req.resume && self.stats.catchup_frames > before {
             let at = self.cursors.get(&req.channel).copied().unwrap_or(start);
             let followers = self.hub.follower_count(&req.channel);
             if let Some(ev) = self.promo.after_catchup(&req.channel, at, followers) {

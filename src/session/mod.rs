@@ -226,7 +226,10 @@ impl Session {
 
         // Feed stream and writer.
         let feed = self.conn.open_uni().await?;
-        let outbox = Arc::new(Outbox::new(limits.session_queue_bytes));
+        let outbox = Arc::new(Outbox::with_control_bound(
+            limits.session_queue_bytes,
+            limits.max_follows_per_connection + MAX_PENDING_CONTROL,
+        ));
         let writer = FeedWriter::new(
             feed,
             outbox.clone(),

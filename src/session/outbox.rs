@@ -20,7 +20,9 @@ use tokio::sync::Notify;
 use crate::hub::FeedEvent;
 use crate::model::{ChannelId, FollowRequest};
 
-/// Most control items that may wait in one outbox.
+/// Most control items that may wait in an outbox made with [`Outbox::new`].
+/// Sessions allow `limits.max_follows_per_connection` more, so that a client
+/// re-following all its channels at once after a reconnect is never refused.
 pub const MAX_PENDING_CONTROL: usize = 64;
 
 /// One queued item.
@@ -51,6 +53,7 @@ pub struct Outbox {
     state: Mutex<State>,
     notify: Notify,
     bound: usize,
+    control_bound: usize,
 }
 
 /// Why a control item was not queued.
@@ -63,10 +66,17 @@ pub enum ControlRefused {
 impl Outbox {
     /// An empty queue holding at most `bound` bytes of live events.
     pub fn new(bound: usize) -> Outbox {
+        Outbox::with_control_bound(bound, MAX_PENDING_CONTROL)
+    }
+
+    /// An empty queue holding at most `bound` bytes of live events and
+    /// `control_bound` control items.
+    pub fn with_control_bound(bound: usize, control_bound: usize) -> Outbox {
         Outbox {
             state: Mutex::new(State::default()),
             notify: Notify::new(),
             bound,
+            control_bound: control_bound.max(1),
         }
     }
 
@@ -113,7 +123,7 @@ impl Outbox {
         if s.closed {
             return Err(ControlRefused::Closed);
         }
-        if s.control >= MAX_PENDING_CONTROL {
+        if s.control >= self.control_bound {
             return Err(ControlRefused::Full);
         }
         let was_empty = s.items.is_empty();

@@ -304,7 +304,19 @@ impl Committer {
                         self.channels.insert(id, info);
                     }
                     if !applied.events.is_empty() {
-                        (self.sink)(&applied.events);
+                        // A bug in fan-out must not take the log down with it:
+                        // the batch is durable, its writers are answered, and
+                        // followers catch the missed events up from the log.
+                        let sink = &self.sink;
+                        let events = &applied.events;
+                        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sink(events)))
+                            .is_err()
+                        {
+                            tracing::error!(
+                                events = events.len(),
+                                "fan-out panicked; followers will catch up from the log"
+                            );
+                        }
                     }
                     for (op, result) in batch.drain(..).zip(applied.results) {
                         let _ = op.reply.send(result);
