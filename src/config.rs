@@ -100,7 +100,7 @@ impl Default for Limits {
             idle_timeout_secs: 60,
             max_lag_events: 20,
             lag_window_secs: 60,
-            catchup_batch: 256,
+            catchup_batch: 64,
             publish_per_sec: 50.0,
             publish_burst: 100,
             follows_per_sec: 100.0,

@@ -319,11 +319,26 @@ impl FeedWriter {
                     })),
                 }));
             }
+            // Encode all, then let go of the decoded posts before writing, and
+            // write whenever the encoded frames reach the session's queue
+            // bound: a catch-up holds about as much as the live queue may.
             let mut last = None;
+            let mut frames = Vec::with_capacity(posts.len());
             for p in posts.iter().take_while(|p| p.seq <= upto) {
-                self.chunks.push(encode_frame(&p.to_frame()));
-                self.stats.catchup_frames += 1;
+                frames.push((p.seq, encode_frame(&p.to_frame())));
                 last = Some(p.seq);
+            }
+            drop(posts);
+            let mut pending = 0usize;
+            for (seq, frame) in frames {
+                pending += frame.len();
+                self.chunks.push(frame);
+                self.stats.catchup_frames += 1;
+                if pending >= self.outbox.bound() {
+                    self.cursors.insert(ch.clone(), seq);
+                    self.flush().await?;
+                    pending = 0;
+                }
             }
             // No post at or below `upto` is left: everything up to it was trimmed.
             self.cursors.insert(ch.clone(), last.unwrap_or(upto));

@@ -225,7 +225,16 @@ impl Session {
         let _active = ActiveSession::new();
 
         // Feed stream and writer.
-        let feed = self.conn.open_uni().await?;
+        let feed = match timeout(limits.hello_timeout(), self.conn.open_uni()).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(close(
+                    &self.conn,
+                    ErrorCode::Internal,
+                    "could not open the feed stream in time",
+                ))
+            }
+        };
         let outbox = Arc::new(Outbox::with_control_bound(
             limits.session_queue_bytes,
             limits.max_follows_per_connection + MAX_PENDING_CONTROL,
@@ -278,8 +287,14 @@ impl Session {
                             self.conn.close(quinn::VarInt::from_u32(0), b"bye");
                             return Ok(FeedStats::default());
                         }
-                        Err(FrameError::Io(_)) => {
-                            return Err(self.conn.closed().await.into());
+                        Err(FrameError::Io(e)) => {
+                            // The control stream is gone (reset, or the
+                            // connection is lost). Without it the session
+                            // cannot be managed (no Refresh, no expiry
+                            // check), so it ends here, whatever the
+                            // connection does.
+                            self.conn.close(quinn::VarInt::from_u32(0), b"control stream closed");
+                            return Err(SessionError::Write(e));
                         }
                         Err(e) => return Err(close(&self.conn, frame_error_code(&e), &e.to_string())),
                     };
@@ -304,7 +319,14 @@ impl Session {
                             return Err(close(&self.conn, ErrorCode::RateLimited, "too many requests over the limit"))
                         }
                     };
-                    ctl_send.write_all(&encode_frame(&reply)).await.map_err(std::io::Error::from)?;
+                    // A follower that does not read its replies holds this
+                    // write; it may do so until its token expires, no longer.
+                    match tokio::time::timeout_at(expiry, ctl_send.write_all(&encode_frame(&reply))).await {
+                        Ok(r) => r.map_err(std::io::Error::from)?,
+                        Err(_) => {
+                            return Err(close(&self.conn, ErrorCode::TokenExpired, "token expired; send Refresh before it does"))
+                        }
+                    }
                 }
                 res = &mut writer.0 => {
                     return match res {
@@ -314,7 +336,12 @@ impl Session {
                             ErrorCode::LaggingTooOften,
                             &format!("lagged {count} times within {}s", window.as_secs()),
                         )),
-                        Ok(Err(FeedError::Write(_))) => Err(self.conn.closed().await.into()),
+                        Ok(Err(FeedError::Write(e))) => {
+                            // The feed stream was stopped (or the connection
+                            // lost): a session without its feed ends.
+                            self.conn.close(quinn::VarInt::from_u32(0), b"feed stream closed");
+                            Err(SessionError::Write(std::io::Error::other(e)))
+                        }
                         Ok(Err(e)) => Err(close(&self.conn, ErrorCode::Internal, &e.to_string())),
                         Err(e) => Err(close(&self.conn, ErrorCode::Internal, &format!("feed writer failed: {e}"))),
                     };
