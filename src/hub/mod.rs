@@ -83,7 +83,8 @@ impl FeedEvent {
     }
 }
 
-fn edited_frame(p: &Post) -> pb::FeedFrame {
+/// The PostEdited frame carrying `p`'s current text.
+pub fn edited_frame(p: &Post) -> pb::FeedFrame {
     pb::FeedFrame {
         kind: Some(pb::feed_frame::Kind::Edited(pb::PostEdited {
             channel: p.channel.to_string(),
@@ -95,7 +96,8 @@ fn edited_frame(p: &Post) -> pb::FeedFrame {
     }
 }
 
-fn deleted_frame(p: &Post) -> pb::FeedFrame {
+/// The PostDeleted frame for `p`.
+pub fn deleted_frame(p: &Post) -> pb::FeedFrame {
     pb::FeedFrame {
         kind: Some(pb::feed_frame::Kind::Deleted(pb::PostDeleted {
             channel: p.channel.to_string(),

@@ -190,6 +190,9 @@ impl FeedWriter {
             // One overflow episode is one lag, however many channels it hit.
             if !lagged.is_empty() {
                 self.note_lag()?;
+                for (ch, from) in self.outbox.take_changes_lost() {
+                    self.resend_changes(&ch, from).await?;
+                }
             }
             for ch in lagged.drain(..) {
                 let Some(head) = self.log.channel(&ch).map(|c| c.head_seq) else {
@@ -288,6 +291,37 @@ impl FeedWriter {
             }
         }
         Ok(())
+    }
+
+    /// Re-sends, from the log, PostEdited / PostDeleted frames for every
+    /// edited or deleted post of `ch` from seq `from` up to the cursor: the
+    /// live events for them were dropped when the queue overflowed. Posts
+    /// above the cursor are not needed: they come in their current state.
+    async fn resend_changes(&mut self, ch: &ChannelId, from: u64) -> Result<(), FeedError> {
+        let mut after = from.saturating_sub(1);
+        loop {
+            let Some(&cur) = self.cursors.get(ch) else {
+                return Ok(());
+            };
+            if after >= cur {
+                return self.flush().await;
+            }
+            let want = ((cur - after) as usize).min(self.catchup_batch);
+            let posts = self.log.read(ch.clone(), after, want).await?;
+            let Some(last) = posts.last().map(|p| p.seq) else {
+                return self.flush().await;
+            };
+            for p in posts.iter().take_while(|p| p.seq <= cur) {
+                if p.deleted {
+                    self.chunks
+                        .push(encode_frame(&crate::hub::deleted_frame(p)));
+                } else if p.edited_at_ms > 0 {
+                    self.chunks.push(encode_frame(&crate::hub::edited_frame(p)));
+                }
+            }
+            self.flush().await?;
+            after = last;
+        }
     }
 
     /// Writes posts from the log until the channel's cursor reaches `upto`.

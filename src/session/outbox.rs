@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::Notify;
 
-use crate::hub::FeedEvent;
+use crate::hub::{EventKind, FeedEvent};
 use crate::model::{ChannelId, FollowRequest};
 
 /// Most control items that may wait in an outbox made with [`Outbox::new`].
@@ -43,6 +43,8 @@ struct State {
     bytes: usize,
     control: usize,
     lagged: Vec<ChannelId>,
+    /// Per lagged channel, the lowest seq whose edit or delete did not fit.
+    changes_lost: Vec<(ChannelId, u64)>,
     closed: bool,
     /// Most bytes ever queued at once.
     peak: usize,
@@ -98,6 +100,14 @@ impl Outbox {
             let first_lag = !s.lagged.contains(&ev.channel);
             if first_lag {
                 s.lagged.push(ev.channel.clone());
+            }
+            if matches!(ev.kind, EventKind::Edit | EventKind::Delete) {
+                // The writer re-sends the current state of edited and
+                // deleted posts from this seq on (see `take_changes_lost`).
+                match s.changes_lost.iter_mut().find(|(c, _)| *c == ev.channel) {
+                    Some((_, seq)) => *seq = (*seq).min(ev.seq),
+                    None => s.changes_lost.push((ev.channel.clone(), ev.seq)),
+                }
             }
             let wake = s.items.is_empty() && first_lag;
             drop(s);
@@ -172,6 +182,13 @@ impl Outbox {
             }
             self.notify.notified().await;
         }
+    }
+
+    /// Channels whose edits or deletes were dropped on overflow, each with
+    /// the lowest seq affected. Always reported together with (or before)
+    /// the channel being marked lagged.
+    pub fn take_changes_lost(&self) -> Vec<(ChannelId, u64)> {
+        std::mem::take(&mut self.lock().changes_lost)
     }
 
     /// Refuses further items and wakes the writer so it can finish.
