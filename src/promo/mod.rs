@@ -223,6 +223,17 @@ impl Promo {
     /// Stores a new campaign (durably) after validating it.
     pub fn create(&self, c: Campaign) -> Result<Campaign, PromoError> {
         c.validate()?;
+        // Durable first, then live: a failed write changes nothing.
+        let _one_writer = lock(&self.flushing);
+        self.ledger.write(&Batch {
+            campaigns: vec![CampaignRecord {
+                campaign: c.clone(),
+                impressions: 0,
+                clicks: 0,
+                reach: 0,
+            }],
+            ..Batch::default()
+        })?;
         let live = Arc::new(CampaignLive {
             id: c.id.clone(),
             spec: RwLock::new(c.clone()),
@@ -235,12 +246,11 @@ impl Promo {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(c.id.clone(), live);
-        lock(&self.dirty).campaigns.insert(c.id.clone());
-        self.flush()?;
         Ok(c)
     }
 
-    /// Changes a campaign with `change`, validates, stores durably.
+    /// Changes a campaign with `change`, validates, stores durably, and only
+    /// then lets placement see the change.
     pub fn update(
         &self,
         id: &str,
@@ -249,19 +259,26 @@ impl Promo {
         let live = self
             .campaign(id)
             .ok_or_else(|| PromoError::UnknownCampaign(id.to_string()))?;
-        let updated = {
+        // Holding the flush lock: no flush can write the old spec after ours.
+        let _one_writer = lock(&self.flushing);
+        let mut next = live.spec();
+        change(&mut next);
+        next.id = live.id.clone();
+        next.validate()?;
+        self.ledger.write(&Batch {
+            campaigns: vec![CampaignRecord {
+                campaign: next.clone(),
+                impressions: live.impressions.load(Ordering::SeqCst),
+                clicks: live.clicks.load(Ordering::SeqCst),
+                reach: live.reach.load(Ordering::SeqCst),
+            }],
+            ..Batch::default()
+        })?;
+        {
             let _auction = lock(&self.auction);
-            let mut spec = live.spec.write().unwrap_or_else(|p| p.into_inner());
-            let mut next = spec.clone();
-            change(&mut next);
-            next.id = spec.id.clone();
-            next.validate()?;
-            *spec = next.clone();
-            next
-        };
-        lock(&self.dirty).campaigns.insert(id.to_string());
-        self.flush()?;
-        Ok(updated)
+            *live.spec.write().unwrap_or_else(|p| p.into_inner()) = next.clone();
+        }
+        Ok(next)
     }
 
     /// A campaign, its derived state and its numbers.
