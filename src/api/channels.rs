@@ -139,6 +139,7 @@ pub async fn create(
     if state.log.channel(&id).is_some() {
         return Err(crate::store::StoreError::ChannelExists(id).into());
     }
+    let brand_claimed = brand.is_some();
     if let Some(brand) = brand {
         let meta = ChannelMeta {
             brand,
@@ -164,8 +165,11 @@ pub async fn create(
     let info = match state.log.create_channel(id.clone(), body.title).await {
         Ok(info) => info,
         Err(e) => {
-            let ch = id.to_string();
-            if !matches!(e, crate::store::StoreError::ChannelExists(_)) {
+            // The claim above succeeded, so the brand did not own this id
+            // before: whatever the log said (even that the id exists, made
+            // without a brand at the same moment), the claim is undone.
+            if brand_claimed {
+                let ch = id.to_string();
                 let _ = state.tenancy.run(move |t| t.release_channel(&ch)).await;
             }
             return Err(e.into());
