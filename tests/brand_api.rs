@@ -304,6 +304,7 @@ async fn openapi_document_is_openapi_3_and_lists_every_route() {
     let doc: utoipa::openapi::OpenApi = serde_json::from_value(r.body.clone()).unwrap();
     let routes: &[(&str, &[&str])] = &[
         ("/healthz", &["get"]),
+        ("/metrics", &["get"]),
         ("/v1/openapi.json", &["get"]),
         ("/v1/brands", &["get", "post"]),
         ("/v1/brands/{brand}", &["get"]),

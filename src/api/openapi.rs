@@ -12,7 +12,7 @@ use utoipa::{Modify, OpenApi};
         title = "Herald brand API",
         description = "Brands post to broadcast channels; see docs/api.md. Every error body is `{\"error\": {\"code\", \"message\"}}` with a stable code.",
     ),
-    paths(healthz, openapi_json),
+    paths(healthz, openapi_json, metrics),
     modifiers(&ApiKeyAuth),
     tags(
         (name = "brands", description = "Brands (admin)"),
@@ -56,12 +56,18 @@ pub async fn healthz() -> &'static str {
     responses((status = 200, description = "the OpenAPI 3 document", content_type = "application/json")))]
 pub async fn openapi_json() {}
 
+/// Prometheus text exposition of the server's metrics (see `herald::metrics`).
+#[utoipa::path(get, path = "/metrics", tag = "meta",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
+pub async fn metrics() {}
+
 #[cfg(test)]
 mod tests {
     /// Every route, as (path, methods). Adding a route without annotating it
     /// (or the reverse) fails here.
     pub const ROUTES: &[(&str, &[&str])] = &[
         ("/healthz", &["get"]),
+        ("/metrics", &["get"]),
         ("/v1/openapi.json", &["get"]),
         ("/v1/brands", &["get", "post"]),
         ("/v1/brands/{brand}", &["get"]),
