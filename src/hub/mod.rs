@@ -110,7 +110,11 @@ pub fn deleted_frame(p: &Post) -> pb::FeedFrame {
 /// One channel's followers, split into buckets.
 struct ChannelSubs {
     buckets: Box<[Mutex<SubscriberSet>]>,
+    /// Followers; changed only while holding the follower's bucket lock.
     count: AtomicUsize,
+    /// Set (holding every bucket lock, with no follower) just before the
+    /// entry leaves the map; a `follow` that finds it set retries.
+    retired: std::sync::atomic::AtomicBool,
 }
 
 impl ChannelSubs {
@@ -120,7 +124,26 @@ impl ChannelSubs {
                 .map(|_| Mutex::new(SubscriberSet::default()))
                 .collect(),
             count: AtomicUsize::new(0),
+            retired: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// Marks an empty channel retired. Never waits: if a bucket is busy (a
+    /// fan-out or a follow), the entry simply stays for now.
+    fn try_retire(&self) -> bool {
+        let mut guards = Vec::with_capacity(self.buckets.len());
+        for b in self.buckets.iter() {
+            match b.try_lock() {
+                Ok(g) => guards.push(g),
+                Err(std::sync::TryLockError::Poisoned(p)) => guards.push(p.into_inner()),
+                Err(std::sync::TryLockError::WouldBlock) => return false,
+            }
+        }
+        if self.count.load(Ordering::Acquire) != 0 {
+            return false;
+        }
+        self.retired.store(true, Ordering::Release);
+        true
     }
 
     fn bucket(&self, session: u64) -> MutexGuard<'_, SubscriberSet> {
@@ -209,43 +232,55 @@ impl Hub {
         outbox: &Arc<Outbox>,
         follow: Item,
     ) -> Result<bool, crate::session::ControlRefused> {
-        let entry = self
-            .channels
-            .entry(channel.clone())
-            .or_insert_with(|| Arc::new(ChannelSubs::new(self.buckets)));
-        let subs = entry.value();
-        let mut bucket = subs.bucket(session);
-        if !bucket.insert(Subscriber {
-            session,
-            outbox: outbox.clone(),
-        }) {
-            return Ok(false);
+        // The map guard is dropped before the bucket lock is taken, so a
+        // follow that waits for a bucket busy with a large fan-out does not
+        // hold up every other channel of the same shard.
+        loop {
+            let subs = self
+                .channels
+                .entry(channel.clone())
+                .or_insert_with(|| Arc::new(ChannelSubs::new(self.buckets)))
+                .value()
+                .clone();
+            let mut bucket = subs.bucket(session);
+            if subs.retired.load(Ordering::Acquire) {
+                // Emptied and leaving the map: follow its successor instead.
+                continue;
+            }
+            if !bucket.insert(Subscriber {
+                session,
+                outbox: outbox.clone(),
+            }) {
+                return Ok(false);
+            }
+            if let Err(e) = outbox.push_control(follow) {
+                bucket.remove(session);
+                return Err(e);
+            }
+            subs.count.fetch_add(1, Ordering::AcqRel);
+            return Ok(true);
         }
-        if let Err(e) = outbox.push_control(follow) {
-            bucket.remove(session);
-            return Err(e);
-        }
-        subs.count.fetch_add(1, Ordering::Relaxed);
-        Ok(true)
     }
 
     /// Removes `session` from `channel`'s followers; returns whether it was there.
     pub fn unfollow(&self, channel: &ChannelId, session: u64) -> bool {
+        let Some(subs) = self.channels.get(channel).map(|s| s.value().clone()) else {
+            return false;
+        };
         let removed = {
-            let Some(subs) = self.channels.get(channel) else {
-                return false;
-            };
-            let removed = subs.bucket(session).remove(session);
+            let mut bucket = subs.bucket(session);
+            let removed = bucket.remove(session);
             if removed {
-                subs.count.fetch_sub(1, Ordering::Relaxed);
+                subs.count.fetch_sub(1, Ordering::AcqRel);
             }
             removed
         };
-        if removed {
-            // Follow increments under the shard's write lock, which remove_if
-            // also takes, so an entry is only removed while truly empty.
+        if removed && subs.count.load(Ordering::Acquire) == 0 {
+            // Retiring takes every bucket lock and checks the count again,
+            // so an entry leaves the map only while truly empty, and a
+            // concurrent follow that got the old entry sees it retired.
             self.channels
-                .remove_if(channel, |_, s| s.count.load(Ordering::Relaxed) == 0);
+                .remove_if(channel, |_, s| Arc::ptr_eq(s, &subs) && s.try_retire());
         }
         removed
     }

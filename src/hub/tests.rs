@@ -116,3 +116,38 @@ async fn channel_stats_count_deliveries_and_lag_per_fan_out() {
     assert_eq!(s.deliveries + s.lag_events, 4);
     assert_eq!(hub.channel_stats(&ch("other")), ChannelStats::default());
 }
+
+#[tokio::test]
+async fn concurrent_follow_and_unfollow_never_lose_a_follower() {
+    // Threads churn the same channel (follow, unfollow, follow again) so that
+    // entries are retired and recreated under them; every session that ends
+    // following must be reachable by a publish.
+    let hub = Arc::new(Hub::new(2));
+    let outs: Vec<Arc<Outbox>> = (0..64)
+        .map(|_| Arc::new(Outbox::with_control_bound(1 << 20, 1 << 20)))
+        .collect();
+    std::thread::scope(|s| {
+        for t in 0..4u64 {
+            let hub = hub.clone();
+            let outs = &outs;
+            s.spawn(move || {
+                for round in 0..200 {
+                    for i in (t * 16)..(t * 16 + 16) {
+                        let o = &outs[i as usize];
+                        hub.follow(&ch("churn"), i, o, follow_item("churn"))
+                            .unwrap();
+                        if round < 199 {
+                            hub.unfollow(&ch("churn"), i);
+                        }
+                    }
+                }
+            });
+        }
+    });
+    assert_eq!(hub.follower_count(&ch("churn")), 64);
+    assert_eq!(hub.publish(post_event("churn", 1)).delivered, 64);
+    for i in 0..64 {
+        assert!(hub.unfollow(&ch("churn"), i));
+    }
+    assert_eq!(hub.channel_count(), 0);
+}
