@@ -302,24 +302,7 @@ async fn openapi_document_is_openapi_3_and_lists_every_route() {
     assert!(r.body["info"]["title"].is_string());
     // It deserializes as an OpenAPI document.
     let doc: utoipa::openapi::OpenApi = serde_json::from_value(r.body.clone()).unwrap();
-    let routes: &[(&str, &[&str])] = &[
-        ("/healthz", &["get"]),
-        ("/metrics", &["get"]),
-        ("/v1/openapi.json", &["get"]),
-        ("/v1/brands", &["get", "post"]),
-        ("/v1/brands/{brand}", &["get"]),
-        ("/v1/brands/{brand}/keys", &["get", "post"]),
-        ("/v1/brands/{brand}/keys/{key_id}", &["delete"]),
-        ("/v1/channels", &["get", "post"]),
-        ("/v1/channels/{id}", &["get", "patch"]),
-        ("/v1/channels/{id}/stats", &["get"]),
-        ("/v1/channels/{id}/posts", &["get", "post"]),
-        ("/v1/channels/{id}/posts/{seq}", &["delete", "patch"]),
-        ("/v1/channels/{id}/promo", &["get", "put"]),
-        ("/v1/campaigns", &["post"]),
-        ("/v1/campaigns/{id}", &["get", "patch"]),
-        ("/v1/campaigns/{id}/stats", &["get"]),
-    ];
+    let routes = herald::api::openapi::ROUTES;
     assert_eq!(doc.paths.paths.len(), routes.len());
     for (path, methods) in routes {
         for m in *methods {

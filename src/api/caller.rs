@@ -15,7 +15,7 @@ use super::error::ApiError;
 use super::ApiState;
 use crate::auth::constant_time_eq;
 use crate::error::ErrorCode;
-use crate::model::ChannelId;
+use crate::model::{ChannelId, ChannelInfo};
 use crate::tenancy::{KeyRecord, KeyRefused, Role, ALL_CHANNELS};
 
 /// An authenticated caller.
@@ -88,26 +88,26 @@ impl Caller {
         }
     }
 
-    /// The admin, or a key with at least `role` in `channel` of its brand.
-    /// An unknown channel answers 404 `unknown_channel`.
+    /// The admin, or a key with at least `role` in `channel` of its brand;
+    /// returns the channel. An unknown channel answers 404 `unknown_channel`.
     pub fn require_channel(
         &self,
         state: &ApiState,
         channel: &ChannelId,
         role: Role,
-    ) -> Result<(), ApiError> {
-        if state.log.channel(channel).is_none() {
+    ) -> Result<ChannelInfo, ApiError> {
+        let Some(info) = state.log.channel(channel) else {
             return Err(crate::store::StoreError::UnknownChannel(channel.clone()).into());
-        }
+        };
         let Caller::Key(k) = self else {
-            return Ok(());
+            return Ok(info);
         };
         let owned = state
             .tenancy
             .channel_meta(channel.as_str())
             .is_some_and(|m| m.brand == k.brand);
         if owned && k.allows(channel.as_str(), role) {
-            Ok(())
+            Ok(info)
         } else {
             Err(ApiError::forbidden(format!(
                 "this key has no {} role in channel {channel}",

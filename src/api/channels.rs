@@ -191,11 +191,7 @@ pub async fn get(
     PathParams(id): PathParams<String>,
 ) -> Result<Json<ChannelView>, ApiError> {
     let id = ChannelId::parse(&id)?;
-    caller.require_channel(&state, &id, Role::Analyst)?;
-    let info = state
-        .log
-        .channel(&id)
-        .ok_or(crate::store::StoreError::UnknownChannel(id))?;
+    let info = caller.require_channel(&state, &id, Role::Analyst)?;
     Ok(Json(view(&state, info)))
 }
 
@@ -318,11 +314,7 @@ pub async fn stats(
     PathParams(id): PathParams<String>,
 ) -> Result<Json<ChannelStatsView>, ApiError> {
     let id = ChannelId::parse(&id)?;
-    caller.require_channel(&state, &id, Role::Analyst)?;
-    let info = state
-        .log
-        .channel(&id)
-        .ok_or_else(|| crate::store::StoreError::UnknownChannel(id.clone()))?;
+    let info = caller.require_channel(&state, &id, Role::Analyst)?;
     let s = state.hub.channel_stats(&id);
     Ok(Json(ChannelStatsView {
         channel: id.to_string(),

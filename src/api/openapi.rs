@@ -61,28 +61,31 @@ pub async fn openapi_json() {}
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 pub async fn metrics() {}
 
+/// Every route the API serves, as (path, methods). The unit test below and
+/// the end-to-end test check the served document against it, so adding a
+/// route without annotating it (or the reverse) fails.
+pub const ROUTES: &[(&str, &[&str])] = &[
+    ("/healthz", &["get"]),
+    ("/metrics", &["get"]),
+    ("/v1/openapi.json", &["get"]),
+    ("/v1/brands", &["get", "post"]),
+    ("/v1/brands/{brand}", &["get"]),
+    ("/v1/brands/{brand}/keys", &["get", "post"]),
+    ("/v1/brands/{brand}/keys/{key_id}", &["delete"]),
+    ("/v1/channels", &["get", "post"]),
+    ("/v1/channels/{id}", &["get", "patch"]),
+    ("/v1/channels/{id}/stats", &["get"]),
+    ("/v1/channels/{id}/posts", &["get", "post"]),
+    ("/v1/channels/{id}/posts/{seq}", &["delete", "patch"]),
+    ("/v1/channels/{id}/promo", &["get", "put"]),
+    ("/v1/campaigns", &["post"]),
+    ("/v1/campaigns/{id}", &["get", "patch"]),
+    ("/v1/campaigns/{id}/stats", &["get"]),
+];
+
 #[cfg(test)]
 mod tests {
-    /// Every route, as (path, methods). Adding a route without annotating it
-    /// (or the reverse) fails here.
-    pub const ROUTES: &[(&str, &[&str])] = &[
-        ("/healthz", &["get"]),
-        ("/metrics", &["get"]),
-        ("/v1/openapi.json", &["get"]),
-        ("/v1/brands", &["get", "post"]),
-        ("/v1/brands/{brand}", &["get"]),
-        ("/v1/brands/{brand}/keys", &["get", "post"]),
-        ("/v1/brands/{brand}/keys/{key_id}", &["delete"]),
-        ("/v1/channels", &["get", "post"]),
-        ("/v1/channels/{id}", &["get", "patch"]),
-        ("/v1/channels/{id}/stats", &["get"]),
-        ("/v1/channels/{id}/posts", &["get", "post"]),
-        ("/v1/channels/{id}/posts/{seq}", &["delete", "patch"]),
-        ("/v1/channels/{id}/promo", &["get", "put"]),
-        ("/v1/campaigns", &["post"]),
-        ("/v1/campaigns/{id}", &["get", "patch"]),
-        ("/v1/campaigns/{id}/stats", &["get"]),
-    ];
+    use super::ROUTES;
 
     #[test]
     fn document_lists_exactly_the_routes() {

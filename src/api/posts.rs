@@ -209,17 +209,13 @@ pub async fn history(
     QueryParams(q): QueryParams<HistoryQuery>,
 ) -> Result<Json<History>, ApiError> {
     let channel = ChannelId::parse(&id)?;
-    caller.require_channel(&state, &channel, Role::Analyst)?;
+    let info = caller.require_channel(&state, &channel, Role::Analyst)?;
     let limit = q.limit.unwrap_or(100);
     if limit == 0 || limit > MAX_HISTORY_PAGE {
         return Err(ApiError::bad_request(format!(
             "limit must be 1 to {MAX_HISTORY_PAGE}"
         )));
     }
-    let info = state
-        .log
-        .channel(&channel)
-        .ok_or_else(|| crate::store::StoreError::UnknownChannel(channel.clone()))?;
     let posts = state.log.read(channel, q.after_seq, limit).await?;
     Ok(Json(History {
         posts: posts.into_iter().map(PostView::from).collect(),

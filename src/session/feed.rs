@@ -152,12 +152,12 @@ impl FeedWriter {
                                 }
                                 #[cfg(feature = "fault-injection")]
                                 if super::fault::skip_delivery() {
-                                    self.cursors.insert(ev.channel.clone(), ev.seq);
+                                    self.advance(&ev.channel, ev.seq);
                                     continue;
                                 }
                                 self.chunks.push(ev.frame.clone());
                                 self.stats.live_frames += 1;
-                                self.cursors.insert(ev.channel.clone(), ev.seq);
+                                self.advance(&ev.channel, ev.seq);
                             }
                             EventKind::Promoted => {
                                 if let Some(slot) = &ev.slot {
@@ -203,6 +203,14 @@ impl FeedWriter {
         }
         let _ = self.stream.finish();
         Ok(self.stats)
+    }
+
+    /// Moves a followed channel's cursor to `seq` (no-op if it was
+    /// unfollowed meanwhile). On the per-delivery path: no key clone.
+    fn advance(&mut self, ch: &ChannelId, seq: u64) {
+        if let Some(cur) = self.cursors.get_mut(ch) {
+            *cur = seq;
+        }
     }
 
     fn note_lag(&mut self) -> Result<(), FeedError> {
@@ -340,7 +348,7 @@ impl FeedWriter {
             let posts = self.log.read(ch.clone(), cur, want).await?;
             let Some(first) = posts.first() else {
                 // Nothing retained up to `upto` any more.
-                self.cursors.insert(ch.clone(), upto);
+                self.advance(ch, upto);
                 return self.flush().await;
             };
             if first.seq > cur + 1 {
@@ -369,13 +377,13 @@ impl FeedWriter {
                 self.chunks.push(frame);
                 self.stats.catchup_frames += 1;
                 if pending >= self.outbox.bound() {
-                    self.cursors.insert(ch.clone(), seq);
+                    self.advance(ch, seq);
                     self.flush().await?;
                     pending = 0;
                 }
             }
             // No post at or below `upto` is left: everything up to it was trimmed.
-            self.cursors.insert(ch.clone(), last.unwrap_or(upto));
+            self.advance(ch, last.unwrap_or(upto));
             self.flush().await?;
         }
     }
