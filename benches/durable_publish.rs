@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use herald::model::{ChannelId, NewPost};
-use herald::store::{ChannelLog, EventSink, RedbLog};
+use herald_server::model::{ChannelId, NewPost};
+use herald_server::store::{ChannelLog, EventSink, RedbLog};
 
 const PUBLISHERS: usize = 64;
 const POSTS_PER_ITER: usize = 6_400;

@@ -18,10 +18,11 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use futures_util::FutureExt;
-use herald::hub::{FeedEvent, Hub};
-use herald::model::{ChannelId, FollowRequest, Post};
-use herald::session::{Item, Outbox};
-use herald::store::LogEvent;
+use herald_server::feed::{FeedEvent, Item, Outbox};
+use herald_server::hub::Hub;
+use herald_server::model::{ChannelId, FollowRequest, Post};
+
+use herald_server::store::LogEvent;
 
 const QUEUE_BYTES: usize = 256 * 1024;
 

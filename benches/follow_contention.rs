@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use futures_util::FutureExt;
-use herald::hub::Hub;
-use herald::model::{ChannelId, FollowRequest};
-use herald::session::{Item, Outbox};
+use herald_server::feed::{Item, Outbox};
+use herald_server::hub::Hub;
+use herald_server::model::{ChannelId, FollowRequest};
 
 const BACKGROUND: u64 = 10_000;
 const PER_THREAD: u64 = 1_000;

@@ -12,11 +12,11 @@ use std::hint::black_box;
 use bytes::Bytes;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use futures_util::FutureExt;
-use herald::hub::FeedEvent;
-use herald::model::{ChannelId, Post};
-use herald::proto::v1 as pb;
-use herald::store::LogEvent;
-use herald::wire::FrameReader;
+use herald_proto::v1 as pb;
+use herald_proto::FrameReader;
+use herald_server::feed::FeedEvent;
+use herald_server::model::{ChannelId, Post};
+use herald_server::store::LogEvent;
 use prost::Message;
 
 fn post(seq: u64) -> Post {

@@ -56,7 +56,7 @@ pub async fn start(
         )
         .await?;
     }
-    let now = herald::model::now_ms();
+    let now = herald_server::model::now_ms();
     let body = call(
         http.post(format!("{}/v1/campaigns", target.api))
             .bearer_auth(&target.admin_key)

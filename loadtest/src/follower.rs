@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use herald::client::{Client, ClientOptions, Event};
+use herald_client::{Client, ClientOptions, Event};
 use tokio::sync::{watch, Notify, Semaphore};
 
 use crate::publisher::parse_send_time;
@@ -259,7 +259,7 @@ fn on_post(
     shared: &Shared,
     out: &mut FollowerResult,
     index: &HashMap<usize, usize>,
-    p: &herald::model::Post,
+    p: &herald_server::model::Post,
 ) {
     let now = now_us();
     shared.delivered.fetch_add(1, Ordering::Relaxed);

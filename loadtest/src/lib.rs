@@ -46,7 +46,7 @@ pub enum LoadError {
     #[error("HTTP API call failed: {0}")]
     Api(#[from] herald::cli::ApiCallError),
     #[error("client setup failed: {0}")]
-    Client(#[from] herald::client::ClientError),
+    Client(#[from] herald_client::ClientError),
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
 }

@@ -2,7 +2,7 @@
 //! `/proc/<pid>` for a server this tool started, otherwise from the
 //! `process_*` gauges of its `/metrics`.
 
-use herald::metrics::{
+use herald_server::metrics::{
     ProcessStats, PROCESS_CPU_SECONDS, PROCESS_PEAK_RSS_BYTES, PROCESS_RSS_BYTES,
 };
 use serde::Serialize;

@@ -19,7 +19,7 @@ use crate::Options;
 /// Smallest post size: room for the timestamp and the post number.
 pub const MIN_SIZE: usize = 32;
 /// Largest post size the server accepts.
-pub const MAX_SIZE: usize = herald::model::MAX_POST_TEXT_BYTES;
+pub const MAX_SIZE: usize = herald_server::model::MAX_POST_TEXT_BYTES;
 
 /// The text of post `index`, sent at `sent_us`, `size` bytes long.
 pub fn post_text(sent_us: u64, index: usize, size: usize) -> String {

@@ -10,9 +10,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use herald::auth::TokenIssuer;
 use herald::cli::ApiClient;
-use herald::client::{shared_endpoint, ClientOptions};
+use herald_client::{shared_endpoint, ClientOptions};
+use herald_server::auth::TokenIssuer;
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::sync::{watch, Semaphore};
 

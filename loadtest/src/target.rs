@@ -5,8 +5,8 @@
 use std::net::SocketAddr;
 use std::path::Path;
 
-use herald::auth::Secrets;
-use herald::tls::ClientTrust;
+use herald_client::ClientTrust;
+use herald_server::auth::Secrets;
 
 use crate::probe::Probe;
 use crate::LoadError;
@@ -34,7 +34,7 @@ impl Target {
     ) -> Result<Target, LoadError> {
         let secrets = Secrets::read_existing(data_dir)
             .map_err(|e| LoadError::Target(format!("secrets: {e}")))?;
-        let trust = ClientTrust::pinned_file(&data_dir.join(herald::tls::CERT_FILE))
+        let trust = ClientTrust::pinned_file(&data_dir.join(herald_server::tls::CERT_FILE))
             .map_err(|e| LoadError::Target(format!("certificate: {e}")))?;
         Ok(Target {
             quic,

@@ -27,11 +27,11 @@ async fn small_run_verifies_clean() {
         .await
         .unwrap();
     for name in [
-        herald::metrics::POSTS_PUBLISHED,
-        herald::metrics::FRAMES_DELIVERED,
-        herald::metrics::FANOUT_SECONDS,
-        herald::metrics::COMMIT_SECONDS,
-        herald::metrics::FOLLOWS,
+        herald_server::metrics::POSTS_PUBLISHED,
+        herald_server::metrics::FRAMES_DELIVERED,
+        herald_server::metrics::FANOUT_SECONDS,
+        herald_server::metrics::COMMIT_SECONDS,
+        herald_server::metrics::FOLLOWS,
     ] {
         assert!(metrics.contains(name), "{name} missing from /metrics");
     }

@@ -4,8 +4,8 @@
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::api::{ChannelStatsView, ChannelView, CreatedKey, History, KeyView, Published};
-use crate::tenancy::{Brand, Grant};
+use herald_server::api::{ChannelStatsView, ChannelView, CreatedKey, History, KeyView, Published};
+use herald_server::tenancy::{Brand, Grant};
 
 /// Calls the HTTP API with one key.
 #[derive(Clone)]
@@ -109,7 +109,7 @@ impl ApiClient {
         self.send(
             self.http
                 .post(format!("{}/v1/channels/{channel}/posts", self.base))
-                .header(crate::api::IDEMPOTENCY_KEY, idempotency_key)
+                .header(herald_server::api::IDEMPOTENCY_KEY, idempotency_key)
                 .json(&serde_json::json!({ "text": text })),
         )
         .await

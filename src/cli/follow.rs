@@ -6,8 +6,7 @@ use std::io::Write;
 use clap::Args;
 
 use super::ClientArgs;
-use crate::client::{Client, ClientOptions, Event, FollowFrom};
-use crate::tls::ClientTrust;
+use herald_client::{Client, ClientOptions, ClientTrust, Event, FollowFrom};
 
 #[derive(Args, Debug)]
 pub struct FollowArgs {
@@ -34,14 +33,14 @@ pub async fn run(args: FollowArgs) -> anyhow::Result<()> {
     let c = &args.common;
     let trust = match &c.ca {
         Some(ca) => ClientTrust::ca_file(ca)?,
-        None => ClientTrust::pinned_file(&c.data_dir.join(crate::tls::CERT_FILE))?,
+        None => ClientTrust::pinned_file(&c.data_dir.join(herald_server::tls::CERT_FILE))?,
     };
     let token = match &args.token {
         Some(t) => t.clone(),
         None => {
-            let s = crate::auth::Secrets::read_existing(&c.data_dir)
+            let s = herald_server::auth::Secrets::read_existing(&c.data_dir)
                 .map_err(|e| anyhow::anyhow!("no --token given and {e}"))?;
-            crate::auth::TokenIssuer::hs256(s.jwt_secret.as_bytes())
+            herald_server::auth::TokenIssuer::hs256(s.jwt_secret.as_bytes())
                 .mint("cli", std::time::Duration::from_secs(30 * 86_400))?
         }
     };

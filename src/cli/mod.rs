@@ -102,7 +102,7 @@ pub enum KeyCommand {
         channel: String,
         /// owner, publisher or analyst.
         #[arg(long)]
-        role: crate::tenancy::Role,
+        role: herald_server::tenancy::Role,
         #[arg(long, default_value = "")]
         label: String,
         #[command(flatten)]
@@ -143,7 +143,7 @@ impl ClientArgs {
     fn api_key(&self) -> anyhow::Result<String> {
         match &self.key {
             Some(k) => Ok(k.clone()),
-            None => Ok(crate::auth::Secrets::read_existing(&self.data_dir)
+            None => Ok(herald_server::auth::Secrets::read_existing(&self.data_dir)
                 .map_err(|e| anyhow::anyhow!("no --key given and {e}"))?
                 .admin_key),
         }
@@ -228,7 +228,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             label,
             common,
         }) => {
-            let grants = [crate::tenancy::Grant { channel, role }];
+            let grants = [herald_server::tenancy::Grant { channel, role }];
             let k = common
                 .api_client()?
                 .create_key(&brand, &label, &grants)
@@ -251,8 +251,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             ttl_secs,
             data_dir,
         } => {
-            let secrets = crate::auth::Secrets::read_existing(&data_dir)?;
-            let t = crate::auth::TokenIssuer::hs256(secrets.jwt_secret.as_bytes())
+            let secrets = herald_server::auth::Secrets::read_existing(&data_dir)?;
+            let t = herald_server::auth::TokenIssuer::hs256(secrets.jwt_secret.as_bytes())
                 .mint(&user, std::time::Duration::from_secs(ttl_secs))?;
             println!("{t}");
             Ok(())

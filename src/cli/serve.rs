@@ -6,8 +6,8 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::config::{Config, Overrides};
-use crate::server::Server;
+use herald_server::config::{Config, Overrides};
+use herald_server::Server;
 
 #[derive(Args, Debug)]
 pub struct ServeArgs {

@@ -1,10 +1,10 @@
 //! Starts a herald server in this process on 127.0.0.1 port 0 and describes
 //! it as a load-test [`Target`]; dropping [`InProcess`] shuts it down.
 
-use herald::config::Config;
-use herald::server::Server;
 use herald_loadtest::probe::Probe;
 use herald_loadtest::Target;
+use herald_server::config::Config;
+use herald_server::server::Server;
 use tokio::sync::oneshot;
 
 pub struct InProcess {
@@ -30,7 +30,7 @@ impl InProcess {
             api: format!("http://{http}"),
             admin_key: server.secrets().admin_key.clone(),
             jwt_secret: server.secrets().jwt_secret.clone(),
-            trust: server.client_trust().unwrap(),
+            trust: herald_client::ClientTrust::pinned_file(&server.certificate_file()).unwrap(),
             probe: Probe::Metrics(format!("http://{http}/metrics")),
         };
         let (stop, rx) = oneshot::channel::<()>();

@@ -1,0 +1,300 @@
+//! Campaign routes (create, get, update, stats) and a channel's promoted-slot
+//! settings. Placement rules are in `crate::promo`.
+//!
+//! A campaign belongs to a brand (its `advertiser`): the admin key or an
+//! owner-on-`*` key of that brand creates and changes it; any key of the brand
+//! reads it. A channel's slot settings need the owner role in the channel to
+//! change and the analyst role to read.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use rand::RngCore;
+use serde::{Deserialize, Serialize};
+
+use super::caller::Caller;
+use super::error::ApiError;
+use super::error::ErrorBody;
+use super::extract::{JsonBody, PathParams};
+use super::ApiState;
+use crate::model::{now_ms, ChannelId};
+use crate::promo::{
+    Campaign, CampaignStats, ChannelSlot, Creative, FrequencyCap, PromoError,
+    State as CampaignState, Targeting,
+};
+use crate::tenancy::Role;
+use herald_proto::ErrorCode;
+
+impl From<PromoError> for ApiError {
+    fn from(e: PromoError) -> Self {
+        match e {
+            PromoError::UnknownCampaign(_) => {
+                ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, e.to_string())
+            }
+            PromoError::Invalid(f) => ApiError::bad_request(f.0),
+            PromoError::Storage(_) => {
+                tracing::error!(error = %e, "promo storage error");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    ErrorCode::Internal,
+                    e.to_string(),
+                )
+            }
+        }
+    }
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateCampaign {
+    /// The brand paying; a brand key may omit it (its own brand).
+    #[serde(default)]
+    pub advertiser: Option<String>,
+    pub creative: Creative,
+    #[serde(default)]
+    pub targeting: Targeting,
+    pub budget_impressions: u64,
+    pub cpm_bid_micros: u64,
+    #[serde(default)]
+    pub frequency_cap: Option<FrequencyCap>,
+    /// Default: now.
+    #[serde(default)]
+    pub start_ms: Option<i64>,
+    pub end_ms: i64,
+    /// `draft` (default) or `active`.
+    #[serde(default)]
+    pub state: Option<CampaignState>,
+}
+
+/// A campaign with its derived state and numbers.
+#[derive(Serialize, Deserialize, Debug, utoipa::ToSchema)]
+pub struct CampaignView {
+    #[serde(flatten)]
+    pub campaign: Campaign,
+    pub state: CampaignState,
+    pub stats: CampaignStats,
+}
+
+/// The campaign, if the caller's brand may see it.
+fn view_for(state: &ApiState, caller: &Caller, id: &str) -> Result<CampaignView, ApiError> {
+    let v = view(state, id)?;
+    caller.require_brand(&v.campaign.advertiser)?;
+    Ok(v)
+}
+
+fn view(state: &ApiState, id: &str) -> Result<CampaignView, ApiError> {
+    let (campaign, st, stats) = state
+        .promo
+        .get(id)
+        .ok_or_else(|| PromoError::UnknownCampaign(id.to_string()))?;
+    Ok(CampaignView {
+        campaign,
+        state: st,
+        stats,
+    })
+}
+
+#[utoipa::path(post, path = "/v1/campaigns", tag = "campaigns",
+    request_body = CreateCampaign,
+    responses((status = 201, body = CampaignView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn create(
+    State(state): State<ApiState>,
+    caller: Caller,
+    JsonBody(b): JsonBody<CreateCampaign>,
+) -> Result<(StatusCode, Json<CampaignView>), ApiError> {
+    let advertiser = match (&caller, b.advertiser) {
+        (Caller::Admin, a) => a.unwrap_or_default(),
+        (Caller::Key(k), a) => {
+            let brand = a.unwrap_or_else(|| k.brand.clone());
+            if brand != k.brand || !caller.owns_brand(&brand) {
+                return Err(ApiError::forbidden(
+                    "creating a campaign needs the owner role on '*' of the advertiser brand",
+                ));
+            }
+            brand
+        }
+    };
+    let mut id = [0u8; 8];
+    rand::rng().fill_bytes(&mut id);
+    let now = now_ms();
+    let c = Campaign {
+        id: format!("cmp_{}", hex::encode(id)),
+        advertiser,
+        creative: b.creative,
+        targeting: b.targeting,
+        budget_impressions: b.budget_impressions,
+        cpm_bid_micros: b.cpm_bid_micros,
+        frequency_cap: b.frequency_cap,
+        start_ms: b.start_ms.unwrap_or(now),
+        end_ms: b.end_ms,
+        status: b.state.unwrap_or(CampaignState::Draft),
+        created_at_ms: now,
+    };
+    let created = state.promo.run(move |p| p.create(c)).await?;
+    Ok((StatusCode::CREATED, Json(view(&state, &created.id)?)))
+}
+
+#[utoipa::path(get, path = "/v1/campaigns/{id}", tag = "campaigns",
+    params(("id" = String, Path)),
+    responses((status = 200, body = CampaignView), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn get(
+    State(state): State<ApiState>,
+    caller: Caller,
+    PathParams(id): PathParams<String>,
+) -> Result<Json<CampaignView>, ApiError> {
+    Ok(Json(view_for(&state, &caller, &id)?))
+}
+
+#[utoipa::path(get, path = "/v1/campaigns/{id}/stats", tag = "campaigns",
+    params(("id" = String, Path)),
+    responses((status = 200, body = CampaignStats), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn stats(
+    State(state): State<ApiState>,
+    caller: Caller,
+    PathParams(id): PathParams<String>,
+) -> Result<Json<CampaignStats>, ApiError> {
+    Ok(Json(view_for(&state, &caller, &id)?.stats))
+}
+
+#[derive(Deserialize, Default, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateCampaign {
+    pub state: Option<CampaignState>,
+    pub creative: Option<Creative>,
+    pub targeting: Option<Targeting>,
+    pub budget_impressions: Option<u64>,
+    pub cpm_bid_micros: Option<u64>,
+    /// `null` removes the cap.
+    #[serde(default, with = "double_option")]
+    pub frequency_cap: Option<Option<FrequencyCap>>,
+    pub start_ms: Option<i64>,
+    pub end_ms: Option<i64>,
+}
+
+mod double_option {
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Option<T>>, D::Error> {
+        Option::<T>::deserialize(d).map(Some)
+    }
+}
+
+#[utoipa::path(patch, path = "/v1/campaigns/{id}", tag = "campaigns",
+    params(("id" = String, Path)),
+    request_body = UpdateCampaign,
+    responses((status = 200, body = CampaignView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn update(
+    State(state): State<ApiState>,
+    caller: Caller,
+    PathParams(id): PathParams<String>,
+    JsonBody(b): JsonBody<UpdateCampaign>,
+) -> Result<Json<CampaignView>, ApiError> {
+    let current = view_for(&state, &caller, &id)?;
+    if !caller.owns_brand(&current.campaign.advertiser) {
+        return Err(ApiError::forbidden(
+            "changing a campaign needs the owner role on '*' of its brand",
+        ));
+    }
+    let cid = id.clone();
+    state
+        .promo
+        .run(move |p| {
+            p.update(&cid, |c| {
+                if let Some(v) = b.state {
+                    c.status = v;
+                }
+                if let Some(v) = b.creative {
+                    c.creative = v;
+                }
+                if let Some(v) = b.targeting {
+                    c.targeting = v;
+                }
+                if let Some(v) = b.budget_impressions {
+                    c.budget_impressions = v;
+                }
+                if let Some(v) = b.cpm_bid_micros {
+                    c.cpm_bid_micros = v;
+                }
+                if let Some(v) = b.frequency_cap {
+                    c.frequency_cap = v;
+                }
+                if let Some(v) = b.start_ms {
+                    c.start_ms = v;
+                }
+                if let Some(v) = b.end_ms {
+                    c.end_ms = v;
+                }
+            })
+        })
+        .await?;
+    Ok(Json(view(&state, &id)?))
+}
+
+/// A channel's promoted-slot settings and what it has shown.
+#[derive(Serialize, Deserialize, Debug, PartialEq, Eq, utoipa::ToSchema)]
+pub struct ChannelPromoView {
+    pub opt_in: bool,
+    pub every_posts: u32,
+    /// Promoted impressions shown in this channel (for revenue share).
+    pub promoted_impressions: u64,
+}
+
+fn channel_view(state: &ApiState, id: &str) -> Result<ChannelPromoView, ApiError> {
+    let (s, promoted_impressions) = state.promo.channel(id);
+    Ok(ChannelPromoView {
+        opt_in: s.opt_in,
+        every_posts: s.every_posts,
+        promoted_impressions,
+    })
+}
+
+#[utoipa::path(get, path = "/v1/channels/{id}/promo", tag = "campaigns",
+    params(("id" = String, Path)),
+    responses((status = 200, body = ChannelPromoView), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn get_channel(
+    State(state): State<ApiState>,
+    caller: Caller,
+    PathParams(id): PathParams<String>,
+) -> Result<Json<ChannelPromoView>, ApiError> {
+    caller.require_channel(&state, &ChannelId::parse(&id)?, Role::Analyst)?;
+    Ok(Json(channel_view(&state, &id)?))
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SetChannelPromo {
+    pub opt_in: bool,
+    #[serde(default)]
+    pub every_posts: Option<u32>,
+}
+
+#[utoipa::path(put, path = "/v1/channels/{id}/promo", tag = "campaigns",
+    params(("id" = String, Path)),
+    request_body = SetChannelPromo,
+    responses((status = 200, body = ChannelPromoView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    security(("api_key" = [])))]
+pub async fn set_channel(
+    State(state): State<ApiState>,
+    caller: Caller,
+    PathParams(id): PathParams<String>,
+    JsonBody(b): JsonBody<SetChannelPromo>,
+) -> Result<Json<ChannelPromoView>, ApiError> {
+    caller.require_channel(&state, &ChannelId::parse(&id)?, Role::Owner)?;
+    let settings = ChannelSlot {
+        opt_in: b.opt_in,
+        every_posts: b.every_posts.unwrap_or(crate::promo::DEFAULT_EVERY_POSTS),
+    };
+    let cid = id.clone();
+    state
+        .promo
+        .run(move |p| p.set_channel(&cid, settings))
+        .await?;
+    Ok(Json(channel_view(&state, &id)?))
+}

@@ -1,0 +1,56 @@
+//! Request extractors whose rejections are [`ApiError`]s (JSON bodies with a
+//! stable code) instead of axum's plain-text defaults. The caller's identity
+//! is extracted by [`super::caller::Caller`].
+
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use serde::de::DeserializeOwned;
+
+use super::error::ApiError;
+use herald_proto::ErrorCode;
+
+/// A JSON body; malformed or oversized bodies answer 400 / 413 with a JSON error.
+pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(JsonBody(v)),
+            Err(rej) => Err(ApiError::new(
+                rej.status(),
+                ErrorCode::InvalidArgument,
+                rej.body_text(),
+            )),
+        }
+    }
+}
+
+/// Path parameters; a parameter that does not parse answers 400 with a JSON error.
+pub struct PathParams<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for PathParams<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|p| PathParams(p.0))
+            .map_err(|rej| ApiError::bad_request(rej.body_text()))
+    }
+}
+
+/// Query parameters; bad ones answer 400 with a JSON error.
+pub struct QueryParams<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for QueryParams<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|q| QueryParams(q.0))
+            .map_err(|rej| ApiError::bad_request(rej.body_text()))
+    }
+}

@@ -1,0 +1,340 @@
+//! Server configuration: one type, filled from defaults, then a TOML file,
+//! then command-line flags (which also read `HERALD_*` environment variables).
+//! Unknown keys in the file are an error, so a typo never passes silently.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Everything `herald serve` needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where the log, secrets and self-signed certificate live.
+    pub data_dir: PathBuf,
+    /// UDP address of the QUIC endpoint (port 0 picks a free port).
+    pub quic_addr: SocketAddr,
+    /// TCP address of the HTTP API (port 0 picks a free port).
+    pub http_addr: SocketAddr,
+    pub tls: TlsConfig,
+    pub limits: Limits,
+    pub retention: Retention,
+    pub auth: AuthConfig,
+}
+
+/// How follower tokens are checked. HS256 tokens signed with the server's
+/// secret are always accepted; with `jwks_file`, ES256 / RS256 tokens signed
+/// by one of its public keys are too. `issuer` and `audience`, when set, must
+/// match the token's `iss` / `aud`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthConfig {
+    pub jwks_file: Option<PathBuf>,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+}
+
+/// Certificate files; when both are absent a self-signed certificate is made.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+/// Bounds on what one peer can make the server hold or do.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Largest control frame accepted from a follower, in bytes.
+    pub max_frame_bytes: usize,
+    /// Bound of each session's outbound feed queue, in bytes. A follower whose
+    /// queue would overflow is marked lagged and caught up from the log.
+    pub session_queue_bytes: usize,
+    /// Most channels one connection may follow.
+    pub max_follows_per_connection: usize,
+    /// Most QUIC connections at once; further handshakes are refused.
+    pub max_connections: usize,
+    /// Most handshakes in progress at once (a reconnect storm waits its turn).
+    pub max_concurrent_handshakes: usize,
+    /// A follower must send Hello within this many seconds of connecting.
+    pub hello_timeout_secs: u64,
+    /// A connection with no traffic for this long is closed (clients send
+    /// keep-alives at about half of it).
+    pub idle_timeout_secs: u64,
+    /// A follower that lags more than `max_lag_events` times within
+    /// `lag_window_secs` is disconnected with code `lagging_too_often`.
+    pub max_lag_events: u32,
+    pub lag_window_secs: u64,
+    /// Posts read from the log per catch-up step (bounds memory per catch-up).
+    pub catchup_batch: usize,
+    /// Publishes per second per brand API key (token bucket), and the burst.
+    /// Over it the API answers 429 with Retry-After. The admin key is not limited.
+    pub publish_per_sec: f64,
+    pub publish_burst: u32,
+    /// Follow requests per second per connection, and the burst (a
+    /// reconnecting client re-follows everything at once: keep it large).
+    pub follows_per_sec: f64,
+    pub follow_burst: u32,
+    /// Control frames per second per connection, and the burst.
+    pub control_frames_per_sec: f64,
+    pub control_frame_burst: u32,
+    /// Requests refused for rate a connection may make (refilling at one per
+    /// second) before it is closed with `rate_limited`.
+    pub rate_limit_strikes: u32,
+    /// Most connections open at once with tokens for the same follower id.
+    pub max_connections_per_follower: usize,
+    /// Most HTTP connections served at once; more are answered 503 and closed.
+    pub http_max_connections: usize,
+    /// An HTTP request's headers must arrive within this many seconds of the
+    /// connection opening or the previous response (an idle keep-alive
+    /// connection is closed after it too).
+    pub http_header_timeout_secs: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_frame_bytes: herald_proto::frame::DEFAULT_MAX_CONTROL_FRAME,
+            session_queue_bytes: 256 * 1024,
+            max_follows_per_connection: 1024,
+            max_connections: 200_000,
+            max_concurrent_handshakes: 256,
+            hello_timeout_secs: 10,
+            idle_timeout_secs: 60,
+            max_lag_events: 20,
+            lag_window_secs: 60,
+            catchup_batch: 64,
+            publish_per_sec: 50.0,
+            publish_burst: 100,
+            follows_per_sec: 100.0,
+            follow_burst: 2048,
+            control_frames_per_sec: 200.0,
+            control_frame_burst: 4096,
+            rate_limit_strikes: 20,
+            max_connections_per_follower: 16,
+            http_max_connections: 512,
+            http_header_timeout_secs: 10,
+        }
+    }
+}
+
+impl Limits {
+    /// The HTTP server's bounds.
+    pub fn http(&self) -> crate::api::HttpLimits {
+        crate::api::HttpLimits {
+            max_connections: self.http_max_connections,
+            header_timeout: Duration::from_secs(self.http_header_timeout_secs),
+        }
+    }
+
+    pub fn hello_timeout(&self) -> Duration {
+        Duration::from_secs(self.hello_timeout_secs)
+    }
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_secs(self.idle_timeout_secs)
+    }
+    pub fn lag_window(&self) -> Duration {
+        Duration::from_secs(self.lag_window_secs)
+    }
+}
+
+/// How long posts are kept. A post is trimmed when it is older than
+/// `max_age_days` (0: no age limit) or when the channel holds more than
+/// `max_posts` (0: no count limit).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Retention {
+    pub max_age_days: u64,
+    pub max_posts: u64,
+    /// How often the background trim runs, in seconds.
+    pub interval_secs: u64,
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention {
+            max_age_days: 30,
+            max_posts: 0,
+            interval_secs: 60,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("./herald-data"),
+            quic_addr: SocketAddr::from(([127, 0, 0, 1], 4433)),
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            tls: TlsConfig::default(),
+            limits: Limits::default(),
+            retention: Retention::default(),
+            auth: AuthConfig::default(),
+        }
+    }
+}
+
+/// The configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// Values given on the command line (or in `HERALD_*` variables); each one
+/// that is set replaces the file's value, and nothing else is touched.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub data_dir: Option<PathBuf>,
+    pub quic_addr: Option<SocketAddr>,
+    pub http_addr: Option<SocketAddr>,
+}
+
+impl Config {
+    /// Defaults, then `file` (if given), then `overrides`; then validated.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let mut cfg = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+                Config::from_toml(&text).map_err(|source| ConfigError::Parse {
+                    path: path.to_path_buf(),
+                    source: Box::new(source),
+                })?
+            }
+            None => Config::default(),
+        };
+        cfg.apply(overrides);
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Parses a TOML document; absent keys keep their defaults.
+    pub fn from_toml(text: &str) -> Result<Config, toml::de::Error> {
+        toml::from_str(text)
+    }
+
+    fn apply(&mut self, o: &Overrides) {
+        if let Some(v) = &o.data_dir {
+            self.data_dir = v.clone();
+        }
+        if let Some(v) = o.quic_addr {
+            self.quic_addr = v;
+        }
+        if let Some(v) = o.http_addr {
+            self.http_addr = v;
+        }
+    }
+
+    /// Rejects values the server cannot run with.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.limits;
+        let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
+        if self.tls.cert.is_some() != self.tls.key.is_some() {
+            return bad("tls.cert and tls.key must be given together");
+        }
+        if l.max_frame_bytes < 1024 {
+            return bad("limits.max_frame_bytes must be at least 1024");
+        }
+        if l.session_queue_bytes < 64 * 1024 {
+            return bad("limits.session_queue_bytes must be at least 65536 (one post must fit)");
+        }
+        if l.max_follows_per_connection == 0 || l.max_connections == 0 {
+            return bad("limits.max_follows_per_connection and limits.max_connections must be > 0");
+        }
+        if l.max_concurrent_handshakes == 0 || l.catchup_batch == 0 {
+            return bad("limits.max_concurrent_handshakes and limits.catchup_batch must be > 0");
+        }
+        if l.idle_timeout_secs < 2 || l.hello_timeout_secs == 0 {
+            return bad("limits.idle_timeout_secs must be >= 2 and limits.hello_timeout_secs > 0");
+        }
+        let positive = |v: f64| v.is_finite() && v > 0.0;
+        if !(positive(l.publish_per_sec)
+            && positive(l.follows_per_sec)
+            && positive(l.control_frames_per_sec))
+        {
+            return bad(
+                "limits.publish_per_sec, follows_per_sec and control_frames_per_sec must be > 0",
+            );
+        }
+        if l.publish_burst == 0
+            || l.follow_burst == 0
+            || l.control_frame_burst == 0
+            || l.rate_limit_strikes == 0
+            || l.max_connections_per_follower == 0
+        {
+            return bad(
+                "limits bursts, rate_limit_strikes and max_connections_per_follower must be > 0",
+            );
+        }
+        if self.retention.interval_secs == 0 {
+            return bad("retention.interval_secs must be > 0");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_values_survive_absent_overrides() {
+        let cfg = Config::from_toml(
+            "quic_addr = \"127.0.0.1:5000\"\n[limits]\nsession_queue_bytes = 100000\n",
+        )
+        .unwrap();
+        let mut merged = cfg.clone();
+        merged.apply(&Overrides {
+            http_addr: Some("127.0.0.1:9000".parse().unwrap()),
+            ..Default::default()
+        });
+        assert_eq!(merged.quic_addr, "127.0.0.1:5000".parse().unwrap());
+        assert_eq!(merged.http_addr, "127.0.0.1:9000".parse().unwrap());
+        assert_eq!(merged.limits.session_queue_bytes, 100000);
+        assert_eq!(merged.limits.max_follows_per_connection, 1024);
+        assert_eq!(merged.data_dir, PathBuf::from("./herald-data"));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_rejected() {
+        assert!(Config::from_toml("quic_adr = \"1.2.3.4:1\"").is_err());
+        assert!(Config::from_toml("[limits]\nmax_frame = 3").is_err());
+        let mut c = Config::default();
+        c.limits.session_queue_bytes = 10;
+        assert!(c.validate().is_err());
+        let mut c = Config::default();
+        c.tls.cert = Some("x".into());
+        assert!(c.validate().is_err());
+        assert!(Config::default().validate().is_ok());
+        let mut c = Config::default();
+        c.limits.publish_per_sec = 0.0;
+        assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn auth_section_parses() {
+        let c = Config::from_toml(
+            "[auth]\njwks_file = \"keys.json\"\nissuer = \"https://id\"\naudience = \"herald\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.auth.jwks_file, Some(PathBuf::from("keys.json")));
+        assert_eq!(c.auth.audience.as_deref(), Some("herald"));
+        assert!(Config::from_toml("[auth]\nissuers = \"x\"").is_err());
+    }
+}

@@ -1,0 +1,641 @@
+//! The feed writer driven directly: an in-memory log, a real [`Outbox`] with
+//! small bounds, and a [`MemorySink`] the test reads frame by frame (or stops
+//! reading, to make the writer wait as a slow follower would). No network,
+//! no fsync: each test runs in milliseconds.
+//!
+//! Every test here guards one piece of the delivery logic in `writer.rs`
+//! (cursor dedupe, catch-up, gap fill, lag catch-up, edit re-send, Reset);
+//! each was seen to fail with that piece removed.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use herald_proto::v1 as pb;
+use prost::Message;
+use tokio::sync::mpsc;
+
+use super::*;
+use crate::model::{ChannelId, ChannelInfo, FollowRequest, NewPost, Post};
+use crate::store::{ChannelLog, LogEvent, LogFuture, StoreError, TrimPolicy};
+
+/// Any single wait; a hang fails the test instead of blocking.
+const WAIT: Duration = Duration::from_secs(5);
+
+fn ch(s: &str) -> ChannelId {
+    ChannelId::parse(s).unwrap()
+}
+
+/// A channel log in memory, with the same head-before-fan-out order as the
+/// real one: `append` updates the head and returns the committed event,
+/// which the test then fans out by hand.
+#[derive(Default)]
+struct MemLog {
+    channels: Mutex<BTreeMap<ChannelId, MemChannel>>,
+}
+
+/// A channel's metadata and its retained posts by seq.
+type MemChannel = (ChannelInfo, BTreeMap<u64, Post>);
+
+impl MemLog {
+    fn with_channel(id: &str) -> Arc<MemLog> {
+        let log = MemLog::default();
+        log.channels.lock().unwrap().insert(
+            ch(id),
+            (
+                ChannelInfo {
+                    id: ch(id),
+                    title: String::new(),
+                    epoch: 1,
+                    head_seq: 0,
+                    oldest_seq: 1,
+                    created_at_ms: 0,
+                },
+                BTreeMap::new(),
+            ),
+        );
+        Arc::new(log)
+    }
+
+    /// Appends a post of `len` bytes of text; returns its event.
+    fn post(&self, id: &str, len: usize) -> LogEvent {
+        let mut map = self.channels.lock().unwrap();
+        let (info, posts) = map.get_mut(&ch(id)).unwrap();
+        info.head_seq += 1;
+        let p = Post {
+            channel: ch(id),
+            seq: info.head_seq,
+            epoch: info.epoch,
+            id: format!("p{}", info.head_seq),
+            text: format!("{:0len$}", info.head_seq),
+            media: vec![],
+            created_at_ms: 0,
+            edited_at_ms: 0,
+            deleted: false,
+        };
+        posts.insert(p.seq, p.clone());
+        LogEvent::Posted(p)
+    }
+
+    fn edit(&self, id: &str, seq: u64, text: &str) -> LogEvent {
+        let mut map = self.channels.lock().unwrap();
+        let p = map.get_mut(&ch(id)).unwrap().1.get_mut(&seq).unwrap();
+        p.text = text.to_string();
+        p.edited_at_ms = 1;
+        LogEvent::Edited(p.clone())
+    }
+
+    fn delete(&self, id: &str, seq: u64) -> LogEvent {
+        let mut map = self.channels.lock().unwrap();
+        let p = map.get_mut(&ch(id)).unwrap().1.get_mut(&seq).unwrap();
+        p.text.clear();
+        p.deleted = true;
+        p.edited_at_ms = 2;
+        LogEvent::Deleted(p.clone())
+    }
+
+    /// Drops every post below `oldest`.
+    fn trim_below(&self, id: &str, oldest: u64) {
+        let mut map = self.channels.lock().unwrap();
+        let (info, posts) = map.get_mut(&ch(id)).unwrap();
+        posts.retain(|s, _| *s >= oldest);
+        info.oldest_seq = oldest;
+    }
+}
+
+impl ChannelLog for MemLog {
+    fn create_channel(&self, _: ChannelId, _: String) -> LogFuture<'_, ChannelInfo> {
+        unreachable!("not used by the writer")
+    }
+
+    fn channel(&self, id: &ChannelId) -> Option<ChannelInfo> {
+        self.channels.lock().unwrap().get(id).map(|c| c.0.clone())
+    }
+
+    fn channels(&self) -> Vec<ChannelInfo> {
+        unreachable!("not used by the writer")
+    }
+
+    fn append(&self, _: ChannelId, _: NewPost, _: Option<String>) -> LogFuture<'_, Post> {
+        unreachable!("not used by the writer")
+    }
+
+    fn edit(&self, _: ChannelId, _: u64, _: String) -> LogFuture<'_, Post> {
+        unreachable!("not used by the writer")
+    }
+
+    fn delete(&self, _: ChannelId, _: u64) -> LogFuture<'_, Post> {
+        unreachable!("not used by the writer")
+    }
+
+    fn read(&self, channel: ChannelId, after_seq: u64, limit: usize) -> LogFuture<'_, Vec<Post>> {
+        let out = match self.channels.lock().unwrap().get(&channel) {
+            Some((_, posts)) => Ok(posts
+                .range(after_seq.saturating_add(1)..)
+                .take(limit)
+                .map(|(_, p)| p.clone())
+                .collect()),
+            None => Err(StoreError::UnknownChannel(channel)),
+        };
+        Box::pin(async move { out })
+    }
+
+    fn trim(&self, _: ChannelId, _: TrimPolicy) -> LogFuture<'_, u64> {
+        unreachable!("not used by the writer")
+    }
+
+    fn close(&self) -> LogFuture<'_, ()> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
+/// What the follower received, decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Got {
+    Post(u64, String),
+    Edited(u64, String),
+    Deleted(u64),
+    Reset { epoch: u64, oldest_seq: u64 },
+}
+
+fn decode(frame: &Bytes) -> Got {
+    let f = pb::FeedFrame::decode_length_delimited(frame.clone()).unwrap();
+    match f.kind.unwrap() {
+        pb::feed_frame::Kind::Post(p) => Got::Post(p.seq, p.text),
+        pb::feed_frame::Kind::Edited(e) => Got::Edited(e.seq, e.text),
+        pb::feed_frame::Kind::Deleted(d) => Got::Deleted(d.seq),
+        pb::feed_frame::Kind::Reset(r) => Got::Reset {
+            epoch: r.epoch,
+            oldest_seq: r.oldest_seq,
+        },
+        pb::feed_frame::Kind::Promoted(_) => panic!("no promotions here"),
+    }
+}
+
+/// A writer on `log`, fed by an outbox of `bound` bytes, writing into a sink
+/// that holds `sink_capacity` unread frames.
+struct Rig {
+    log: Arc<MemLog>,
+    outbox: Arc<Outbox>,
+    frames: mpsc::Receiver<Bytes>,
+    task: tokio::task::JoinHandle<Result<FeedStats, FeedError>>,
+}
+
+impl Rig {
+    fn start(log: Arc<MemLog>, bound: usize, sink_capacity: usize) -> Rig {
+        Rig::start_with(log, bound, sink_capacity, 64)
+    }
+
+    fn start_with(log: Arc<MemLog>, bound: usize, sink_capacity: usize, batch: usize) -> Rig {
+        let outbox = Arc::new(Outbox::new(bound));
+        let (sink, frames) = MemorySink::new(sink_capacity);
+        let writer = FeedWriter::new(
+            sink,
+            outbox.clone(),
+            FeedDeps {
+                log: log.clone(),
+                slots: Arc::new(NoPromotions),
+                follower: "f".into(),
+                catchup_batch: batch,
+                lag_policy: LagPolicy {
+                    max_events: 1000,
+                    window: Duration::from_secs(60),
+                },
+            },
+        );
+        Rig {
+            log,
+            outbox,
+            frames,
+            task: tokio::spawn(writer.run()),
+        }
+    }
+
+    fn follow(&self, id: &str, after_seq: Option<u64>, epoch: Option<u64>) {
+        let resume = after_seq.is_some();
+        // A live follow starts at the head the session read (as the session does).
+        let after_seq = after_seq.or_else(|| self.log.channel(&ch(id)).map(|c| c.head_seq));
+        self.outbox
+            .push_control(Item::Follow(FollowRequest {
+                channel: ch(id),
+                after_seq,
+                epoch,
+                tail: 0,
+                resume,
+            }))
+            .unwrap();
+    }
+
+    /// Waits until the writer has taken everything queued (it then either
+    /// waits for more, or is blocked writing to the sink).
+    async fn settle(&self) {
+        tokio::time::timeout(WAIT, async {
+            while self.outbox.queued_items() > 0 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("writer takes its queue");
+        // Let it finish handling what it took (no further wake-up is needed
+        // for that: a few turns of the scheduler).
+        for _ in 0..8 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// Fans `ev` out to this follower's queue, as the hub does; returns
+    /// whether it fit.
+    fn fan_out(&self, ev: &LogEvent) -> bool {
+        self.outbox.push_event(&Arc::new(FeedEvent::from_log(ev)))
+    }
+
+    /// Reads the next `n` frames.
+    async fn read(&mut self, n: usize) -> Vec<Got> {
+        let mut out = Vec::with_capacity(n);
+        for _ in 0..n {
+            let f = tokio::time::timeout(WAIT, self.frames.recv())
+                .await
+                .unwrap_or_else(|_| panic!("timed out after {out:?}"))
+                .expect("writer ended early");
+            out.push(decode(&f));
+        }
+        out
+    }
+
+    /// Closes the queue, lets the writer finish, and returns every frame not
+    /// read yet, and the writer's counters.
+    async fn finish(mut self) -> (Vec<Got>, FeedStats) {
+        self.outbox.close();
+        let mut rest = Vec::new();
+        let stats = tokio::time::timeout(WAIT, async {
+            loop {
+                tokio::select! {
+                    res = &mut self.task => break res,
+                    Some(f) = self.frames.recv() => rest.push(decode(&f)),
+                }
+            }
+        })
+        .await
+        .expect("writer finishes")
+        .unwrap()
+        .expect("writer ends cleanly");
+        while let Ok(f) = self.frames.try_recv() {
+            rest.push(decode(&f));
+        }
+        (rest, stats)
+    }
+}
+
+fn posts(range: std::ops::RangeInclusive<u64>) -> Vec<u64> {
+    range.collect()
+}
+
+fn seqs(got: &[Got]) -> Vec<u64> {
+    got.iter()
+        .map(|g| match g {
+            Got::Post(s, _) => *s,
+            other => panic!("expected only posts, got {other:?}"),
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn live_only_follow_gets_each_live_post_once_in_order() {
+    let log = MemLog::with_channel("a");
+    for _ in 0..3 {
+        log.post("a", 8);
+    }
+    let mut rig = Rig::start(log.clone(), 1 << 16, 64);
+    rig.follow("a", None, None);
+    rig.settle().await;
+    for _ in 0..5 {
+        assert!(rig.fan_out(&log.post("a", 8)));
+    }
+    // Nothing before the follow; 4..=8 live.
+    assert_eq!(seqs(&rig.read(5).await), posts(4..=8));
+    // A re-delivered post (at or below the cursor) is dropped.
+    let old = LogEvent::Posted(log.read(ch("a"), 5, 1).await.unwrap().remove(0));
+    assert!(rig.fan_out(&old));
+    let (rest, stats) = rig.finish().await;
+    assert_eq!(rest, vec![]);
+    assert_eq!(stats.live_frames, 5);
+    assert_eq!(stats.catchup_frames, 0);
+}
+
+#[tokio::test]
+async fn catch_up_then_live_with_posts_racing_the_switch() {
+    let log = MemLog::with_channel("a");
+    for _ in 0..10 {
+        log.post("a", 8);
+    }
+    let mut rig = Rig::start_with(log.clone(), 1 << 16, 64, 4);
+    rig.follow("a", Some(0), None);
+    // Posts 11 and 12 commit (the head moves) and are fanned out after the
+    // registration but before the writer reads the head: they are in the
+    // log's catch-up *and* in the queue.
+    for _ in 0..2 {
+        assert!(rig.fan_out(&log.post("a", 8)));
+    }
+    let first = rig.read(12).await;
+    assert_eq!(seqs(&first), posts(1..=12));
+    // Posts fanned out after the catch-up come live only.
+    for _ in 0..3 {
+        assert!(rig.fan_out(&log.post("a", 8)));
+    }
+    assert_eq!(seqs(&rig.read(3).await), posts(13..=15));
+    let (rest, stats) = rig.finish().await;
+    assert_eq!(rest, vec![], "the overlap 11..=12 must not come twice");
+    assert_eq!(stats.catchup_frames, 12);
+    assert_eq!(stats.live_frames, 3);
+}
+
+#[tokio::test]
+async fn a_post_dropped_on_overflow_is_filled_from_the_log_before_the_next() {
+    let log = MemLog::with_channel("a");
+    // The queue holds 300 bytes: three small posts fit, one big one does
+    // not, and the small post after it fits again.
+    let mut rig = Rig::start(log.clone(), 300, 1);
+    rig.follow("a", None, None);
+    rig.settle().await;
+    // Frame 1 fills the sink, frame 2 blocks the writer: the queue fills up.
+    assert!(rig.fan_out(&log.post("a", 40)));
+    assert_eq!(seqs(&rig.read(1).await), vec![1]);
+    assert!(rig.fan_out(&log.post("a", 40)));
+    rig.settle().await;
+    // Each 40-byte post is a 56-byte frame: three fit in 300 bytes.
+    for _ in 0..3 {
+        assert!(rig.fan_out(&log.post("a", 40)));
+    }
+    assert!(!rig.fan_out(&log.post("a", 200)), "6 overflows");
+    assert!(rig.fan_out(&log.post("a", 10)), "7 fits");
+    let got = rig.read(6).await;
+    assert_eq!(seqs(&got), posts(2..=7));
+    let (rest, stats) = rig.finish().await;
+    assert_eq!(rest, vec![]);
+    assert_eq!(stats.catchup_frames, 1, "post 6 came from the log");
+    assert_eq!(stats.lag_events, 1);
+}
+
+#[tokio::test]
+async fn a_follower_that_lagged_at_the_tail_is_caught_up_to_the_head() {
+    let log = MemLog::with_channel("a");
+    let mut rig = Rig::start(log.clone(), 100, 1);
+    rig.follow("a", None, None);
+    rig.settle().await;
+    assert!(rig.fan_out(&log.post("a", 40)));
+    assert_eq!(seqs(&rig.read(1).await), vec![1]);
+    // The writer blocks on 2; 3 fills the queue; 4..=9 overflow, and no
+    // later live post will reveal the gap.
+    let mut fitted = 0;
+    for _ in 2..=9 {
+        fitted += usize::from(rig.fan_out(&log.post("a", 40)));
+    }
+    assert!(fitted < 8, "some posts must overflow");
+    assert_eq!(seqs(&rig.read(8).await), posts(2..=9));
+    let (rest, stats) = rig.finish().await;
+    assert_eq!(rest, vec![]);
+    assert!(stats.catchup_frames > 0);
+}
+
+#[tokio::test]
+async fn edits_and_deletes_dropped_on_overflow_are_resent_from_the_log() {
+    let log = MemLog::with_channel("a");
+    let mut rig = Rig::start(log.clone(), 120, 1);
+    rig.follow("a", None, None);
+    rig.settle().await;
+    for _ in 1..=3 {
+        assert!(rig.fan_out(&log.post("a", 40)));
+        assert_eq!(rig.read(1).await.len(), 1);
+    }
+    // Block the writer with one more post, fill the queue, then edit 2 and
+    // delete 3: both events overflow.
+    assert!(rig.fan_out(&log.post("a", 40)));
+    assert_eq!(seqs(&rig.read(1).await), vec![4]);
+    assert!(rig.fan_out(&log.post("a", 40)));
+    rig.settle().await;
+    while rig.fan_out(&log.post("a", 40)) {}
+    let head = log.channel(&ch("a")).unwrap().head_seq;
+    assert!(!rig.fan_out(&log.edit("a", 2, "two, edited")));
+    assert!(!rig.fan_out(&log.delete("a", 3)));
+    let mut got = rig.read((head - 4) as usize).await;
+    got.extend(rig.finish().await.0);
+    let posts_only: Vec<u64> = got
+        .iter()
+        .filter_map(|g| match g {
+            Got::Post(s, _) => Some(*s),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(posts_only, posts(5..=head));
+    let changes: Vec<&Got> = got.iter().filter(|g| !matches!(g, Got::Post(..))).collect();
+    assert_eq!(
+        changes,
+        vec![&Got::Edited(2, "two, edited".into()), &Got::Deleted(3)],
+        "the follower has posts 2 and 3: it must learn of both changes"
+    );
+}
+
+#[tokio::test]
+async fn edits_of_posts_not_yet_delivered_are_not_sent() {
+    let log = MemLog::with_channel("a");
+    for _ in 0..3 {
+        log.post("a", 8);
+    }
+    let mut rig = Rig::start(log.clone(), 1 << 16, 64);
+    rig.follow("a", Some(0), None);
+    assert_eq!(seqs(&rig.read(3).await), posts(1..=3));
+    let edit = log.edit("a", 2, "new");
+    assert!(rig.fan_out(&edit));
+    assert_eq!(rig.read(1).await, vec![Got::Edited(2, "new".into())]);
+    // An edit above the cursor: the post itself comes later in its new state.
+    let four = log.post("a", 8);
+    let edit4 = log.edit("a", 4, "four, edited");
+    assert!(rig.fan_out(&edit4));
+    assert!(rig.fan_out(&four));
+    let (rest, _) = rig.finish().await;
+    // Post 4 comes as fanned out (its text at commit time); the edit event
+    // was for a post the follower did not have yet, so it was skipped.
+    assert_eq!(rest, vec![Got::Post(4, "00000004".into())]);
+}
+
+#[tokio::test]
+async fn resume_with_another_epoch_is_reset_and_replayed() {
+    let log = MemLog::with_channel("a");
+    for _ in 0..4 {
+        log.post("a", 8);
+    }
+    let mut rig = Rig::start(log.clone(), 1 << 16, 64);
+    rig.follow("a", Some(2), Some(7));
+    let got = rig.read(5).await;
+    assert_eq!(
+        got[0],
+        Got::Reset {
+            epoch: 1,
+            oldest_seq: 1
+        }
+    );
+    assert_eq!(seqs(&got[1..]), posts(1..=4));
+    assert_eq!(rig.finish().await.0, vec![]);
+}
+
+#[tokio::test]
+async fn resume_below_the_retained_history_is_reset_to_the_oldest() {
+    let log = MemLog::with_channel("a");
+    for _ in 0..10 {
+        log.post("a", 8);
+    }
+    log.trim_below("a", 6);
+    let mut rig = Rig::start(log.clone(), 1 << 16, 64);
+    rig.follow("a", Some(2), Some(1));
+    let got = rig.read(6).await;
+    assert_eq!(
+        got[0],
+        Got::Reset {
+            epoch: 1,
+            oldest_seq: 6
+        }
+    );
+    assert_eq!(seqs(&got[1..]), posts(6..=10));
+    // Resuming exactly at the oldest retained position is no reset.
+    let mut rig2 = Rig::start(log.clone(), 1 << 16, 64);
+    rig2.follow("a", Some(5), Some(1));
+    assert_eq!(seqs(&rig2.read(5).await), posts(6..=10));
+    assert_eq!(rig.finish().await.0, vec![]);
+    assert_eq!(rig2.finish().await.0, vec![]);
+}
+
+#[tokio::test]
+async fn resume_when_everything_was_trimmed_is_reset_then_live() {
+    let log = MemLog::with_channel("a");
+    for _ in 0..5 {
+        log.post("a", 8);
+    }
+    log.trim_below("a", 6);
+    let mut rig = Rig::start(log.clone(), 1 << 16, 64);
+    rig.follow("a", Some(2), Some(1));
+    assert_eq!(
+        rig.read(1).await,
+        vec![Got::Reset {
+            epoch: 1,
+            oldest_seq: 6
+        }]
+    );
+    assert!(rig.fan_out(&log.post("a", 8)));
+    assert_eq!(seqs(&rig.read(1).await), vec![6]);
+    assert_eq!(rig.finish().await.0, vec![]);
+}
+
+#[tokio::test]
+async fn a_lagging_follower_whose_missed_posts_were_all_trimmed_is_told() {
+    let log = MemLog::with_channel("a");
+    // 130 bytes: two 56-byte frames fit.
+    let mut rig = Rig::start(log.clone(), 130, 1);
+    rig.follow("a", None, None);
+    rig.settle().await;
+    assert!(rig.fan_out(&log.post("a", 40)));
+    assert_eq!(seqs(&rig.read(1).await), vec![1]);
+    assert!(rig.fan_out(&log.post("a", 40)));
+    rig.settle().await;
+    // 3 and 4 are queued; 5..=7 overflow and are trimmed away (7 is the head).
+    for _ in 3..=7 {
+        rig.fan_out(&log.post("a", 40));
+    }
+    log.trim_below("a", 8);
+    let mut got = rig.read(3).await;
+    got.extend(rig.finish().await.0);
+    assert_eq!(
+        got,
+        vec![
+            Got::Post(2, format!("{:040}", 2)),
+            Got::Post(3, format!("{:040}", 3)),
+            Got::Post(4, format!("{:040}", 4)),
+            Got::Reset {
+                epoch: 1,
+                oldest_seq: 8
+            },
+        ]
+    );
+}
+
+#[tokio::test]
+async fn resume_ahead_of_the_head_is_reset() {
+    let log = MemLog::with_channel("a");
+    for _ in 0..3 {
+        log.post("a", 8);
+    }
+    let mut rig = Rig::start(log.clone(), 1 << 16, 64);
+    rig.follow("a", Some(9), Some(1));
+    let got = rig.read(4).await;
+    assert_eq!(
+        got[0],
+        Got::Reset {
+            epoch: 1,
+            oldest_seq: 1
+        }
+    );
+    assert_eq!(seqs(&got[1..]), posts(1..=3));
+    assert_eq!(rig.finish().await.0, vec![]);
+}
+
+#[tokio::test]
+async fn history_trimmed_while_lagging_is_reset_mid_stream() {
+    let log = MemLog::with_channel("a");
+    // 130 bytes: two 56-byte frames fit.
+    let mut rig = Rig::start(log.clone(), 130, 1);
+    rig.follow("a", None, None);
+    rig.settle().await;
+    assert!(rig.fan_out(&log.post("a", 40)));
+    assert_eq!(seqs(&rig.read(1).await), vec![1]);
+    // Block the writer on 2, let 3..=10 mostly overflow, then trim 3..=7
+    // away before the follower reads again.
+    assert!(rig.fan_out(&log.post("a", 40)));
+    rig.settle().await;
+    let mut queued = Vec::new();
+    for _ in 3..=10 {
+        let ev = log.post("a", 40);
+        if rig.fan_out(&ev) {
+            if let LogEvent::Posted(p) = ev {
+                queued.push(p.seq);
+            }
+        }
+    }
+    assert_eq!(queued, vec![3, 4], "the queue holds two frames");
+    log.trim_below("a", 8);
+    let mut got = rig.read(5).await;
+    got.extend(rig.finish().await.0);
+    // 2, then what was queued, then a Reset to the oldest retained, then the rest.
+    assert_eq!(
+        got,
+        vec![
+            Got::Post(2, format!("{:040}", 2)),
+            Got::Post(3, format!("{:040}", 3)),
+            Got::Post(4, format!("{:040}", 4)),
+            Got::Reset {
+                epoch: 1,
+                oldest_seq: 8
+            },
+            Got::Post(8, format!("{:040}", 8)),
+            Got::Post(9, format!("{:040}", 9)),
+            Got::Post(10, format!("{:040}", 10)),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn unfollow_stops_delivery_and_a_write_failure_ends_the_writer() {
+    let log = MemLog::with_channel("a");
+    let mut rig = Rig::start(log.clone(), 1 << 16, 64);
+    rig.follow("a", None, None);
+    rig.settle().await;
+    assert!(rig.fan_out(&log.post("a", 8)));
+    assert_eq!(seqs(&rig.read(1).await), vec![1]);
+    rig.outbox.push_control(Item::Unfollow(ch("a"))).unwrap();
+    assert!(rig.fan_out(&log.post("a", 8)));
+    // The follower goes away: the next write fails and the writer ends.
+    drop(std::mem::replace(&mut rig.frames, mpsc::channel(1).1));
+    rig.follow("a", None, None);
+    assert!(rig.fan_out(&log.post("a", 8)));
+    let res = tokio::time::timeout(WAIT, rig.task).await.unwrap().unwrap();
+    assert!(matches!(res, Err(FeedError::Write(_))), "{res:?}");
+}

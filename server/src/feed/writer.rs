@@ -1,0 +1,418 @@
+//! The feed writer: drains a session's [`Outbox`] into the follower's
+//! [`FeedSink`] (its QUIC feed stream, or memory in tests), and keeps the
+//! delivery promise: per channel, every post once, in seq order, no gap.
+//!
+//! It owns, per followed channel, the seq of the last post written (the
+//! cursor). A post at or below the cursor is a duplicate and skipped; a post
+//! above `cursor + 1` means the follower missed something (its queue
+//! overflowed), so the gap is first filled from the log. A channel whose
+//! queue overflowed is caught up from the log as soon as the queue has been
+//! drained, and edits or deletes that did not fit are re-sent from the log
+//! for the posts the follower already has.
+//!
+//! # Why catch-up and live meet with no gap and no duplicate
+//!
+//! This is the one place the argument is made; the pieces it relies on are:
+//!
+//! 1. The log (`store`) updates a channel's head *before* it hands the
+//!    committed events to the fan-out, and hands them over in commit order.
+//! 2. The hub registers a session as a follower and queues the session's
+//!    `Follow` item in the same critical section (one bucket lock), and fans
+//!    each event out to a bucket under that same lock. So every event fanned
+//!    out after the registration lands in the queue *behind* the Follow item,
+//!    and every event fanned out before it is not in the queue at all.
+//! 3. The writer reads the channel's head only when it handles the Follow
+//!    item, i.e. after the registration.
+//!
+//! Take any post `p` of the channel with seq above the follower's starting
+//! position. Either the fan-out of `p` happened before the registration:
+//! then, by (1), the head already covered `p` when the writer read it (3),
+//! so `p` comes from the log during the catch-up. Or it happened after: then
+//! by (2) `p` is in the queue behind the Follow item and comes live. Both
+//! can happen (the head read may already cover a post that is also queued);
+//! the cursor drops the second copy. Live events reach the queue in seq
+//! order (1, 2), so a live post above `cursor + 1` can only mean that the
+//! queue overflowed and dropped something, which the gap fill repairs from
+//! the log before writing the post. An overflow that dropped the *last*
+//! events of a channel leaves no later post to reveal the gap: the queue
+//! reports the channel as lagged instead, and the writer catches it up to
+//! the head once the queue is drained.
+//!
+//! Frames are written in batches: everything drained at once goes out in one
+//! `write_all_chunks` call, and the frame and byte counters are added once per
+//! such flush.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use herald_proto::encode_frame;
+
+use super::event::EventKind;
+use super::frames::{deleted_frame, edited_frame, post_frame, reset_frame};
+use super::promoted::{CatchupSlots, Impression};
+use super::queue::{Item, Outbox};
+use super::sink::FeedSink;
+use crate::model::{ChannelId, FollowRequest};
+use crate::store::{ChannelLog, StoreError};
+
+/// Most queued items the writer takes at once.
+pub const MAX_DRAIN: usize = 1024;
+
+/// Batch buffers larger than this (in items) are released after the batch,
+/// so idle sessions hold none; buffers start empty and grow on first use.
+const IDLE_CAPACITY: usize = 64;
+
+/// Why the feed writer stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum FeedError {
+    #[error("feed stream write failed: {0}")]
+    Write(#[from] std::io::Error),
+    #[error("log read failed: {0}")]
+    Log(#[from] StoreError),
+    #[error("lagged {count} times within {window:?}")]
+    LaggingTooOften { count: usize, window: Duration },
+}
+
+/// Counters a writer reports.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct FeedStats {
+    /// Frames written from the queue (live).
+    pub live_frames: u64,
+    /// Posts written from the log (catch-up, gap fill).
+    pub catchup_frames: u64,
+    /// Overflow episodes (each counts once, however many channels it hit).
+    pub lag_events: u64,
+}
+
+/// Disconnect rule for followers that lag again and again.
+#[derive(Debug, Clone, Copy)]
+pub struct LagPolicy {
+    /// More overflow episodes than this ...
+    pub max_events: u32,
+    /// ... within this window end the session (`lagging_too_often`).
+    pub window: Duration,
+}
+
+/// What a feed writer needs besides its sink and queue.
+pub struct FeedDeps {
+    /// The log, for catch-up and gap fill.
+    pub log: Arc<dyn ChannelLog>,
+    /// The promoted post at the end of a catch-up.
+    pub slots: Arc<dyn CatchupSlots>,
+    /// The follower's id (for frequency caps).
+    pub follower: String,
+    /// Posts read from the log per catch-up step.
+    pub catchup_batch: usize,
+    /// When to give up on a follower that keeps lagging.
+    pub lag_policy: LagPolicy,
+}
+
+/// See the module docs.
+pub struct FeedWriter<S> {
+    sink: S,
+    outbox: Arc<Outbox>,
+    log: Arc<dyn ChannelLog>,
+    cursors: HashMap<ChannelId, u64>,
+    catchup_batch: usize,
+    lag_policy: LagPolicy,
+    recent_lags: VecDeque<Instant>,
+    chunks: Vec<Bytes>,
+    /// Promoted impressions in `chunks`, counted once they are written.
+    claims: Vec<Box<dyn Impression>>,
+    slots: Arc<dyn CatchupSlots>,
+    follower: String,
+    stats: FeedStats,
+}
+
+impl<S: FeedSink> FeedWriter<S> {
+    /// A writer from `outbox` to `sink`.
+    pub fn new(sink: S, outbox: Arc<Outbox>, deps: FeedDeps) -> FeedWriter<S> {
+        FeedWriter {
+            sink,
+            outbox,
+            log: deps.log,
+            slots: deps.slots,
+            follower: deps.follower,
+            claims: Vec::new(),
+            cursors: HashMap::new(),
+            catchup_batch: deps.catchup_batch.max(1),
+            lag_policy: deps.lag_policy,
+            recent_lags: VecDeque::new(),
+            chunks: Vec::new(),
+            stats: FeedStats::default(),
+        }
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> FeedStats {
+        self.stats
+    }
+
+    /// Runs until the outbox is closed and drained, or the sink fails.
+    pub async fn run(mut self) -> Result<FeedStats, FeedError> {
+        let mut items = Vec::new();
+        let mut lagged = Vec::new();
+        while self
+            .outbox
+            .clone()
+            .next_batch(&mut items, &mut lagged, MAX_DRAIN)
+            .await
+        {
+            for item in items.drain(..) {
+                match item {
+                    Item::Follow(req) => {
+                        self.flush().await?;
+                        self.start(req).await?;
+                    }
+                    Item::Unfollow(ch) => {
+                        self.cursors.remove(&ch);
+                    }
+                    Item::Event(ev) => {
+                        let Some(&cur) = self.cursors.get(&ev.channel) else {
+                            continue;
+                        };
+                        match ev.kind {
+                            EventKind::Post => {
+                                if ev.seq <= cur {
+                                    continue;
+                                }
+                                if ev.seq > cur + 1 {
+                                    self.flush().await?;
+                                    self.fill(&ev.channel, ev.seq - 1).await?;
+                                }
+                                #[cfg(feature = "fault-injection")]
+                                if super::fault::skip_delivery() {
+                                    self.advance(&ev.channel, ev.seq);
+                                    continue;
+                                }
+                                self.chunks.push(ev.frame.clone());
+                                self.stats.live_frames += 1;
+                                self.advance(&ev.channel, ev.seq);
+                            }
+                            EventKind::Promoted => {
+                                if let Some(claim) =
+                                    ev.slot.as_ref().and_then(|s| s.claim(&self.follower))
+                                {
+                                    self.chunks.push(ev.frame.clone());
+                                    self.claims.push(claim);
+                                }
+                            }
+                            EventKind::Edit | EventKind::Delete => {
+                                // A post the follower has not seen yet comes
+                                // from the log in its current state instead.
+                                if ev.seq <= cur {
+                                    self.chunks.push(ev.frame.clone());
+                                    self.stats.live_frames += 1;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            self.flush().await?;
+            // An idle follower should not keep a burst's worth of buffers.
+            if items.capacity() > IDLE_CAPACITY {
+                items = Vec::new();
+            }
+            if self.chunks.capacity() > IDLE_CAPACITY {
+                self.chunks = Vec::new();
+            }
+            // One overflow episode is one lag, however many channels it hit.
+            if !lagged.is_empty() {
+                self.note_lag()?;
+                for (ch, from) in self.outbox.take_changes_lost() {
+                    self.resend_changes(&ch, from).await?;
+                }
+            }
+            for ch in lagged.drain(..) {
+                let Some(head) = self.log.channel(&ch).map(|c| c.head_seq) else {
+                    continue;
+                };
+                self.fill(&ch, head).await?;
+            }
+        }
+        self.sink.finish();
+        Ok(self.stats)
+    }
+
+    /// Moves a followed channel's cursor to `seq` (no-op if it was
+    /// unfollowed meanwhile). On the per-delivery path: no key clone.
+    fn advance(&mut self, ch: &ChannelId, seq: u64) {
+        if let Some(cur) = self.cursors.get_mut(ch) {
+            *cur = seq;
+        }
+    }
+
+    fn note_lag(&mut self) -> Result<(), FeedError> {
+        self.stats.lag_events += 1;
+        metrics::counter!(crate::metrics::LAG_EVENTS).increment(1);
+        let now = Instant::now();
+        self.recent_lags.push_back(now);
+        while self
+            .recent_lags
+            .front()
+            .is_some_and(|t| now.duration_since(*t) > self.lag_policy.window)
+        {
+            self.recent_lags.pop_front();
+        }
+        if self.recent_lags.len() > self.lag_policy.max_events as usize {
+            return Err(FeedError::LaggingTooOften {
+                count: self.recent_lags.len(),
+                window: self.lag_policy.window,
+            });
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self) -> Result<(), FeedError> {
+        if !self.chunks.is_empty() {
+            let frames = self.chunks.len() as u64;
+            let bytes: usize = self.chunks.iter().map(Bytes::len).sum();
+            self.sink.write_all_chunks(&mut self.chunks).await?;
+            self.chunks.clear();
+            // Written: these promoted frames are impressions now.
+            for claim in self.claims.drain(..) {
+                claim.confirm();
+            }
+            metrics::counter!(crate::metrics::FRAMES_DELIVERED).increment(frames);
+            metrics::counter!(crate::metrics::BYTES_DELIVERED).increment(bytes as u64);
+        }
+        Ok(())
+    }
+
+    /// Handles a Follow: picks the starting cursor (sending a Reset when the
+    /// follower's position cannot be honoured), then catches up to the head.
+    async fn start(&mut self, req: FollowRequest) -> Result<(), FeedError> {
+        let Some(info) = self.log.channel(&req.channel) else {
+            return Ok(());
+        };
+        let oldest_known = info.oldest_seq.saturating_sub(1);
+        let start = match req.after_seq {
+            Some(after) => {
+                // A position below the retained history needs no check
+                // here: the catch-up finds the hole and says so (`fill`).
+                let epoch_changed = req.epoch.is_some_and(|e| e != info.epoch);
+                let ahead = after > info.head_seq;
+                if epoch_changed || ahead {
+                    self.chunks.push(encode_frame(&reset_frame(
+                        &req.channel,
+                        info.epoch,
+                        info.oldest_seq,
+                    )));
+                    oldest_known
+                } else {
+                    after
+                }
+            }
+            None => info
+                .head_seq
+                .saturating_sub(u64::from(req.tail))
+                .max(oldest_known),
+        };
+        self.cursors.insert(req.channel.clone(), start);
+        let before = self.stats.catchup_frames;
+        self.fill(&req.channel, info.head_seq).await?;
+        // At the end of a catch-up that delivered something, at most one
+        // promoted post for this follower.
+        if req.resume && self.stats.catchup_frames > before {
+            let at = self.cursors.get(&req.channel).copied().unwrap_or(start);
+            if let Some(ev) = self.slots.after_catchup(&req.channel, at) {
+                if let Some(claim) = ev.slot.as_ref().and_then(|s| s.claim(&self.follower)) {
+                    self.chunks.push(ev.frame.clone());
+                    self.claims.push(claim);
+                    self.flush().await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Re-sends, from the log, PostEdited / PostDeleted frames for every
+    /// edited or deleted post of `ch` from seq `from` up to the cursor: the
+    /// live events for them were dropped when the queue overflowed. Posts
+    /// above the cursor are not needed: they come in their current state.
+    async fn resend_changes(&mut self, ch: &ChannelId, from: u64) -> Result<(), FeedError> {
+        let mut after = from.saturating_sub(1);
+        loop {
+            let Some(&cur) = self.cursors.get(ch) else {
+                return Ok(());
+            };
+            if after >= cur {
+                return self.flush().await;
+            }
+            let want = ((cur - after) as usize).min(self.catchup_batch);
+            let posts = self.log.read(ch.clone(), after, want).await?;
+            let Some(last) = posts.last().map(|p| p.seq) else {
+                return self.flush().await;
+            };
+            for p in posts.iter().take_while(|p| p.seq <= cur) {
+                if p.deleted {
+                    self.chunks.push(encode_frame(&deleted_frame(p)));
+                } else if p.edited_at_ms > 0 {
+                    self.chunks.push(encode_frame(&edited_frame(p)));
+                }
+            }
+            self.flush().await?;
+            after = last;
+        }
+    }
+
+    /// Writes posts from the log until the channel's cursor reaches `upto`.
+    async fn fill(&mut self, ch: &ChannelId, upto: u64) -> Result<(), FeedError> {
+        if self.cursors.get(ch).is_some_and(|&cur| cur < upto) {
+            metrics::counter!(crate::metrics::CATCHUPS).increment(1);
+        }
+        loop {
+            let Some(&cur) = self.cursors.get(ch) else {
+                return Ok(());
+            };
+            if cur >= upto {
+                return self.flush().await;
+            }
+            let want = ((upto - cur) as usize).min(self.catchup_batch);
+            let posts = self.log.read(ch.clone(), cur, want).await?;
+            let Some(first) = posts.first() else {
+                // Everything after the cursor up to `upto` was trimmed while
+                // we were behind: say so (no silent gap), and go on after it.
+                if let Some(info) = self.log.channel(ch) {
+                    self.chunks
+                        .push(encode_frame(&reset_frame(ch, info.epoch, info.oldest_seq)));
+                }
+                self.advance(ch, upto);
+                return self.flush().await;
+            };
+            if first.seq > cur + 1 {
+                // Trimmed while we were behind: say so, then go on from what is kept.
+                self.chunks
+                    .push(encode_frame(&reset_frame(ch, first.epoch, first.seq)));
+            }
+            // Encode all, then let go of the decoded posts before writing, and
+            // write whenever the encoded frames reach the session's queue
+            // bound: a catch-up holds about as much as the live queue may.
+            let mut last = None;
+            let mut frames = Vec::with_capacity(posts.len());
+            for p in posts.iter().take_while(|p| p.seq <= upto) {
+                frames.push((p.seq, encode_frame(&post_frame(p))));
+                last = Some(p.seq);
+            }
+            drop(posts);
+            let mut pending = 0usize;
+            for (seq, frame) in frames {
+                pending += frame.len();
+                self.chunks.push(frame);
+                self.stats.catchup_frames += 1;
+                if pending >= self.outbox.bound() {
+                    self.advance(ch, seq);
+                    self.flush().await?;
+                    pending = 0;
+                }
+            }
+            // No post at or below `upto` is left: everything up to it was trimmed.
+            self.advance(ch, last.unwrap_or(upto));
+            self.flush().await?;
+        }
+    }
+}

@@ -1,0 +1,50 @@
+//! Herald's server: brands post to channels over HTTP, followers receive the
+//! posts over QUIC, every post once, in order, with no gap.
+//!
+//! A post's path, top-down (imports follow it; nothing imports back up):
+//!
+//! ```text
+//!  brand ─HTTP─▶ api ──▶ store ──(committed, in order)──▶ hub ──▶ feed ──▶ session ──▶ follower
+//!                 │        ▲                               ▲        │        (QUIC)
+//!                 └─▶ promo┘ (campaigns, the slot) ────────┘        └── catch-up reads the store
+//! ```
+//!
+//! | module | what lives there |
+//! | --- | --- |
+//! | [`server`] | [`Server`]: binds the listeners, wires the parts, runs them until shutdown, and returns only once every task has ended and every file is released |
+//! | [`config`] | the configuration (defaults, TOML, flags, environment) and its limits |
+//! | [`api`] | the brand HTTP API (axum), `/metrics`, `/healthz`, the OpenAPI document |
+//! | [`store`] | the channel log: gapless seqs, durable group commit, retention, catch-up reads |
+//! | [`hub`] | who follows what, and the fan-out of each committed event to every follower's queue |
+//! | [`feed`] | what flows from the log to one follower: the event, the bounded queue, the frames, the writer that keeps the delivery promise |
+//! | [`session`] | one per connected follower: the control stream (Hello, Follow, ...), rate limits, and the feed stream's writer |
+//! | [`promo`] | campaigns, the promoted slot's auction, reservations and exact impression counts |
+//! | [`tenancy`] | brands, their API keys and roles, channel ownership |
+//! | [`auth`] | follower tokens (JWT, JWKS) and the data directory's secrets |
+//! | [`limits`] | the per-key publish rate limiter |
+//! | [`tls`] | the server's certificate (self-signed and renewed, or the operator's) |
+//! | [`udp`] | the QUIC endpoint's UDP socket |
+//! | [`metrics`] | every metric's name, and the Prometheus recorder |
+//! | [`model`] | the server's domain types (and the protocol's, re-exported) |
+//!
+//! The wire protocol (messages, framing, error codes) is the `herald-proto`
+//! crate; the follower client library is `herald-client`; the `herald`
+//! command line is the root package.
+
+pub mod api;
+pub mod auth;
+pub mod config;
+pub mod feed;
+pub mod hub;
+pub mod limits;
+pub mod metrics;
+pub mod model;
+pub mod promo;
+pub mod server;
+pub mod session;
+pub mod store;
+pub mod tenancy;
+pub mod tls;
+pub mod udp;
+
+pub use server::Server;

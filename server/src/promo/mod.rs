@@ -1,0 +1,615 @@
+//! The promoted slot: campaigns, placement, and exact impression accounting.
+//!
+//! Placement: a channel that opted in opens its slot after every
+//! `every_posts` organic posts (when a post's seq is a multiple of it), and
+//! once at the end of a follower's catch-up. The highest eligible bid wins
+//! (eligible: active, in its flight, targets the channel, budget left, and
+//! within its pacing allowance); ties go to the older campaign. The winner
+//! reserves up to one impression per follower ([`Slot`]); its frame is encoded
+//! once and fanned out like a post, but takes no seq and is not history.
+//!
+//! Delivery: each follower's writer asks for a [`Claim`] (refused when the
+//! frequency cap is reached or the reservation is used up), and confirms it
+//! once the frame is written to the feed stream; a confirmed claim is one
+//! impression. Counts live in memory and are flushed to `promo.redb` in
+//! batches ([`Promo::flush`], every [`FLUSH_INTERVAL`] and at shutdown).
+//!
+//! Memory: a frequency-cap entry exists per (campaign, follower) that holds a
+//! claim or was shown the campaign, so entries are bounded by the sum of
+//! campaign budgets (impressions plus reservations never exceed a budget).
+
+pub mod campaign;
+mod ledger;
+mod slot;
+
+pub use campaign::{Campaign, Creative, FrequencyCap, State, Targeting, PROMOTED_LABEL};
+pub use ledger::{LedgerError, PROMO_FILE};
+pub use slot::{Claim, Slot};
+
+use std::collections::{HashSet, VecDeque};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use tokio_util::task::TaskTracker;
+
+use crate::feed::{EventKind, FeedEvent};
+use crate::model::{now_ms, ChannelId};
+use herald_proto::encode_frame;
+use herald_proto::v1 as pb;
+use ledger::{Batch, CampaignRecord, CapRecord, ChannelRecord, Ledger};
+
+/// How often counts are flushed to disk.
+pub const FLUSH_INTERVAL: Duration = Duration::from_millis(250);
+/// Default organic posts between two promoted slots.
+pub const DEFAULT_EVERY_POSTS: u32 = 5;
+
+/// A campaign in memory: its spec and live counters.
+pub struct CampaignLive {
+    pub id: String,
+    spec: RwLock<Campaign>,
+    /// Confirmed impressions (flushed or not).
+    impressions: AtomicU64,
+    /// Impressions reserved by open slots and unconfirmed claims.
+    reserved: AtomicU64,
+    clicks: AtomicU64,
+    reach: AtomicU64,
+}
+
+impl CampaignLive {
+    fn spec(&self) -> Campaign {
+        self.spec.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// A channel's slot settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ChannelSlot {
+    pub opt_in: bool,
+    pub every_posts: u32,
+}
+
+impl Default for ChannelSlot {
+    fn default() -> Self {
+        ChannelSlot {
+            opt_in: false,
+            every_posts: DEFAULT_EVERY_POSTS,
+        }
+    }
+}
+
+struct ChannelLive {
+    settings: RwLock<ChannelSlot>,
+    impressions: AtomicU64,
+}
+
+/// A campaign's numbers.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
+)]
+pub struct CampaignStats {
+    pub impressions: u64,
+    pub clicks: u64,
+    pub spend_micros: u64,
+    pub reach: u64,
+    pub reserved: u64,
+}
+
+#[derive(Default)]
+struct CapEntry {
+    times: VecDeque<i64>,
+    ever: u64,
+}
+
+#[derive(Default)]
+struct Dirty {
+    campaigns: HashSet<String>,
+    channels: HashSet<String>,
+    caps: HashSet<(String, String)>,
+    clicks: Vec<(String, String)>,
+}
+
+/// Promo errors.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PromoError {
+    #[error("no campaign {0:?}")]
+    UnknownCampaign(String),
+    #[error(transparent)]
+    Invalid(#[from] crate::model::InvalidField),
+    #[error(transparent)]
+    Storage(#[from] LedgerError),
+}
+
+/// The promo engine. See the module docs.
+pub struct Promo {
+    campaigns: RwLock<std::collections::HashMap<String, Arc<CampaignLive>>>,
+    /// Serializes reservations so concurrent slots never over-reserve.
+    auction: Mutex<()>,
+    channels: DashMap<String, Arc<ChannelLive>>,
+    caps: DashMap<(String, String), CapEntry>,
+    clicks: DashMap<(String, String), ()>,
+    dirty: Mutex<Dirty>,
+    ledger: Ledger,
+    /// Serializes flushes so an older snapshot never overwrites a newer one.
+    flushing: Mutex<()>,
+    /// Blocking work in flight ([`Promo::run`]).
+    blocking: TaskTracker,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Promo {
+    /// Opens `promo.redb` in `data_dir` and loads everything.
+    pub fn open(data_dir: &Path) -> Result<Arc<Promo>, PromoError> {
+        let (ledger, loaded) = Ledger::open(data_dir)?;
+        let campaigns = loaded
+            .campaigns
+            .into_iter()
+            .map(|r| {
+                (
+                    r.campaign.id.clone(),
+                    Arc::new(CampaignLive {
+                        id: r.campaign.id.clone(),
+                        spec: RwLock::new(r.campaign),
+                        impressions: AtomicU64::new(r.impressions),
+                        reserved: AtomicU64::new(0),
+                        clicks: AtomicU64::new(r.clicks),
+                        reach: AtomicU64::new(r.reach),
+                    }),
+                )
+            })
+            .collect();
+        let channels = DashMap::new();
+        for (k, r) in loaded.channels {
+            channels.insert(
+                k,
+                Arc::new(ChannelLive {
+                    settings: RwLock::new(ChannelSlot {
+                        opt_in: r.opt_in,
+                        every_posts: r.every_posts,
+                    }),
+                    impressions: AtomicU64::new(r.impressions),
+                }),
+            );
+        }
+        let caps = DashMap::new();
+        for (k, r) in loaded.caps {
+            caps.insert(
+                k,
+                CapEntry {
+                    times: r.times.into(),
+                    ever: r.ever,
+                },
+            );
+        }
+        let clicks = DashMap::new();
+        for k in loaded.clicks {
+            clicks.insert(k, ());
+        }
+        Ok(Arc::new(Promo {
+            campaigns: RwLock::new(campaigns),
+            auction: Mutex::new(()),
+            channels,
+            caps,
+            clicks,
+            dirty: Mutex::new(Dirty::default()),
+            ledger,
+            flushing: Mutex::new(()),
+            blocking: TaskTracker::new(),
+        }))
+    }
+
+    /// Runs `f` (which may write to disk) on the blocking pool.
+    pub async fn run<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&Promo) -> Result<T, PromoError> + Send + 'static,
+    ) -> Result<T, PromoError> {
+        let me = self.clone();
+        self.blocking
+            .spawn_blocking(move || f(&me))
+            .await
+            .map_err(|e| PromoError::Storage(LedgerError(e.to_string())))?
+    }
+
+    /// Waits for the blocking work in flight; called at shutdown, after
+    /// which the last handle can let go of the database.
+    pub async fn close(&self) {
+        self.blocking.close();
+        self.blocking.wait().await;
+    }
+
+    fn campaign(&self, id: &str) -> Option<Arc<CampaignLive>> {
+        self.campaigns
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    // ------------------------------------------------------------ campaigns
+
+    /// Stores a new campaign (durably) after validating it.
+    pub fn create(&self, c: Campaign) -> Result<Campaign, PromoError> {
+        c.validate()?;
+        // Durable first, then live: a failed write changes nothing.
+        let _one_writer = lock(&self.flushing);
+        self.ledger.write(&Batch {
+            campaigns: vec![CampaignRecord {
+                campaign: c.clone(),
+                impressions: 0,
+                clicks: 0,
+                reach: 0,
+            }],
+            ..Batch::default()
+        })?;
+        let live = Arc::new(CampaignLive {
+            id: c.id.clone(),
+            spec: RwLock::new(c.clone()),
+            impressions: AtomicU64::new(0),
+            reserved: AtomicU64::new(0),
+            clicks: AtomicU64::new(0),
+            reach: AtomicU64::new(0),
+        });
+        self.campaigns
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(c.id.clone(), live);
+        Ok(c)
+    }
+
+    /// Changes a campaign with `change`, validates, stores durably, and only
+    /// then lets placement see the change.
+    pub fn update(
+        &self,
+        id: &str,
+        change: impl FnOnce(&mut Campaign),
+    ) -> Result<Campaign, PromoError> {
+        let live = self
+            .campaign(id)
+            .ok_or_else(|| PromoError::UnknownCampaign(id.to_string()))?;
+        // Holding the flush lock: no flush can write the old spec after ours.
+        let _one_writer = lock(&self.flushing);
+        let mut next = live.spec();
+        change(&mut next);
+        next.id = live.id.clone();
+        next.validate()?;
+        self.ledger.write(&Batch {
+            campaigns: vec![CampaignRecord {
+                campaign: next.clone(),
+                impressions: live.impressions.load(Ordering::SeqCst),
+                clicks: live.clicks.load(Ordering::SeqCst),
+                reach: live.reach.load(Ordering::SeqCst),
+            }],
+            ..Batch::default()
+        })?;
+        {
+            let _auction = lock(&self.auction);
+            *live.spec.write().unwrap_or_else(|p| p.into_inner()) = next.clone();
+        }
+        Ok(next)
+    }
+
+    /// A campaign, its derived state and its numbers.
+    pub fn get(&self, id: &str) -> Option<(Campaign, State, CampaignStats)> {
+        let live = self.campaign(id)?;
+        let spec = live.spec();
+        let impressions = live.impressions.load(Ordering::Relaxed);
+        let stats = CampaignStats {
+            impressions,
+            clicks: live.clicks.load(Ordering::Relaxed),
+            spend_micros: spec.spend_micros(impressions),
+            reach: live.reach.load(Ordering::Relaxed),
+            reserved: live.reserved.load(Ordering::Relaxed),
+        };
+        let state = spec.state(impressions, now_ms());
+        Some((spec, state, stats))
+    }
+
+    // ------------------------------------------------------------ channels
+
+    /// A channel's slot settings and the promoted impressions shown in it.
+    pub fn channel(&self, channel: &str) -> (ChannelSlot, u64) {
+        match self.channels.get(channel) {
+            Some(c) => (
+                *c.settings.read().unwrap_or_else(|p| p.into_inner()),
+                c.impressions.load(Ordering::Relaxed),
+            ),
+            None => (ChannelSlot::default(), 0),
+        }
+    }
+
+    /// Sets a channel's slot settings (durably).
+    pub fn set_channel(&self, channel: &str, s: ChannelSlot) -> Result<(), PromoError> {
+        if s.every_posts == 0 || s.every_posts > 10_000 {
+            return Err(crate::model::InvalidField("every_posts must be 1 to 10000".into()).into());
+        }
+        let c = self
+            .channels
+            .entry(channel.to_string())
+            .or_insert_with(|| {
+                Arc::new(ChannelLive {
+                    settings: RwLock::new(ChannelSlot::default()),
+                    impressions: AtomicU64::new(0),
+                })
+            })
+            .clone();
+        *c.settings.write().unwrap_or_else(|p| p.into_inner()) = s;
+        lock(&self.dirty).channels.insert(channel.to_string());
+        self.flush()?;
+        Ok(())
+    }
+
+    // ------------------------------------------------------------ placement
+
+    /// Called after post `seq` of `channel` was fanned out: opens the slot if
+    /// it is due, returning the promoted event to fan out.
+    pub fn after_post(
+        self: &Arc<Self>,
+        channel: &ChannelId,
+        seq: u64,
+        followers: usize,
+    ) -> Option<Arc<FeedEvent>> {
+        let (settings, _) = self.channel(channel.as_str());
+        if !settings.opt_in || followers == 0 || seq % u64::from(settings.every_posts) != 0 {
+            return None;
+        }
+        self.place(channel, seq, followers as u64, followers as u64)
+    }
+
+    /// The slot at the end of one follower's catch-up (`followers` is the
+    /// channel's follower count, for targeting).
+    pub fn after_catchup(
+        self: &Arc<Self>,
+        channel: &ChannelId,
+        seq: u64,
+        followers: usize,
+    ) -> Option<Arc<FeedEvent>> {
+        let (settings, _) = self.channel(channel.as_str());
+        if !settings.opt_in {
+            return None;
+        }
+        self.place(channel, seq, followers as u64, 1)
+    }
+
+    /// Runs the auction and reserves up to `want` impressions for the winner.
+    fn place(
+        self: &Arc<Self>,
+        channel: &ChannelId,
+        after_seq: u64,
+        followers: u64,
+        want: u64,
+    ) -> Option<Arc<FeedEvent>> {
+        let now = now_ms();
+        let _auction = lock(&self.auction);
+        let mut best: Option<(Arc<CampaignLive>, Campaign, u64)> = None;
+        for live in self
+            .campaigns
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+        {
+            let spec = live.spec();
+            if spec.status != State::Active
+                || now < spec.start_ms
+                || now >= spec.end_ms
+                || !spec.targeting.matches(channel.as_str(), followers)
+            {
+                continue;
+            }
+            let reserved = live.reserved.load(Ordering::SeqCst);
+            let used = live.impressions.load(Ordering::SeqCst) + reserved;
+            let limit = spec.paced_allowance(now).min(spec.budget_impressions);
+            if used >= limit {
+                continue;
+            }
+            let better = match &best {
+                None => true,
+                Some((_, b, _)) => {
+                    (spec.cpm_bid_micros, std::cmp::Reverse(spec.created_at_ms))
+                        > (b.cpm_bid_micros, std::cmp::Reverse(b.created_at_ms))
+                }
+            };
+            if better {
+                best = Some((live.clone(), spec, limit - used));
+            }
+        }
+        let (live, spec, room) = best?;
+        let n = want.min(room);
+        if n == 0 {
+            return None;
+        }
+        live.reserved.fetch_add(n, Ordering::SeqCst);
+        let frame = encode_frame(&pb::FeedFrame {
+            kind: Some(pb::feed_frame::Kind::Promoted(pb::Promoted {
+                channel: channel.to_string(),
+                campaign_id: spec.id.clone(),
+                label: PROMOTED_LABEL.to_string(),
+                title: spec.creative.title.clone(),
+                text: spec.creative.text.clone(),
+                media: spec.creative.media.as_ref().map(|m| pb::MediaRef {
+                    url: m.url.clone(),
+                    mime: m.mime.clone(),
+                }),
+                cta_url: spec.creative.cta_url.clone(),
+                after_seq,
+            })),
+        });
+        Some(Arc::new(FeedEvent {
+            channel: channel.clone(),
+            seq: after_seq,
+            kind: EventKind::Promoted,
+            frame,
+            slot: Some(Arc::new(Slot {
+                promo: self.clone(),
+                campaign: live,
+                channel: channel.clone(),
+                remaining: AtomicU64::new(n),
+            })),
+        }))
+    }
+
+    // ------------------------------------------------------------ delivery
+
+    /// Claims one impression of `slot` for `follower`, if the frequency cap
+    /// and the reservation allow.
+    pub fn claim(self: &Arc<Self>, slot: &Slot, follower: &str) -> Option<Claim> {
+        let cap = slot.campaign.spec().frequency_cap;
+        let now = now_ms();
+        let mut entry = self
+            .caps
+            .entry((slot.campaign.id.clone(), follower.to_string()));
+        if let (Some(cap), dashmap::Entry::Occupied(e)) = (cap, &mut entry) {
+            let e = e.get_mut();
+            let since = now - (cap.period_secs as i64).saturating_mul(1000);
+            while e.times.front().is_some_and(|t| *t <= since) {
+                e.times.pop_front();
+            }
+            if e.times.len() >= cap.impressions as usize {
+                return None;
+            }
+        }
+        slot.remaining
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |r| r.checked_sub(1))
+            .ok()?;
+        // Entries exist only for followers holding a claim or shown the
+        // campaign, so there are at most `impressions + reserved <= budget`.
+        let mut e = entry.or_default();
+        if cap.is_some() {
+            e.times.push_back(now);
+        }
+        drop(e);
+        Some(Claim {
+            promo: self.clone(),
+            campaign: slot.campaign.clone(),
+            channel: slot.channel.clone(),
+            follower: follower.to_string(),
+            at_ms: now,
+            confirmed: false,
+        })
+    }
+
+    /// Counts a claim whose frame was written (once: a confirmed claim is
+    /// not released when dropped).
+    pub fn confirm(&self, c: &mut Claim) {
+        if c.confirmed {
+            return;
+        }
+        let mut dirty = lock(&self.dirty);
+        {
+            c.confirmed = true;
+            let live = &c.campaign;
+            // Impressions first, then the reservation: `place` reads them in
+            // the opposite order, so it never sees their sum too low.
+            live.impressions.fetch_add(1, Ordering::SeqCst);
+            live.reserved.fetch_sub(1, Ordering::SeqCst);
+            let key = (live.id.clone(), c.follower.clone());
+            if let Some(mut e) = self.caps.get_mut(&key) {
+                e.ever += 1;
+                if e.ever == 1 {
+                    live.reach.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            if let Some(ch) = self.channels.get(c.channel.as_str()) {
+                ch.impressions.fetch_add(1, Ordering::Relaxed);
+            }
+            dirty.campaigns.insert(live.id.clone());
+            dirty.channels.insert(c.channel.to_string());
+            dirty.caps.insert(key);
+        }
+    }
+
+    /// Undoes an unconfirmed claim (from `Claim::drop`).
+    fn release(&self, c: &Claim) {
+        c.campaign.reserved.fetch_sub(1, Ordering::SeqCst);
+        let key = (c.campaign.id.clone(), c.follower.clone());
+        if let Some(mut e) = self.caps.get_mut(&key) {
+            if let Some(i) = e.times.iter().rposition(|t| *t == c.at_ms) {
+                e.times.remove(i);
+            }
+        }
+        self.caps
+            .remove_if(&key, |_, e| e.ever == 0 && e.times.is_empty());
+    }
+
+    /// Records a click; `Ok(false)` for a repeat or for a follower who was
+    /// never shown the campaign.
+    pub fn click(&self, follower: &str, campaign_id: &str) -> Result<bool, PromoError> {
+        let live = self
+            .campaign(campaign_id)
+            .ok_or_else(|| PromoError::UnknownCampaign(campaign_id.to_string()))?;
+        let key = (campaign_id.to_string(), follower.to_string());
+        if self.caps.get(&key).is_none_or(|e| e.ever == 0) {
+            return Ok(false);
+        }
+        if self.clicks.insert(key.clone(), ()).is_some() {
+            return Ok(false);
+        }
+        live.clicks.fetch_add(1, Ordering::Relaxed);
+        let mut dirty = lock(&self.dirty);
+        dirty.campaigns.insert(campaign_id.to_string());
+        dirty.clicks.push(key);
+        Ok(true)
+    }
+
+    // ------------------------------------------------------------ durability
+
+    /// Writes everything changed since the last flush, in one transaction.
+    pub fn flush(&self) -> Result<(), PromoError> {
+        let _one_at_a_time = lock(&self.flushing);
+        let dirty = std::mem::take(&mut *lock(&self.dirty));
+        let mut batch = Batch::default();
+        for id in &dirty.campaigns {
+            if let Some(live) = self.campaign(id) {
+                batch.campaigns.push(CampaignRecord {
+                    campaign: live.spec(),
+                    impressions: live.impressions.load(Ordering::Relaxed),
+                    clicks: live.clicks.load(Ordering::Relaxed),
+                    reach: live.reach.load(Ordering::Relaxed),
+                });
+            }
+        }
+        for ch in &dirty.channels {
+            let (s, impressions) = self.channel(ch);
+            batch.channels.push((
+                ch.clone(),
+                ChannelRecord {
+                    opt_in: s.opt_in,
+                    every_posts: s.every_posts,
+                    impressions,
+                },
+            ));
+        }
+        for key in &dirty.caps {
+            if let Some(e) = self.caps.get(key) {
+                batch.caps.push((
+                    key.clone(),
+                    CapRecord {
+                        times: e.times.iter().copied().collect(),
+                        ever: e.ever,
+                    },
+                ));
+            }
+        }
+        batch.clicks = dirty.clicks.clone();
+        if batch.is_empty() {
+            return Ok(());
+        }
+        if let Err(e) = self.ledger.write(&batch) {
+            // Keep what was not written for the next flush.
+            let mut d = lock(&self.dirty);
+            d.campaigns.extend(dirty.campaigns);
+            d.channels.extend(dirty.channels);
+            d.caps.extend(dirty.caps);
+            d.clicks.extend(dirty.clicks);
+            return Err(e.into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

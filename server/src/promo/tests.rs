@@ -1,0 +1,283 @@
+//! Unit tests of the placement and accounting rules.
+
+use std::sync::Arc;
+
+use super::*;
+use crate::feed::Impression;
+use crate::model::Media;
+
+fn ch(s: &str) -> ChannelId {
+    ChannelId::parse(s).unwrap()
+}
+
+fn campaign(id: &str, bid: u64, budget: u64) -> Campaign {
+    let now = now_ms();
+    Campaign {
+        id: id.into(),
+        advertiser: "acme".into(),
+        creative: Creative {
+            title: "Title".into(),
+            text: "Text".into(),
+            media: Some(Media {
+                url: "https://cdn/x.png".into(),
+                mime: "image/png".into(),
+            }),
+            cta_url: "https://example.com".into(),
+        },
+        targeting: Targeting::default(),
+        budget_impressions: budget,
+        cpm_bid_micros: bid,
+        frequency_cap: None,
+        start_ms: now - 1000,
+        // A flight that is almost over, so pacing allows the whole budget.
+        end_ms: now + 60_000,
+        status: State::Active,
+        created_at_ms: now,
+    }
+}
+
+fn setup() -> (tempfile::TempDir, Arc<Promo>) {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Promo::open(dir.path()).unwrap();
+    p.set_channel(
+        "a",
+        ChannelSlot {
+            opt_in: true,
+            every_posts: 5,
+        },
+    )
+    .unwrap();
+    (dir, p)
+}
+
+fn paced_out(mut c: Campaign) -> Campaign {
+    // Make the flight mostly elapsed so pacing does not limit the test.
+    c.start_ms = now_ms() - 1_000_000_000;
+    c
+}
+
+fn winner(ev: &Arc<FeedEvent>) -> String {
+    ev.slot.as_ref().unwrap().campaign_id().to_string()
+}
+
+#[test]
+fn slot_opens_once_every_n_posts_and_only_when_opted_in() {
+    let (_d, p) = setup();
+    p.create(paced_out(campaign("c1", 1000, 1_000_000)))
+        .unwrap();
+    let opened: Vec<u64> = (1..=20)
+        .filter(|s| p.after_post(&ch("a"), *s, 10).is_some())
+        .collect();
+    assert_eq!(opened, vec![5, 10, 15, 20]);
+    // Not opted in: never.
+    assert!((1..=20).all(|s| p.after_post(&ch("b"), s, 10).is_none()));
+    p.set_channel(
+        "a",
+        ChannelSlot {
+            opt_in: false,
+            every_posts: 5,
+        },
+    )
+    .unwrap();
+    assert!(p.after_post(&ch("a"), 25, 10).is_none());
+}
+
+#[test]
+fn highest_eligible_bid_wins() {
+    let (_d, p) = setup();
+    p.create(paced_out(campaign("low", 1_000, 1000))).unwrap();
+    p.create(paced_out(campaign("high", 5_000, 1000))).unwrap();
+    let mut paused = paused_campaign("paused_richest");
+    paused.cpm_bid_micros = 9_000;
+    p.create(paused).unwrap();
+    let mut elsewhere = paced_out(campaign("elsewhere", 8_000, 1000));
+    elsewhere.targeting.channels = vec!["other".into()];
+    p.create(elsewhere).unwrap();
+    let ev = p.after_post(&ch("a"), 5, 3).unwrap();
+    assert_eq!(winner(&ev), "high");
+    assert_eq!(ev.kind, EventKind::Promoted);
+    drop(ev);
+    // Once "high" is exhausted, "low" wins.
+    p.update("high", |c| c.budget_impressions = 1).unwrap();
+    let ev = p.after_post(&ch("a"), 10, 3).unwrap();
+    assert_eq!(winner(&ev), "high");
+    let claim = ev.slot.as_ref().unwrap().claim("f1").unwrap();
+    claim.confirm();
+    drop(ev);
+    let ev = p.after_post(&ch("a"), 15, 3).unwrap();
+    assert_eq!(winner(&ev), "low");
+}
+
+fn paused_campaign(id: &str) -> Campaign {
+    let mut c = paced_out(campaign(id, 1, 1000));
+    c.status = State::Paused;
+    c
+}
+
+#[test]
+fn flight_window_is_respected() {
+    let (_d, p) = setup();
+    let mut future = campaign("future", 1000, 100);
+    future.start_ms = now_ms() + 60_000;
+    future.end_ms = now_ms() + 120_000;
+    p.create(future).unwrap();
+    let mut past = campaign("past", 1000, 100);
+    past.start_ms = now_ms() - 120_000;
+    past.end_ms = now_ms() - 60_000;
+    p.create(past).unwrap();
+    assert!(p.after_post(&ch("a"), 5, 3).is_none());
+    assert_eq!(p.get("past").unwrap().1, State::Finished);
+}
+
+#[test]
+fn pacing_limits_what_one_slot_reserves() {
+    let (_d, p) = setup();
+    let mut c = campaign("paced", 1000, 1000);
+    c.start_ms = now_ms();
+    c.end_ms = now_ms() + 10 * 24 * 3600 * 1000;
+    p.create(c).unwrap();
+    // At the start of a 10-day flight only the slack (a tenth) may be used.
+    let ev = p.after_post(&ch("a"), 5, 500).unwrap();
+    assert_eq!(ev.slot.as_ref().unwrap().remaining(), 100);
+    assert!(
+        p.after_post(&ch("a"), 10, 500).is_none(),
+        "allowance used up by the open slot"
+    );
+    drop(ev);
+    assert_eq!(
+        p.get("paced").unwrap().2.reserved,
+        0,
+        "unclaimed reservation returned"
+    );
+}
+
+#[test]
+fn frequency_cap_holds_per_follower() {
+    let (_d, p) = setup();
+    let mut c = paced_out(campaign("capped", 1000, 1000));
+    c.frequency_cap = Some(FrequencyCap {
+        impressions: 2,
+        period_secs: 3600,
+    });
+    p.create(c).unwrap();
+    let mut shown = std::collections::HashMap::new();
+    for s in 1..=5u64 {
+        let ev = p.after_post(&ch("a"), s * 5, 2).unwrap();
+        for f in ["f1", "f2"] {
+            if let Some(claim) = ev.slot.as_ref().unwrap().claim(f) {
+                claim.confirm();
+                *shown.entry(f).or_insert(0) += 1;
+            }
+        }
+    }
+    assert_eq!(shown["f1"], 2);
+    assert_eq!(shown["f2"], 2);
+    let stats = p.get("capped").unwrap().2;
+    assert_eq!((stats.impressions, stats.reach, stats.reserved), (4, 2, 0));
+}
+
+#[test]
+fn unconfirmed_claims_release_budget_and_cap() {
+    let (_d, p) = setup();
+    let mut c = paced_out(campaign("c", 1000, 10));
+    c.frequency_cap = Some(FrequencyCap {
+        impressions: 1,
+        period_secs: 3600,
+    });
+    p.create(c).unwrap();
+    let ev = p.after_post(&ch("a"), 5, 1).unwrap();
+    let claim = ev.slot.as_ref().unwrap().claim("f").unwrap();
+    drop(claim); // the write failed
+    drop(ev);
+    let s = p.get("c").unwrap().2;
+    assert_eq!((s.impressions, s.reserved), (0, 0));
+    // The cap was not used up by the failed delivery.
+    let ev = p.after_post(&ch("a"), 10, 1).unwrap();
+    assert!(ev.slot.as_ref().unwrap().claim("f").is_some());
+}
+
+#[test]
+fn budget_is_never_overspent_under_concurrent_fanouts() {
+    let (_d, p) = setup();
+    p.create(paced_out(campaign("b", 1000, 1000))).unwrap();
+    std::thread::scope(|s| {
+        for t in 0..8 {
+            let p = p.clone();
+            s.spawn(move || {
+                for round in 0..20u64 {
+                    let seq = (t * 1000 + round + 1) * 5;
+                    let Some(ev) = p.after_post(&ch("a"), seq, 300) else {
+                        continue;
+                    };
+                    let mut claims = Vec::new();
+                    for f in 0..300 {
+                        if let Some(c) = ev
+                            .slot
+                            .as_ref()
+                            .unwrap()
+                            .claim(&format!("f{t}-{round}-{f}"))
+                        {
+                            claims.push(c);
+                        }
+                    }
+                    // Half the deliveries fail, half are written.
+                    let keep = claims.len().div_ceil(2);
+                    claims.truncate(keep);
+                    claims.into_iter().for_each(|c| c.confirm());
+                    let s = p.get("b").unwrap().2;
+                    assert!(s.impressions + s.reserved <= 1000, "{s:?}");
+                }
+            });
+        }
+    });
+    let s = p.get("b").unwrap().2;
+    assert_eq!(s.impressions, 1000, "{s:?}");
+    assert_eq!(s.reserved, 0);
+    assert_eq!(p.get("b").unwrap().1, State::Exhausted);
+}
+
+#[test]
+fn counts_and_clicks_survive_reopen_and_clicks_dedupe() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let p = Promo::open(dir.path()).unwrap();
+        p.set_channel(
+            "a",
+            ChannelSlot {
+                opt_in: true,
+                every_posts: 5,
+            },
+        )
+        .unwrap();
+        p.create(paced_out(campaign("k", 2_000_000, 100))).unwrap();
+        let ev = p.after_post(&ch("a"), 5, 3).unwrap();
+        let claims: Vec<Box<dyn Impression>> = ["x", "y", "z"]
+            .iter()
+            .filter_map(|f| ev.slot.as_ref().unwrap().claim(f))
+            .collect();
+        claims.into_iter().for_each(|c| c.confirm());
+        assert!(p.click("x", "k").unwrap());
+        assert!(!p.click("x", "k").unwrap(), "second click is not counted");
+        assert!(!p.click("never-shown", "k").unwrap());
+        assert!(p.click("x", "nope").is_err());
+        p.flush().unwrap();
+    }
+    let p = Promo::open(dir.path()).unwrap();
+    let (_, _, s) = p.get("k").unwrap();
+    assert_eq!(
+        (s.impressions, s.clicks, s.reach, s.spend_micros),
+        (3, 1, 3, 6_000)
+    );
+    assert_eq!(
+        p.channel("a"),
+        (
+            ChannelSlot {
+                opt_in: true,
+                every_posts: 5
+            },
+            3
+        )
+    );
+    assert!(!p.click("x", "k").unwrap(), "click dedupe survives restart");
+    assert!(p.click("y", "k").unwrap());
+}

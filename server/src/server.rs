@@ -1,0 +1,503 @@
+//! The server as a type: [`Server::bind`] sets everything up (data directory,
+//! secrets, certificate, log, hub, QUIC endpoint, HTTP listener) and reports
+//! the bound addresses; [`Server::run`] serves until the shutdown future
+//! resolves.
+//!
+//! Lifecycle: every task the server starts (each session, each HTTP
+//! connection, the background loops) runs on one [`TaskTracker`]. Shutdown
+//! cancels one token (`stop`): accepting ends, every session is closed with
+//! code `shutting_down`, HTTP connections finish the request in flight.
+//! After [`SHUTDOWN_GRACE`] a second token (`kill`) drops whatever still
+//! runs. Then the promo counts are flushed and the log, the promo ledger and
+//! the tenancy store are closed, so when `run` returns the data directory
+//! can be opened again at once.
+//!
+//! Tests bind port 0 and pass their own shutdown future.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::auth::{Secrets, TokenIssuer, TokenVerifier};
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::promo::{Promo, PromoError};
+use crate::session::{FollowerConnections, Session, SessionContext, SessionError};
+use crate::store::{ChannelLog, EventSink, RedbLog, StoreError, TrimPolicy};
+use crate::tenancy::Tenancy;
+use crate::tls::{CertStore, TlsError};
+use herald_proto::ErrorCode;
+
+/// How long shutdown waits for connections to close and HTTP requests to finish.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Start-up failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Secrets(#[from] crate::auth::SecretsError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("log: {0}")]
+    Store(#[from] StoreError),
+    #[error("cannot bind QUIC on {addr}: {source}")]
+    BindQuic {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot bind HTTP on {addr}: {source}")]
+    BindHttp {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Promo(#[from] PromoError),
+    #[error("invalid transport setting: {0}")]
+    Transport(String),
+    #[error("auth.jwks_file: {0}")]
+    Jwks(#[from] crate::auth::JwksError),
+    #[error("tenancy: {0}")]
+    Tenancy(#[from] crate::tenancy::TenancyError),
+}
+
+/// A bound, not yet running server.
+pub struct Server {
+    config: Config,
+    endpoint: quinn::Endpoint,
+    http: tokio::net::TcpListener,
+    hub: Arc<Hub>,
+    log: Arc<dyn ChannelLog>,
+    promo: Arc<Promo>,
+    certs: Arc<CertStore>,
+    secrets: Secrets,
+    verifier: TokenVerifier,
+    tenancy: Arc<Tenancy>,
+    quic_addr: SocketAddr,
+    http_addr: SocketAddr,
+}
+
+impl Server {
+    /// Prepares the data directory and binds both listeners.
+    pub async fn bind(config: Config) -> Result<Server, ServerError> {
+        let dir = config.data_dir.clone();
+        std::fs::create_dir_all(&dir).map_err(|source| ServerError::DataDir {
+            path: dir.clone(),
+            source,
+        })?;
+        let secrets = Secrets::load_or_create(&dir)?;
+        let certs = match (&config.tls.cert, &config.tls.key) {
+            (Some(c), Some(k)) => CertStore::from_files(c, k)?,
+            _ => CertStore::self_signed(&dir)?,
+        };
+
+        let hub = Arc::new(Hub::default());
+        let promo = Promo::open(&dir)?;
+        let (sink_hub, sink_promo) = (hub.clone(), promo.clone());
+        let sink: EventSink = Arc::new(move |events| {
+            // After an organic post, the channel's promoted slot may open.
+            sink_hub.publish_log_with(events, |p, followers| {
+                sink_promo.after_post(&p.channel, p.seq, followers)
+            });
+        });
+        let log: Arc<dyn ChannelLog> = RedbLog::open(&dir, sink)?;
+        let tenancy = Tenancy::open(&dir)?;
+        let mut verifier = TokenVerifier::hs256(secrets.jwt_secret.as_bytes())
+            .with_issuer(config.auth.issuer.clone())
+            .with_audience(config.auth.audience.clone());
+        if let Some(path) = &config.auth.jwks_file {
+            verifier = verifier.with_public_keys(crate::auth::jwks::load(path)?);
+        }
+
+        let mut server_config =
+            quinn::ServerConfig::with_crypto(Arc::new(crate::tls::server_crypto(certs.clone())?));
+        server_config.transport_config(Arc::new(transport(&config)?));
+        let bind_err = |source| ServerError::BindQuic {
+            addr: config.quic_addr,
+            source,
+        };
+        let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, secrets.reset_key.as_bytes());
+        // Connection ids are validated with a key too; derive it from the same
+        // persisted secret so a restarted server recognises the ids of the
+        // previous process and answers them with a stateless reset.
+        let tag = ring::hmac::sign(&reset_key, b"herald connection id key");
+        let mut cid_key = [0u8; 8];
+        cid_key.copy_from_slice(&tag.as_ref()[..8]);
+        let cid_key = u64::from_le_bytes(cid_key);
+        let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+        endpoint_config.cid_generator(move || {
+            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
+        });
+        let endpoint = crate::udp::endpoint(config.quic_addr, endpoint_config, Some(server_config))
+            .map_err(bind_err)?;
+        let quic_addr = endpoint
+            .local_addr()
+            .map_err(|source| ServerError::BindQuic {
+                addr: config.quic_addr,
+                source,
+            })?;
+        let http = tokio::net::TcpListener::bind(config.http_addr)
+            .await
+            .map_err(|source| ServerError::BindHttp {
+                addr: config.http_addr,
+                source,
+            })?;
+        let http_addr = http.local_addr().map_err(|source| ServerError::BindHttp {
+            addr: config.http_addr,
+            source,
+        })?;
+        Ok(Server {
+            config,
+            endpoint,
+            http,
+            hub,
+            log,
+            promo,
+            certs,
+            secrets,
+            verifier,
+            tenancy,
+            quic_addr,
+            http_addr,
+        })
+    }
+
+    /// The bound QUIC address.
+    pub fn quic_addr(&self) -> SocketAddr {
+        self.quic_addr
+    }
+
+    /// The bound HTTP address.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// The secrets in use.
+    pub fn secrets(&self) -> &Secrets {
+        &self.secrets
+    }
+
+    /// The configuration in use.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The certificate a client should trust: the operator's (verify it
+    /// against its CA) or the self-signed one in the data directory (pin it).
+    pub fn certificate_file(&self) -> PathBuf {
+        match &self.config.tls.cert {
+            Some(c) => c.clone(),
+            None => self.config.data_dir.join(crate::tls::CERT_FILE),
+        }
+    }
+
+    /// Mints follower tokens signed with this server's secret.
+    pub fn token_issuer(&self) -> TokenIssuer {
+        TokenIssuer::hs256(self.secrets.jwt_secret.as_bytes())
+    }
+
+    /// The log, for embedding and tests.
+    pub fn log(&self) -> Arc<dyn ChannelLog> {
+        self.log.clone()
+    }
+
+    /// Brands, keys and channel ownership, for embedding and tests.
+    pub fn tenancy(&self) -> Arc<Tenancy> {
+        self.tenancy.clone()
+    }
+
+    /// The hub, for embedding and tests.
+    pub fn hub(&self) -> Arc<Hub> {
+        self.hub.clone()
+    }
+
+    /// Serves until `shutdown` resolves; see the module docs for the order
+    /// of shutdown. Returns once every task the server started has ended and
+    /// every database is closed.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) {
+        let tasks = TaskTracker::new();
+        // Graceful: stop accepting, let requests and sessions finish.
+        let stop = CancellationToken::new();
+        // The grace period is over: drop whatever is still running.
+        let kill = CancellationToken::new();
+        let ctx = Arc::new(SessionContext {
+            hub: self.hub.clone(),
+            log: self.log.clone(),
+            promo: self.promo.clone(),
+            verifier: self.verifier.clone(),
+            limits: self.config.limits.clone(),
+            connections: FollowerConnections::new(self.config.limits.max_connections_per_follower),
+        });
+
+        let api = crate::api::router(crate::api::ApiState {
+            log: self.log.clone(),
+            hub: self.hub.clone(),
+            promo: self.promo.clone(),
+            admin_key: Arc::from(self.secrets.admin_key.as_str()),
+            tenancy: self.tenancy.clone(),
+            publish_limiter: Arc::new(crate::limits::PublishLimiter::new(
+                self.config.limits.publish_per_sec,
+                self.config.limits.publish_burst,
+            )),
+            metrics: crate::metrics::install(),
+        });
+        tasks.spawn(crate::api::serve(
+            self.http,
+            api,
+            self.config.limits.http(),
+            tasks.clone(),
+            stop.clone(),
+            kill.clone(),
+        ));
+        tasks.spawn(retention_loop(
+            self.log.clone(),
+            self.config.retention.clone(),
+            stop.clone(),
+        ));
+        tasks.spawn(cert_renewal_loop(self.certs.clone(), stop.clone()));
+        tasks.spawn(promo_flush_loop(self.promo.clone(), stop.clone()));
+        tasks.spawn(metrics_upkeep_loop(stop.clone()));
+
+        accept_loop(&self.endpoint, ctx, &tasks, &kill, shutdown).await;
+
+        tracing::info!("shutting down");
+        stop.cancel();
+        self.endpoint.close(
+            quinn::VarInt::from_u32(ErrorCode::ShuttingDown.as_u32()),
+            b"server shutting down",
+        );
+        tasks.close();
+        if tokio::time::timeout(SHUTDOWN_GRACE, tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "requests or sessions still running after the grace period; dropping them"
+            );
+            kill.cancel();
+            tasks.wait().await;
+        }
+        // Let the close frames leave before the socket goes.
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, self.endpoint.wait_idle()).await;
+        // Sessions are gone: count what they delivered, durably.
+        match self.promo.run(|p| p.flush()).await {
+            Ok(()) => {}
+            Err(e) => tracing::error!(error = %e, "final promo flush failed"),
+        }
+        self.tenancy.close().await;
+        self.promo.close().await;
+        if let Err(e) = self.log.close().await {
+            tracing::error!(error = %e, "closing the log failed");
+        }
+    }
+}
+
+fn transport(config: &Config) -> Result<quinn::TransportConfig, ServerError> {
+    let limits = &config.limits;
+    let mut t = quinn::TransportConfig::default();
+    // One control stream from the follower; it opens no unidirectional streams.
+    t.max_concurrent_bidi_streams(1u32.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    // Small windows bound what one slow or hostile follower makes us hold.
+    t.stream_receive_window((64u32 * 1024).into());
+    t.receive_window((128u32 * 1024).into());
+    t.send_window(1024 * 1024);
+    t.datagram_receive_buffer_size(None);
+    t.mtu_discovery_config(None);
+    t.keep_alive_interval(None);
+    let idle = quinn::IdleTimeout::try_from(limits.idle_timeout())
+        .map_err(|e| ServerError::Transport(e.to_string()))?;
+    t.max_idle_timeout(Some(idle));
+    Ok(t)
+}
+
+/// Accepts connections until `shutdown`, bounding connections and
+/// handshakes; each session is a task on `tasks`, dropped on `kill`.
+async fn accept_loop(
+    endpoint: &quinn::Endpoint,
+    ctx: Arc<SessionContext>,
+    tasks: &TaskTracker,
+    kill: &CancellationToken,
+    shutdown: impl Future<Output = ()>,
+) {
+    let handshakes = Arc::new(Semaphore::new(ctx.limits.max_concurrent_handshakes));
+    let open = Arc::new(AtomicUsize::new(0));
+    let next_id = AtomicU64::new(1);
+    tokio::pin!(shutdown);
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept() => match i {
+                Some(i) => i,
+                None => break,
+            },
+            _ = &mut shutdown => break,
+        };
+        if open.load(Ordering::Relaxed) >= ctx.limits.max_connections {
+            tracing::warn!(
+                limit = ctx.limits.max_connections,
+                "connection limit reached; refusing"
+            );
+            incoming.refuse();
+            continue;
+        }
+        let guard = OpenGuard::new(open.clone());
+        let id = next_id.fetch_add(1, Ordering::Relaxed);
+        let ctx = ctx.clone();
+        let handshakes = handshakes.clone();
+        let kill = kill.clone();
+        let span = tracing::info_span!("session", id, peer = %incoming.remote_address());
+        let session = async move {
+            let _guard = guard;
+            let conn = {
+                let Ok(_permit) = handshakes.acquire().await else {
+                    return;
+                };
+                match incoming.await {
+                    Ok(c) => {
+                        metrics::counter!(crate::metrics::HANDSHAKES, "result" => "ok")
+                            .increment(1);
+                        c
+                    }
+                    Err(e) => {
+                        metrics::counter!(crate::metrics::HANDSHAKES, "result" => "failed")
+                            .increment(1);
+                        tracing::debug!(error = %e, "handshake failed");
+                        return;
+                    }
+                }
+            };
+            match (Session { id, conn, ctx }).run().await {
+                Ok(_) => tracing::debug!("session ended"),
+                Err(SessionError::Closed { code, message }) => {
+                    tracing::info!(%code, %message, "session closed by server")
+                }
+                Err(e) => tracing::debug!(error = %e, "session ended"),
+            }
+        };
+        tasks.spawn(
+            async move {
+                tokio::select! {
+                    _ = session => {}
+                    _ = kill.cancelled() => {}
+                }
+            }
+            .instrument(span),
+        );
+    }
+}
+
+/// Counts a connection as open until dropped.
+struct OpenGuard(Arc<AtomicUsize>);
+
+impl OpenGuard {
+    fn new(open: Arc<AtomicUsize>) -> OpenGuard {
+        open.fetch_add(1, Ordering::Relaxed);
+        metrics::gauge!(crate::metrics::CONNECTIONS_OPEN).increment(1.0);
+        OpenGuard(open)
+    }
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+        metrics::gauge!(crate::metrics::CONNECTIONS_OPEN).decrement(1.0);
+    }
+}
+
+/// Trims every channel by the retention policy, periodically.
+async fn retention_loop(
+    log: Arc<dyn ChannelLog>,
+    retention: crate::config::Retention,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(retention.interval_secs));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        let policy = TrimPolicy {
+            // 0 days means no age limit, like 0 posts means no count limit.
+            older_than_ms: if retention.max_age_days == 0 {
+                i64::MIN
+            } else {
+                crate::model::now_ms().saturating_sub(
+                    (retention.max_age_days as i64).saturating_mul(24 * 3600 * 1000),
+                )
+            },
+            keep_max: retention.max_posts,
+        };
+        for c in log.channels() {
+            loop {
+                match log.trim(c.id.clone(), policy).await {
+                    Ok(n) if n > 0 => {
+                        tracing::info!(channel = %c.id, removed = n, "retention trim")
+                    }
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!(channel = %c.id, error = %e, "retention trim failed");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Compacts histogram storage periodically, so memory stays bounded when
+/// nobody scrapes `/metrics`.
+async fn metrics_upkeep_loop(stop: CancellationToken) {
+    let handle = crate::metrics::install();
+    let mut tick = tokio::time::interval(crate::metrics::UPKEEP_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        handle.run_upkeep();
+    }
+}
+
+/// Renews a self-signed certificate near expiry while running.
+async fn cert_renewal_loop(certs: Arc<CertStore>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(3600));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        let certs = certs.clone();
+        match tokio::task::spawn_blocking(move || certs.renew_if_needed()).await {
+            Ok(Ok(true)) => tracing::info!("renewed the self-signed certificate"),
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "certificate renewal failed"),
+            Err(e) => tracing::warn!(error = %e, "certificate renewal task failed"),
+        }
+    }
+}
+
+/// Flushes promo counts to disk in batches.
+async fn promo_flush_loop(promo: Arc<Promo>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(crate::promo::FLUSH_INTERVAL);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        if let Err(e) = promo.run(|p| p.flush()).await {
+            tracing::warn!(error = %e, "promo flush failed; will retry");
+        }
+    }
+}

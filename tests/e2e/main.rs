@@ -1,0 +1,17 @@
+//! End-to-end tests: a real server on 127.0.0.1 port 0, real QUIC through the
+//! public client library, real HTTP. One test binary (linking the whole
+//! server once), one module per promise; the shared set-up is [`harness`].
+
+mod harness;
+
+mod bad_input;
+mod brand_api;
+mod crash;
+mod edits_under_lag;
+mod fanout;
+mod follower_auth;
+mod lagging;
+mod lifecycle;
+mod promo;
+mod resume;
+mod slow_follower;
