@@ -10,6 +10,9 @@ use herald_proto::frame::{encode_frame, FrameError, FrameReader};
 use herald_proto::v1 as pb;
 use herald_proto::ErrorCode;
 
+/// The request id of Hello (the driver numbers later requests after it).
+pub(crate) const HELLO_REQUEST_ID: u64 = 1;
+
 /// Largest control frame the client accepts.
 const MAX_CONTROL_FRAME: usize = 64 * 1024;
 
@@ -195,7 +198,7 @@ impl Conn {
             .await?;
         let (mut ctl_send, ctl_recv) = conn.open_bi().await?;
         let hello = pb::ClientFrame {
-            request_id: 0,
+            request_id: HELLO_REQUEST_ID,
             kind: Some(pb::client_frame::Kind::Hello(pb::Hello {
                 token: opts.token.clone(),
                 client_name: opts.client_name.clone(),

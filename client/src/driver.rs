@@ -110,7 +110,7 @@ impl Driver {
             events,
             stats,
             channels: HashMap::new(),
-            next_request: 1,
+            next_request: super::conn::HELLO_REQUEST_ID + 1,
         }
     }
 

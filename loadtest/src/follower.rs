@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use herald_client::{Client, ClientOptions, Event};
 use tokio::sync::{watch, Notify, Semaphore};
 
-use crate::publisher::parse_send_time;
+use crate::post_text::parse_send_time;
 
 /// Counters and signals every follower shares.
 pub struct Shared {

@@ -19,6 +19,7 @@ pub mod campaign;
 pub mod follower;
 pub mod options;
 pub mod plan;
+pub mod post_text;
 pub mod probe;
 pub mod publisher;
 pub mod report;

@@ -101,11 +101,11 @@ impl Options {
         if self.follows == 0 {
             return bad("follows must be at least 1");
         }
-        if self.size < crate::publisher::MIN_SIZE || self.size > crate::publisher::MAX_SIZE {
+        if self.size < crate::post_text::MIN_SIZE || self.size > crate::post_text::MAX_SIZE {
             return bad(&format!(
                 "size must be between {} and {} bytes",
-                crate::publisher::MIN_SIZE,
-                crate::publisher::MAX_SIZE
+                crate::post_text::MIN_SIZE,
+                crate::post_text::MAX_SIZE
             ));
         }
         if !(self.rate >= 0.0 && self.rate.is_finite()) {

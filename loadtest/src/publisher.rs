@@ -1,8 +1,7 @@
 //! Publishing the posts over the HTTP API, paced or in a burst.
 //!
-//! Each post's text starts with its send time in microseconds since the Unix
-//! epoch, then its number, padded to the requested size; followers read the
-//! time back to measure publish-to-delivery latency. Paced runs publish one
+//! Each post's text carries its send time ([`crate::post_text`]); followers
+//! read it back to measure publish-to-delivery latency. Paced runs publish one
 //! post per `1 / rate` seconds; a burst (rate 0) publishes them all at once.
 //! Either way at most `publish_concurrency` requests are in flight.
 
@@ -14,26 +13,8 @@ use tokio::sync::Semaphore;
 
 use crate::follower::Shared;
 use crate::plan::Plan;
+use crate::post_text::post_text;
 use crate::Options;
-
-/// Smallest post size: room for the timestamp and the post number.
-pub const MIN_SIZE: usize = 32;
-/// Largest post size the server accepts.
-pub const MAX_SIZE: usize = herald_server::model::MAX_POST_TEXT_BYTES;
-
-/// The text of post `index`, sent at `sent_us`, `size` bytes long.
-pub fn post_text(sent_us: u64, index: usize, size: usize) -> String {
-    let mut s = format!("{sent_us} {index} ");
-    if s.len() < size {
-        s.extend(std::iter::repeat_n('x', size - s.len()));
-    }
-    s
-}
-
-/// The send time carried by a post's text.
-pub fn parse_send_time(text: &str) -> Option<u64> {
-    text.split(' ').next()?.parse().ok()
-}
 
 /// How publishing went.
 #[derive(Debug, Default)]
@@ -110,17 +91,4 @@ pub async fn publish_all(
     }
     out.wall = started.elapsed();
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn text_has_size_and_time() {
-        let t = post_text(1_700_000_000_000_000, 42, 256);
-        assert_eq!(t.len(), 256);
-        assert_eq!(parse_send_time(&t), Some(1_700_000_000_000_000));
-        assert!(post_text(1, 2, 3).len() >= 3);
-    }
 }

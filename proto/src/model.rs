@@ -197,6 +197,18 @@ pub enum ClientRequest {
     },
 }
 
+impl ClientRequest {
+    /// The channel the request is about, if any.
+    pub fn channel(&self) -> Option<&ChannelId> {
+        match self {
+            ClientRequest::Follow(f) => Some(&f.channel),
+            ClientRequest::Unfollow(c) => Some(c),
+            ClientRequest::Click { channel, .. } => Some(channel),
+            ClientRequest::Hello { .. } | ClientRequest::Refresh { .. } => None,
+        }
+    }
+}
+
 fn check_token(token: String) -> Result<String, InvalidField> {
     if token.len() > MAX_TOKEN_BYTES {
         return Err(invalid(format!(

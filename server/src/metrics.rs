@@ -9,9 +9,10 @@
 //!
 //! One recorder serves the whole process ([`install`] is idempotent and
 //! tolerates a recorder installed by someone else), because tests start many
-//! servers in one process. Process CPU seconds and resident memory (current
-//! and peak) are read from `/proc/self` when rendered, so a load tester can
-//! measure a server it did not start.
+//! servers in one process. The standard `process_*` figures (CPU seconds,
+//! resident memory, open descriptors, threads) come from `metrics-process`
+//! when rendered, plus the peak resident memory it lacks, so a load tester
+//! can measure a server it did not start.
 
 use std::sync::OnceLock;
 use std::time::Duration;
@@ -50,9 +51,10 @@ pub const COMMIT_SECONDS: &str = "herald_store_commit_seconds";
 pub const COMMIT_BATCH_SIZE: &str = "herald_store_commit_batch_size";
 /// Counter: HTTP connections answered 503 because the connection cap was reached.
 pub const HTTP_REFUSED: &str = "herald_http_connections_refused_total";
-/// Gauge: CPU seconds (user + system) this process has used.
+/// CPU seconds (user + system) this process has used (from `metrics-process`,
+/// with its other `process_*` figures).
 pub const PROCESS_CPU_SECONDS: &str = "process_cpu_seconds_total";
-/// Gauge: resident memory now, in bytes.
+/// Resident memory now, in bytes (from `metrics-process`).
 pub const PROCESS_RSS_BYTES: &str = "process_resident_memory_bytes";
 /// Gauge: peak resident memory, in bytes.
 pub const PROCESS_PEAK_RSS_BYTES: &str = "process_resident_memory_max_bytes";
@@ -98,76 +100,35 @@ pub fn install() -> PrometheusHandle {
 
 /// The exposition text, with the process figures refreshed first.
 pub fn render(handle: &PrometheusHandle) -> String {
-    if let Some(p) = ProcessStats::read_self() {
-        metrics::gauge!(PROCESS_CPU_SECONDS).set(p.cpu_seconds);
-        metrics::gauge!(PROCESS_RSS_BYTES).set(p.rss_bytes as f64);
-        metrics::gauge!(PROCESS_PEAK_RSS_BYTES).set(p.peak_rss_bytes as f64);
+    static PROCESS: OnceLock<metrics_process::Collector> = OnceLock::new();
+    let process = PROCESS.get_or_init(|| {
+        let c = metrics_process::Collector::default();
+        c.describe();
+        c
+    });
+    process.collect();
+    if let Some(peak) = peak_rss_bytes() {
+        metrics::gauge!(PROCESS_PEAK_RSS_BYTES).set(peak as f64);
     }
     handle.render()
 }
 
-/// CPU and memory of a process, from `/proc` (Linux only).
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct ProcessStats {
-    /// User plus system CPU time.
-    pub cpu_seconds: f64,
-    /// Resident set size now (VmRSS).
-    pub rss_bytes: u64,
-    /// Peak resident set size (VmHWM).
-    pub peak_rss_bytes: u64,
-}
-
-impl ProcessStats {
-    /// This process.
-    pub fn read_self() -> Option<ProcessStats> {
-        Self::read("self")
-    }
-
-    /// Process `pid`.
-    pub fn read_pid(pid: u32) -> Option<ProcessStats> {
-        Self::read(&pid.to_string())
-    }
-
-    fn read(which: &str) -> Option<ProcessStats> {
-        let stat = std::fs::read_to_string(format!("/proc/{which}/stat")).ok()?;
-        let status = std::fs::read_to_string(format!("/proc/{which}/status")).ok()?;
-        Some(ProcessStats {
-            cpu_seconds: cpu_seconds_from_stat(&stat)?,
-            rss_bytes: status_kib(&status, "VmRSS:")? * 1024,
-            peak_rss_bytes: status_kib(&status, "VmHWM:")? * 1024,
-        })
-    }
-}
-
-/// utime + stime from a `/proc/<pid>/stat` line, assuming 100 clock ticks/s
-/// (the value on every Linux platform Rust supports without libc lookups).
-fn cpu_seconds_from_stat(stat: &str) -> Option<f64> {
-    // The command name is in parentheses and may contain spaces: skip past it.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // After ')' come state (field 3) ... utime is field 14, stime field 15.
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) as f64 / 100.0)
-}
-
-fn status_kib(status: &str, key: &str) -> Option<u64> {
-    let line = status.lines().find(|l| l.starts_with(key))?;
-    line[key.len()..].split_whitespace().next()?.parse().ok()
+/// Peak resident memory of this process (VmHWM), which `metrics-process`
+/// does not report; Linux only (`None` elsewhere).
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line["VmHWM:".len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_proc_stat_and_status() {
-        let stat = "123 (my (odd) name) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0";
-        assert_eq!(cpu_seconds_from_stat(stat), Some(3.0));
-        let status = "Name:\tx\nVmHWM:\t  2048 kB\nVmRSS:\t  1024 kB\n";
-        assert_eq!(status_kib(status, "VmRSS:"), Some(1024));
-        assert_eq!(status_kib(status, "VmHWM:"), Some(2048));
-    }
 
     #[test]
     fn install_twice_and_render() {
@@ -176,5 +137,8 @@ mod tests {
         metrics::counter!(POSTS_PUBLISHED).increment(1);
         let text = render(&a);
         assert!(text.contains(POSTS_PUBLISHED), "{text}");
+        assert!(text.contains(PROCESS_CPU_SECONDS), "{text}");
+        assert!(text.contains(PROCESS_RSS_BYTES), "{text}");
+        assert!(text.contains(PROCESS_PEAK_RSS_BYTES), "{text}");
     }
 }

@@ -246,6 +246,31 @@ mod tests {
     }
 
     #[test]
+    fn a_certificate_near_expiry_is_renewed_and_swapped_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = CertStore::self_signed(dir.path()).unwrap();
+        let first = store.get().cert[0].clone();
+        // Time passes: the file on disk now holds a certificate with a day left.
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::days(13);
+        params.not_after = now + time::Duration::days(1);
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let old = params.self_signed(&key).unwrap();
+        fs::write(dir.path().join(CERT_FILE), old.pem()).unwrap();
+        fs::write(dir.path().join(KEY_FILE), key.serialize_pem()).unwrap();
+        assert!(store.renew_if_needed().unwrap(), "a day left: renewed");
+        let swapped = store.get().cert[0].clone();
+        assert_ne!(swapped, first);
+        assert_ne!(swapped.as_ref(), old.der().as_ref());
+        // What is served is what is on disk, valid for two weeks again.
+        let on_disk = fs::read(dir.path().join(CERT_FILE)).unwrap();
+        assert_eq!(load_certs(&dir.path().join(CERT_FILE)).unwrap()[0], swapped);
+        assert!(seconds_left(&on_disk).unwrap() > 13 * 24 * 3600);
+        assert!(!store.renew_if_needed().unwrap(), "fresh again: kept");
+    }
+
+    #[test]
     fn garbage_cert_file_is_replaced() {
         let dir = tempfile::tempdir().unwrap();
         fs::create_dir_all(dir.path().join("tls")).unwrap();

@@ -13,10 +13,10 @@ use axum::http::request::Parts;
 
 use super::error::ApiError;
 use super::ApiState;
-use crate::auth::constant_time_eq;
 use crate::model::{ChannelId, ChannelInfo};
 use crate::tenancy::{KeyRecord, KeyRefused, Role, ALL_CHANNELS};
 use herald_proto::ErrorCode;
+use subtle::ConstantTimeEq;
 
 /// An authenticated caller.
 #[derive(Debug, Clone)]
@@ -45,7 +45,7 @@ impl FromRequestParts<ApiState> for Caller {
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::trim)
             .ok_or_else(|| ApiError::unauthorized("Authorization must be 'Bearer <key>'"))?;
-        if constant_time_eq(key.as_bytes(), state.admin_key.as_bytes()) {
+        if bool::from(key.as_bytes().ct_eq(state.admin_key.as_bytes())) {
             return Ok(Caller::Admin);
         }
         match state.tenancy.authenticate(key) {

@@ -168,20 +168,10 @@ pub struct UpdateCampaign {
     pub budget_impressions: Option<u64>,
     pub cpm_bid_micros: Option<u64>,
     /// `null` removes the cap.
-    #[serde(default, with = "double_option")]
+    #[serde(default, with = "::serde_with::rust::double_option")]
     pub frequency_cap: Option<Option<FrequencyCap>>,
     pub start_ms: Option<i64>,
     pub end_ms: Option<i64>,
-}
-
-mod double_option {
-    use serde::{Deserialize, Deserializer};
-
-    pub fn deserialize<'de, T: Deserialize<'de>, D: Deserializer<'de>>(
-        d: D,
-    ) -> Result<Option<Option<T>>, D::Error> {
-        Option::<T>::deserialize(d).map(Some)
-    }
 }
 
 #[utoipa::path(patch, path = "/v1/campaigns/{id}", tag = "campaigns",

@@ -4,12 +4,12 @@
 //! closed), and connections open at once per follower id.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use dashmap::DashMap;
 
 use crate::config::Limits;
-use crate::limits::TokenBucket;
+use crate::limits::Rate;
 
 /// What to do with a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,25 +23,26 @@ pub enum Verdict {
 
 /// One connection's rate state.
 pub struct ConnLimits {
-    control: TokenBucket,
-    follows: TokenBucket,
+    control: Rate,
+    follows: Rate,
     /// Refusals left before closing; refills one per second.
-    strikes: TokenBucket,
+    strikes: Rate,
 }
 
 impl ConnLimits {
-    pub fn new(l: &Limits, now: Instant) -> ConnLimits {
+    /// Full buckets for a new connection.
+    pub fn new(l: &Limits) -> ConnLimits {
         ConnLimits {
-            control: TokenBucket::new(l.control_frames_per_sec, l.control_frame_burst, now),
-            follows: TokenBucket::new(l.follows_per_sec, l.follow_burst, now),
-            strikes: TokenBucket::new(1.0, l.rate_limit_strikes, now),
+            control: Rate::new(l.control_frames_per_sec, l.control_frame_burst),
+            follows: Rate::new(l.follows_per_sec, l.follow_burst),
+            strikes: Rate::new(1.0, l.rate_limit_strikes),
         }
     }
 
-    fn verdict(strikes: &mut TokenBucket, r: Result<(), Duration>, now: Instant) -> Verdict {
+    fn verdict(&self, r: Result<(), Duration>) -> Verdict {
         match r {
             Ok(()) => Verdict::Allow,
-            Err(wait) => match strikes.try_take(now) {
+            Err(wait) => match self.strikes.take() {
                 Ok(()) => Verdict::Refuse(wait),
                 Err(_) => Verdict::Close,
             },
@@ -49,15 +50,13 @@ impl ConnLimits {
     }
 
     /// Any control frame after Hello.
-    pub fn control_frame(&mut self, now: Instant) -> Verdict {
-        let r = self.control.try_take(now);
-        Self::verdict(&mut self.strikes, r, now)
+    pub fn control_frame(&self) -> Verdict {
+        self.verdict(self.control.take())
     }
 
     /// A Follow request (also counted as a control frame).
-    pub fn follow(&mut self, now: Instant) -> Verdict {
-        let r = self.follows.try_take(now);
-        Self::verdict(&mut self.strikes, r, now)
+    pub fn follow(&self) -> Verdict {
+        self.verdict(self.follows.take())
     }
 }
 
@@ -122,13 +121,12 @@ mod tests {
             rate_limit_strikes: 2,
             ..Limits::default()
         };
-        let t = Instant::now();
-        let mut c = ConnLimits::new(&l, t);
-        assert_eq!(c.control_frame(t), Verdict::Allow);
-        assert_eq!(c.control_frame(t), Verdict::Allow);
-        assert!(matches!(c.control_frame(t), Verdict::Refuse(_)));
-        assert!(matches!(c.control_frame(t), Verdict::Refuse(_)));
-        assert_eq!(c.control_frame(t), Verdict::Close);
+        let c = ConnLimits::new(&l);
+        assert_eq!(c.control_frame(), Verdict::Allow);
+        assert_eq!(c.control_frame(), Verdict::Allow);
+        assert!(matches!(c.control_frame(), Verdict::Refuse(_)));
+        assert!(matches!(c.control_frame(), Verdict::Refuse(_)));
+        assert_eq!(c.control_frame(), Verdict::Close);
     }
 
     #[test]

@@ -161,8 +161,10 @@ impl Session {
     /// Serves the connection until it ends.
     pub async fn run(self) -> Result<FeedStats, SessionError> {
         let limits = &self.ctx.limits;
+        // One deadline for the control stream and the Hello on it.
+        let hello_by = Instant::now() + limits.hello_timeout();
         let (mut ctl_send, ctl_recv) =
-            match timeout(limits.hello_timeout(), self.conn.accept_bi()).await {
+            match tokio::time::timeout_at(hello_by, self.conn.accept_bi()).await {
                 Ok(r) => r?,
                 Err(_) => {
                     return Err(close(
@@ -177,33 +179,30 @@ impl Session {
             .with_idle_capacity(CONTROL_IDLE_BUFFER);
 
         // Hello.
-        let first = match timeout(
-            limits.hello_timeout(),
-            reader.read_frame::<pb::ClientFrame>(),
-        )
-        .await
-        {
-            Err(_) => {
-                return Err(close(
-                    &self.conn,
-                    ErrorCode::HelloRequired,
-                    "no Hello in time",
-                ))
-            }
-            Ok(Ok(None)) => {
-                return Err(close(
-                    &self.conn,
-                    ErrorCode::HelloRequired,
-                    "stream ended before Hello",
-                ))
-            }
-            Ok(Err(e)) => return Err(close(&self.conn, frame_error_code(&e), &e.to_string())),
-            Ok(Ok(Some(f))) => f,
-        };
-        let token = match <(u64, ClientRequest)>::try_from(first) {
-            Ok((_, ClientRequest::Hello { token, client_name })) => {
+        let first =
+            match tokio::time::timeout_at(hello_by, reader.read_frame::<pb::ClientFrame>()).await {
+                Err(_) => {
+                    return Err(close(
+                        &self.conn,
+                        ErrorCode::HelloRequired,
+                        "no Hello in time",
+                    ))
+                }
+                Ok(Ok(None)) => {
+                    return Err(close(
+                        &self.conn,
+                        ErrorCode::HelloRequired,
+                        "stream ended before Hello",
+                    ))
+                }
+                Ok(Err(FrameError::Io(e))) => return Err(SessionError::Write(e)),
+                Ok(Err(e)) => return Err(close(&self.conn, frame_error_code(&e), &e.to_string())),
+                Ok(Ok(Some(f))) => f,
+            };
+        let (hello_id, token) = match <(u64, ClientRequest)>::try_from(first) {
+            Ok((id, ClientRequest::Hello { token, client_name })) => {
                 tracing::debug!(client = %client_name, "hello");
-                token
+                (id, token)
             }
             Ok(_) => {
                 return Err(close(
@@ -228,7 +227,7 @@ impl Session {
                 ),
             ));
         };
-        let mut rate = ConnLimits::new(limits, std::time::Instant::now());
+        let rate = ConnLimits::new(limits);
         metrics::counter!(crate::metrics::SESSIONS).increment(1);
         let _active = ActiveSession::new();
 
@@ -273,7 +272,7 @@ impl Session {
         };
 
         let welcome = pb::ServerFrame {
-            request_id: 0,
+            request_id: hello_id,
             kind: Some(pb::server_frame::Kind::Welcome(pb::Welcome {
                 session_id: self.id,
                 max_frame_bytes: limits.max_frame_bytes as u32,
@@ -312,10 +311,9 @@ impl Session {
                         Ok(r) => r,
                         Err(e) => return Err(close(&self.conn, ErrorCode::MalformedFrame, &e.to_string())),
                     };
-                    let now = std::time::Instant::now();
-                    let mut verdict = rate.control_frame(now);
+                    let mut verdict = rate.control_frame();
                     if verdict == Verdict::Allow && matches!(req, ClientRequest::Follow(_)) {
-                        verdict = rate.follow(now);
+                        verdict = rate.follow();
                     }
                     let reply = match verdict {
                         Verdict::Allow => self.handle(request_id, req, &mut subs, &mut follower)?,
@@ -323,7 +321,7 @@ impl Session {
                             request_id,
                             ErrorCode::RateLimited,
                             format!("too many requests; retry in {} ms", wait.as_millis().max(1)),
-                            "",
+                            req.channel().map_or("", |c| c.as_str()),
                         ),
                         Verdict::Close => {
                             return Err(close(&self.conn, ErrorCode::RateLimited, "too many requests over the limit"))

@@ -26,8 +26,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio_util::task::TaskTracker;
 
-use crate::auth::constant_time_eq;
 use crate::model::now_ms;
+use subtle::ConstantTimeEq;
 
 /// File name of the tenancy database inside the data directory.
 pub const TENANCY_FILE: &str = "brands.redb";
@@ -260,7 +260,7 @@ impl Tenancy {
     pub fn authenticate(&self, key: &str) -> Result<Arc<KeyRecord>, KeyRefused> {
         let id = key_id(key).ok_or(KeyRefused::Unknown)?;
         let rec = self.key(id).ok_or(KeyRefused::Unknown)?;
-        if !constant_time_eq(hash_key(key).as_bytes(), rec.hash.as_bytes()) {
+        if !bool::from(hash_key(key).as_bytes().ct_eq(rec.hash.as_bytes())) {
             return Err(KeyRefused::Unknown);
         }
         if rec.revoked_at_ms.is_some() {
