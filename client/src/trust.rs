@@ -1,7 +1,11 @@
-//! How a client decides to trust the server: pin the server's self-signed
-//! certificate (exact DER match, and the peer must still prove it holds the
-//! key), or verify its chain and name against CA roots. TLS 1.3 only, with
-//! the ring provider, ALPN `herald/1`.
+//! How a client decides to trust the server: pin the public key of the
+//! server's self-signed certificate, or verify its chain and name against CA
+//! roots. TLS 1.3 only, with the ring provider, ALPN `herald/1`.
+//!
+//! Pinning compares the certificate's SubjectPublicKeyInfo, not its bytes:
+//! the server renews its self-signed certificate every two weeks with the
+//! same key, so a client that pinned it once keeps connecting. The TLS
+//! handshake still proves that the server holds that key.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -57,7 +61,8 @@ fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TrustError> {
 /// How a client decides to trust the server.
 #[derive(Debug, Clone)]
 pub enum ClientTrust {
-    /// Trust exactly these certificates (the server's self-signed certificate).
+    /// Trust a server whose certificate carries the public key of one of
+    /// these certificates (the server's self-signed certificate).
     Pinned(Vec<CertificateDer<'static>>),
     /// Verify the server's chain against these CA certificates and its name.
     Roots(Vec<CertificateDer<'static>>),
@@ -87,7 +92,14 @@ pub fn client_crypto(
         ClientTrust::Pinned(certs) => builder
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(PinnedVerifier {
-                pinned: certs.clone(),
+                pinned: certs
+                    .iter()
+                    .map(|c| {
+                        spki(c).ok_or_else(|| {
+                            TrustError::Quic("a pinned certificate does not parse".into())
+                        })
+                    })
+                    .collect::<Result<_, _>>()?,
                 algorithms: provider.signature_verification_algorithms,
             }))
             .with_no_client_auth(),
@@ -104,11 +116,18 @@ pub fn client_crypto(
         .map_err(|e| TrustError::Quic(e.to_string()))
 }
 
-/// Accepts exactly the pinned end-entity certificates (whatever the name), and
-/// still checks that the peer holds the certificate's private key.
+/// The SubjectPublicKeyInfo (DER) of a certificate, if it parses.
+fn spki(cert: &CertificateDer<'_>) -> Option<Vec<u8>> {
+    let ee = webpki::EndEntityCert::try_from(cert).ok()?;
+    Some(ee.subject_public_key_info().as_ref().to_vec())
+}
+
+/// Accepts an end-entity certificate with a pinned public key (whatever the
+/// name or dates), and still checks that the peer holds the private key.
 #[derive(Debug)]
 struct PinnedVerifier {
-    pinned: Vec<CertificateDer<'static>>,
+    /// SubjectPublicKeyInfo of each pinned certificate.
+    pinned: Vec<Vec<u8>>,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
@@ -121,11 +140,7 @@ impl ServerCertVerifier for PinnedVerifier {
         _ocsp_response: &[u8],
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        if self
-            .pinned
-            .iter()
-            .any(|p| p.as_ref() == end_entity.as_ref())
-        {
+        if spki(end_entity).is_some_and(|k| self.pinned.contains(&k)) {
             Ok(ServerCertVerified::assertion())
         } else {
             Err(rustls::Error::InvalidCertificate(
@@ -154,5 +169,37 @@ impl ServerCertVerifier for PinnedVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cert(key: &rcgen::KeyPair, days: i64) -> CertificateDer<'static> {
+        let mut p = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        let now = time::OffsetDateTime::now_utc();
+        p.not_before = now - time::Duration::days(1);
+        p.not_after = now + time::Duration::days(days);
+        p.self_signed(key).unwrap().der().clone()
+    }
+
+    #[test]
+    fn a_renewed_certificate_with_the_same_key_is_still_trusted() {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let other = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let (old, renewed, stranger) = (cert(&key, 2), cert(&key, 14), cert(&other, 14));
+        assert_ne!(old, renewed);
+        let v = PinnedVerifier {
+            pinned: vec![spki(&old).unwrap()],
+            algorithms: rustls::crypto::ring::default_provider().signature_verification_algorithms,
+        };
+        let name = ServerName::try_from("localhost").unwrap();
+        let check =
+            |c: &CertificateDer<'_>| v.verify_server_cert(c, &[], &name, &[], UnixTime::now());
+        assert!(check(&old).is_ok());
+        assert!(check(&renewed).is_ok());
+        assert!(check(&stranger).is_err());
+        assert!(check(&CertificateDer::from(vec![1, 2, 3])).is_err());
     }
 }

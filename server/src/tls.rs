@@ -4,7 +4,8 @@
 //! pinned or by CA, lives in `herald_client::ClientTrust`.)
 //!
 //! The self-signed certificate is valid for [`SELF_SIGNED_VALIDITY`] and is
-//! replaced when less than [`RENEW_BEFORE`] remains, at start-up and by a
+//! replaced (with the same key, which is what clients pin) when less than
+//! [`RENEW_BEFORE`] remains, at start-up and by a
 //! periodic check while running (see [`CertStore::renew_if_needed`]); the
 //! server picks up a renewed certificate for new handshakes without restarting.
 
@@ -190,7 +191,15 @@ fn ensure_self_signed(cert_path: &Path, key_path: &Path) -> Result<bool, TlsErro
     params
         .distinguished_name
         .push(rcgen::DnType::CommonName, "herald self-signed");
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    // Keep the key across renewals: clients pin the public key, so a renewed
+    // certificate is still the one they trust.
+    let key = match fs::read_to_string(key_path)
+        .ok()
+        .and_then(|pem| rcgen::KeyPair::from_pem(&pem).ok())
+    {
+        Some(k) => k,
+        None => rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?,
+    };
     let cert = params.self_signed(&key)?;
     if let Some(dir) = cert_path.parent() {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
@@ -261,6 +270,11 @@ mod tests {
         fs::write(dir.path().join(KEY_FILE), key.serialize_pem()).unwrap();
         assert!(store.renew_if_needed().unwrap(), "a day left: renewed");
         let swapped = store.get().cert[0].clone();
+        assert_eq!(
+            fs::read_to_string(dir.path().join(KEY_FILE)).unwrap(),
+            key.serialize_pem(),
+            "the key is kept, so clients that pinned it still connect"
+        );
         assert_ne!(swapped, first);
         assert_ne!(swapped.as_ref(), old.der().as_ref());
         // What is served is what is on disk, valid for two weeks again.
