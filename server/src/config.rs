@@ -18,9 +18,13 @@ pub struct Config {
     pub quic_addr: SocketAddr,
     /// TCP address of the HTTP API (port 0 picks a free port).
     pub http_addr: SocketAddr,
+    /// The QUIC endpoint's certificate (`[tls]`).
     pub tls: TlsConfig,
+    /// Bounds on what peers can make the server hold or do (`[limits]`).
     pub limits: Limits,
+    /// How long posts are kept (`[retention]`).
     pub retention: Retention,
+    /// How follower tokens are checked (`[auth]`).
     pub auth: AuthConfig,
 }
 
@@ -31,8 +35,12 @@ pub struct Config {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AuthConfig {
+    /// A JWKS file whose ES256 / RS256 public keys also verify follower
+    /// tokens; `None`: HS256 tokens only. Read once at start-up.
     pub jwks_file: Option<PathBuf>,
+    /// When set, tokens must carry this `iss`; `None`: `iss` is not checked.
     pub issuer: Option<String>,
+    /// When set, tokens must carry this `aud`; `None`: `aud` is not checked.
     pub audience: Option<String>,
 }
 
@@ -40,7 +48,9 @@ pub struct AuthConfig {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TlsConfig {
+    /// PEM file with the certificate chain, leaf first; give it with `key`.
     pub cert: Option<PathBuf>,
+    /// PEM file with the certificate's private key; give it with `cert`.
     pub key: Option<PathBuf>,
 }
 
@@ -67,19 +77,26 @@ pub struct Limits {
     /// A follower that lags more than `max_lag_events` times within
     /// `lag_window_secs` is disconnected with code `lagging_too_often`.
     pub max_lag_events: u32,
+    /// The window, in seconds, in which `max_lag_events` is counted.
     pub lag_window_secs: u64,
     /// Posts read from the log per catch-up step (bounds memory per catch-up).
     pub catchup_batch: usize,
     /// Publishes per second per brand API key (token bucket), and the burst.
     /// Over it the API answers 429 with Retry-After. The admin key is not limited.
     pub publish_per_sec: f64,
+    /// Publishes a brand API key may make at once before `publish_per_sec`
+    /// paces it (the bucket's size); at least 1.
     pub publish_burst: u32,
     /// Follow requests per second per connection, and the burst (a
     /// reconnecting client re-follows everything at once: keep it large).
     pub follows_per_sec: f64,
+    /// Follow requests a connection may make at once before `follows_per_sec`
+    /// paces it; at least 1.
     pub follow_burst: u32,
     /// Control frames per second per connection, and the burst.
     pub control_frames_per_sec: f64,
+    /// Control frames a connection may send at once before
+    /// `control_frames_per_sec` paces it; at least 1.
     pub control_frame_burst: u32,
     /// Requests refused for rate a connection may make (refilling at one per
     /// second) before it is closed with `rate_limited`.
@@ -130,12 +147,15 @@ impl Limits {
         }
     }
 
+    /// `hello_timeout_secs` as a duration.
     pub fn hello_timeout(&self) -> Duration {
         Duration::from_secs(self.hello_timeout_secs)
     }
+    /// `idle_timeout_secs` as a duration.
     pub fn idle_timeout(&self) -> Duration {
         Duration::from_secs(self.idle_timeout_secs)
     }
+    /// `lag_window_secs` as a duration.
     pub fn lag_window(&self) -> Duration {
         Duration::from_secs(self.lag_window_secs)
     }
@@ -147,7 +167,11 @@ impl Limits {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Retention {
+    /// Posts older than this many days are trimmed; 0: no age limit
+    /// (default 30).
     pub max_age_days: u64,
+    /// A channel keeps at most this many of its newest posts; 0: no count limit
+    /// (the default).
     pub max_posts: u64,
     /// How often the background trim runs, in seconds.
     pub interval_secs: u64,
@@ -180,16 +204,25 @@ impl Default for Config {
 /// The configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The configuration file could not be read.
     #[error("{path}: {source}")]
     Read {
+        /// The configuration file.
         path: PathBuf,
+        /// Why it could not be read.
         source: std::io::Error,
     },
+    /// The file is not valid TOML for [`Config`] (a syntax error, an unknown
+    /// key, a value of the wrong type).
     #[error("{path}: {source}")]
     Parse {
+        /// The configuration file.
         path: PathBuf,
+        /// What the TOML parser said, with the position.
         source: Box<toml::de::Error>,
     },
+    /// A value the server cannot run with; the text names the setting and its
+    /// bound.
     #[error("invalid configuration: {0}")]
     Invalid(String),
 }
@@ -198,8 +231,11 @@ pub enum ConfigError {
 /// that is set replaces the file's value, and nothing else is touched.
 #[derive(Debug, Clone, Default)]
 pub struct Overrides {
+    /// Replaces [`Config::data_dir`] when set.
     pub data_dir: Option<PathBuf>,
+    /// Replaces [`Config::quic_addr`] when set.
     pub quic_addr: Option<SocketAddr>,
+    /// Replaces [`Config::http_addr`] when set.
     pub http_addr: Option<SocketAddr>,
 }
 

@@ -31,6 +31,8 @@
 //! crate; the follower client library is `herald-client`; the `herald`
 //! command line is the root package.
 
+#![warn(missing_docs)]
+
 pub mod api;
 pub mod auth;
 pub mod config;

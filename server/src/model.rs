@@ -24,7 +24,12 @@ fn invalid(msg: impl Into<String>) -> InvalidField {
 /// What a brand submits to publish a post, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewPost {
+    /// The text: 1 to [`MAX_POST_TEXT_BYTES`] bytes once checked by
+    /// [`NewPost::new`].
     pub text: String,
+    /// Media references: at most [`MAX_MEDIA_PER_POST`], each URL 1 to
+    /// [`MAX_MEDIA_FIELD_BYTES`] bytes and each MIME type at most that, once checked
+    /// by [`NewPost::new`].
     pub media: Vec<Media>,
 }
 
@@ -70,13 +75,18 @@ pub fn validate_text(text: &str) -> Result<(), InvalidField> {
 /// A channel's metadata and log position.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChannelInfo {
+    /// The channel id.
     pub id: ChannelId,
+    /// The title, at most [`MAX_TITLE_BYTES`] bytes (may be empty).
     pub title: String,
+    /// The history epoch: 1 for a new channel; it changes only if the history is
+    /// reset.
     pub epoch: u64,
     /// Seq of the newest post; 0 when the channel has none.
     pub head_seq: u64,
     /// Seq of the oldest retained post; `head_seq + 1` when none is retained.
     pub oldest_seq: u64,
+    /// When the channel was created, in Unix milliseconds.
     pub created_at_ms: i64,
 }
 

@@ -42,33 +42,50 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Start-up failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
+    /// The data directory could not be created.
     #[error("data directory {path}: {source}")]
     DataDir {
+        /// The data directory.
         path: PathBuf,
+        /// Why it could not be created.
         source: std::io::Error,
     },
+    /// The admin key, token secret or QUIC reset key could not be read or created.
     #[error(transparent)]
     Secrets(#[from] crate::auth::SecretsError),
+    /// The certificate could not be loaded or made.
     #[error(transparent)]
     Tls(#[from] TlsError),
+    /// The channel log could not be opened.
     #[error("log: {0}")]
     Store(#[from] StoreError),
+    /// The QUIC endpoint could not be bound.
     #[error("cannot bind QUIC on {addr}: {source}")]
     BindQuic {
+        /// The configured `quic_addr`.
         addr: SocketAddr,
+        /// Why binding failed.
         source: std::io::Error,
     },
+    /// The HTTP listener could not be bound.
     #[error("cannot bind HTTP on {addr}: {source}")]
     BindHttp {
+        /// The configured `http_addr`.
         addr: SocketAddr,
+        /// Why binding failed.
         source: std::io::Error,
     },
+    /// The promo ledger (`promo.redb`) could not be opened.
     #[error(transparent)]
     Promo(#[from] PromoError),
+    /// A limit cannot be expressed as a QUIC transport setting (such as an
+    /// idle timeout out of range).
     #[error("invalid transport setting: {0}")]
     Transport(String),
+    /// The file named by `auth.jwks_file` is unusable.
     #[error("auth.jwks_file: {0}")]
     Jwks(#[from] crate::auth::JwksError),
+    /// The tenancy database (`brands.redb`) could not be opened.
     #[error("tenancy: {0}")]
     Tenancy(#[from] crate::tenancy::TenancyError),
 }

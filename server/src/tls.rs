@@ -35,17 +35,29 @@ pub const KEY_FILE: &str = "tls/key.pem";
 /// TLS set-up failed.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
+    /// A certificate or key file could not be read or written.
     #[error("{path}: {source}")]
     Io {
+        /// The file.
         path: PathBuf,
+        /// Why it could not be read or written.
         source: std::io::Error,
     },
+    /// A PEM file holds no usable certificate or private key.
     #[error("{path}: no usable {what} in PEM file")]
-    Pem { path: PathBuf, what: &'static str },
+    Pem {
+        /// The file.
+        path: PathBuf,
+        /// What was looked for: `"certificate"` or `"private key"`.
+        what: &'static str,
+    },
+    /// Making the self-signed certificate failed.
     #[error("certificate generation failed: {0}")]
     Generate(#[from] rcgen::Error),
+    /// rustls refused the certificate or key.
     #[error("rustls: {0}")]
     Rustls(#[from] rustls::Error),
+    /// The TLS config could not be made into QUIC's crypto config.
     #[error("QUIC crypto config: {0}")]
     Quic(String),
 }

@@ -25,8 +25,10 @@ pub struct CreateBrand {
     pub name: String,
 }
 
+/// The answer to listing brands.
 #[derive(Serialize, Deserialize, Debug, utoipa::ToSchema)]
 pub struct BrandList {
+    /// Every brand, sorted by id.
     pub brands: Vec<Brand>,
 }
 
@@ -96,11 +98,20 @@ pub struct CreateKey {
 /// A key as listed: never the key itself.
 #[derive(Serialize, Deserialize, Debug, Clone, utoipa::ToSchema)]
 pub struct KeyView {
+    /// The key's id: 16 hex digits, the `<id>` in `hk_<id>_<secret>`; names the
+    /// key in the revoke route.
     pub id: String,
+    /// Id of the brand the key belongs to.
     pub brand: String,
+    /// A note for people, given at creation (at most 256 bytes; may be empty).
     pub label: String,
+    /// What the key may do: a role per channel, channel `*` meaning every
+    /// channel of the brand.
     pub grants: Vec<Grant>,
+    /// When the key was created, in Unix milliseconds.
     pub created_at_ms: i64,
+    /// When the key was revoked, in Unix milliseconds; `null` while the key is
+    /// valid.
     pub revoked_at_ms: Option<i64>,
 }
 
@@ -120,13 +131,18 @@ impl From<KeyRecord> for KeyView {
 /// A new key: `key` is shown this once.
 #[derive(Serialize, Deserialize, Debug, utoipa::ToSchema)]
 pub struct CreatedKey {
+    /// The API key, `hk_<id>_<secret>`, to send as `Authorization: Bearer <key>`.
+    /// Shown only in this answer: the server keeps nothing but its SHA-256.
     pub key: String,
+    /// The key as listed (its fields appear at the top level of this object).
     #[serde(flatten)]
     pub info: KeyView,
 }
 
+/// The answer to listing a brand's keys.
 #[derive(Serialize, Deserialize, Debug, utoipa::ToSchema)]
 pub struct KeyList {
+    /// The brand's keys, revoked ones included, oldest first.
     pub keys: Vec<KeyView>,
 }
 

@@ -69,9 +69,13 @@ pub struct CreateCampaign {
 /// A campaign with its derived state and numbers.
 #[derive(Serialize, Deserialize, Debug, utoipa::ToSchema)]
 pub struct CampaignView {
+    /// The campaign as stored (its fields appear at the top level of this object).
     #[serde(flatten)]
     pub campaign: Campaign,
+    /// The state brands see: `exhausted` once the whole budget is delivered,
+    /// else `finished` once `end_ms` has passed, else the `status` the owner set.
     pub state: CampaignState,
+    /// Impressions, clicks, spend and reach so far.
     pub stats: CampaignStats,
 }
 
@@ -229,7 +233,10 @@ pub async fn update(
 /// A channel's promoted-slot settings and what it has shown.
 #[derive(Serialize, Deserialize, Debug, PartialEq, Eq, utoipa::ToSchema)]
 pub struct ChannelPromoView {
+    /// Whether the channel shows promoted posts in its slot (default: no).
     pub opt_in: bool,
+    /// The slot opens after every this many organic posts (after a post whose
+    /// seq is a multiple of it); 1 to 10000, default 5.
     pub every_posts: u32,
     /// Promoted impressions shown in this channel (for revenue share).
     pub promoted_impressions: u64,

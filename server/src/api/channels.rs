@@ -40,22 +40,37 @@ pub struct CreateChannel {
 /// A channel as the API shows it.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, utoipa::ToSchema)]
 pub struct ChannelView {
+    /// The channel id: 1 to 64 bytes of letters, digits, '-', '_', '.'.
     pub id: String,
+    /// The channel's title, at most 256 bytes (may be empty).
     pub title: String,
+    /// The history epoch: 1 for a new channel; it changes only if the history is
+    /// reset, and seqs are only comparable within one epoch.
     pub epoch: u64,
+    /// Seq of the newest post; 0 when the channel has none.
     pub head_seq: u64,
+    /// Seq of the oldest retained post; `head_seq + 1` when none is retained.
     pub oldest_seq: u64,
+    /// Followers connected to the channel now.
     pub followers: usize,
+    /// When the channel was created, in Unix milliseconds.
     pub created_at_ms: i64,
     /// The owning brand; absent for channels made by the admin without one.
     #[serde(default)]
     pub brand: Option<String>,
+    /// Free text about the channel, at most 2048 bytes (empty when unset).
     #[serde(default)]
     pub description: String,
+    /// An http(s) URL of the channel's picture, at most 2048 bytes (empty when
+    /// unset).
     #[serde(default)]
     pub avatar_url: String,
+    /// Whether the admin has marked the channel verified (only the admin key
+    /// can set it).
     #[serde(default)]
     pub verified: bool,
+    /// Whether the channel shows promoted posts in its slot (see
+    /// `/v1/channels/{id}/promo`).
     #[serde(default)]
     pub promoted_opt_in: bool,
 }
@@ -195,8 +210,11 @@ pub async fn get(
     Ok(Json(view(&state, info)))
 }
 
+/// The answer to listing channels.
 #[derive(Serialize, Deserialize, Debug, utoipa::ToSchema)]
 pub struct ChannelList {
+    /// The channels the caller may see, sorted by id: every channel for the
+    /// admin key; for a brand key, the channels of its brand in which it has a role.
     pub channels: Vec<ChannelView>,
 }
 
@@ -291,6 +309,7 @@ pub async fn update(
 /// A channel's numbers. `deliveries` and `lag_events` count since the server started.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, utoipa::ToSchema)]
 pub struct ChannelStatsView {
+    /// The channel id.
     pub channel: String,
     /// Followers connected now.
     pub followers: usize,

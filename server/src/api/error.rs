@@ -17,8 +17,11 @@ use herald_proto::ErrorCode;
 /// An API error. Every handler returns these; never a bare status.
 #[derive(Debug)]
 pub struct ApiError {
+    /// The HTTP status of the answer.
     pub status: StatusCode,
+    /// The stable error code, sent by name as `error.code`.
     pub code: ErrorCode,
+    /// What went wrong, for people; sent as `error.message`.
     pub message: String,
     /// Seconds to wait, sent as `Retry-After`.
     pub retry_after: Option<u64>,
@@ -27,17 +30,22 @@ pub struct ApiError {
 /// The JSON body of every error answer.
 #[derive(Serialize, Deserialize, Debug, utoipa::ToSchema)]
 pub struct ErrorBody {
+    /// What went wrong.
     pub error: ErrorDetail,
 }
 
 /// A stable machine-readable `code` (see `docs/api.md`) and a message for people.
 #[derive(Serialize, Deserialize, Debug, utoipa::ToSchema)]
 pub struct ErrorDetail {
+    /// Stable, machine-readable error name, such as `not_found`,
+    /// `invalid_argument` or `rate_limited`; branch on this, not on `message`.
     pub code: String,
+    /// What went wrong, for people; the wording may change.
     pub message: String,
 }
 
 impl ApiError {
+    /// An error answered with `status`, `code` and `message` (no `Retry-After`).
     pub fn new(status: StatusCode, code: ErrorCode, message: impl Into<String>) -> ApiError {
         ApiError {
             status,
@@ -47,10 +55,12 @@ impl ApiError {
         }
     }
 
+    /// 400 `invalid_argument`: the request itself is wrong.
     pub fn bad_request(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, ErrorCode::InvalidArgument, message)
     }
 
+    /// 401 `unauthenticated`: no usable key was presented.
     pub fn unauthorized(message: impl Into<String>) -> ApiError {
         ApiError::new(
             StatusCode::UNAUTHORIZED,
@@ -59,10 +69,12 @@ impl ApiError {
         )
     }
 
+    /// 403 `forbidden`: the key is known but lacks the right.
     pub fn forbidden(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::FORBIDDEN, ErrorCode::Forbidden, message)
     }
 
+    /// 404 `not_found`.
     pub fn not_found(message: impl Into<String>) -> ApiError {
         ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, message)
     }

@@ -47,14 +47,14 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 /// What handlers share.
 #[derive(Clone)]
 pub struct ApiState {
-    pub log: Arc<dyn ChannelLog>,
-    pub hub: Arc<Hub>,
-    pub promo: Arc<crate::promo::Promo>,
-    pub admin_key: Arc<str>,
-    pub tenancy: Arc<Tenancy>,
-    pub publish_limiter: Arc<PublishLimiter>,
+    pub(crate) log: Arc<dyn ChannelLog>,
+    pub(crate) hub: Arc<Hub>,
+    pub(crate) promo: Arc<crate::promo::Promo>,
+    pub(crate) admin_key: Arc<str>,
+    pub(crate) tenancy: Arc<Tenancy>,
+    pub(crate) publish_limiter: Arc<PublishLimiter>,
     /// Renders `/metrics`.
-    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+    pub(crate) metrics: metrics_exporter_prometheus::PrometheusHandle,
 }
 
 async fn render_metrics(

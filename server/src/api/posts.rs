@@ -36,25 +36,41 @@ pub struct PublishBody {
     pub media: Vec<Media>,
 }
 
+/// The answer to a publish: where the post landed.
 #[derive(Serialize, Deserialize, Debug, utoipa::ToSchema)]
 pub struct Published {
+    /// The post's seq in the channel (on a retry with the same Idempotency-Key,
+    /// the first post's).
     pub seq: u64,
+    /// The channel's history epoch the seq belongs to.
     pub epoch: u64,
+    /// The post's server-assigned id, unique across channels.
     pub id: String,
 }
 
 /// A post as the API shows it.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, utoipa::ToSchema)]
 pub struct PostView {
+    /// The channel id.
     pub channel: String,
+    /// The post's position in the channel: 1, 2, 3, ... with no gaps.
     pub seq: u64,
+    /// The channel's history epoch the seq belongs to.
     pub epoch: u64,
+    /// Server-assigned id, unique across channels.
     pub id: String,
+    /// The text, 1 to 16384 bytes; empty for a deleted post.
     pub text: String,
+    /// Media references, `{"url": "...", "mime": "..."}`, at most 10; empty for
+    /// a deleted post.
     #[schema(value_type = Vec<Object>)]
     pub media: Vec<Media>,
+    /// When the server accepted the post, in Unix milliseconds.
     pub created_at_ms: i64,
+    /// When the post was last edited or deleted, in Unix milliseconds; 0 when
+    /// never.
     pub edited_at_ms: i64,
+    /// The post was deleted: this is its tombstone, with no text or media.
     pub deleted: bool,
 }
 
@@ -186,11 +202,19 @@ pub struct HistoryQuery {
     pub limit: Option<usize>,
 }
 
+/// One page of a channel's history.
 #[derive(Serialize, Deserialize, Debug, utoipa::ToSchema)]
 pub struct History {
+    /// Retained posts with seq greater than `after_seq`, oldest first, at most
+    /// `limit` (default 100). Fewer than asked does not mean the end: compare with
+    /// `head_seq`.
     pub posts: Vec<PostView>,
+    /// Seq of the channel's newest post; 0 when it has none.
     pub head_seq: u64,
+    /// Seq of the oldest retained post (older ones were trimmed); `head_seq + 1`
+    /// when none is retained.
     pub oldest_seq: u64,
+    /// The channel's history epoch the seqs belong to.
     pub epoch: u64,
 }
 

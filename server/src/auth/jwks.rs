@@ -10,23 +10,36 @@ use jsonwebtoken::{Algorithm, DecodingKey};
 /// A verification key from the set.
 #[derive(Clone)]
 pub struct PublicKey {
-    pub kid: Option<String>,
-    pub alg: Algorithm,
-    pub key: DecodingKey,
+    pub(crate) kid: Option<String>,
+    pub(crate) alg: Algorithm,
+    pub(crate) key: DecodingKey,
 }
 
 /// The JWKS file could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum JwksError {
+    /// The file could not be read.
     #[error("{path}: {source}")]
     Read {
+        /// The JWKS file.
         path: PathBuf,
+        /// Why it could not be read.
         source: std::io::Error,
     },
+    /// The file is not a JSON Web Key Set.
     #[error("{path}: not a JWK set: {message}")]
-    Parse { path: PathBuf, message: String },
+    Parse {
+        /// The JWKS file.
+        path: PathBuf,
+        /// What the JSON parser said.
+        message: String,
+    },
+    /// The set holds no ES256 (P-256) or RS256 key.
     #[error("{path}: no ES256 or RS256 key in the set")]
-    NoUsableKey { path: PathBuf },
+    NoUsableKey {
+        /// The JWKS file.
+        path: PathBuf,
+    },
 }
 
 /// Reads the keys of a JWKS file.

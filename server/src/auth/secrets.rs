@@ -21,14 +21,20 @@ pub const RESET_KEY_FILE: &str = "quic-reset.key";
 #[derive(Debug, thiserror::Error)]
 #[error("{path}: {source}")]
 pub struct SecretsError {
+    /// The secret's file.
     pub path: PathBuf,
+    /// Why it could not be read or written.
     pub source: std::io::Error,
 }
 
 /// The server's secrets.
 #[derive(Clone)]
 pub struct Secrets {
+    /// The admin API key: `HERALD_ADMIN_KEY` if set, else the content of
+    /// [`ADMIN_KEY_FILE`] (when generated: `hk_admin_` and 64 hex digits).
     pub admin_key: String,
+    /// The HS256 secret follower tokens are signed with: `HERALD_JWT_SECRET` if
+    /// set, else the content of [`JWT_SECRET_FILE`] (when generated: 64 hex digits).
     pub jwt_secret: String,
     /// Key for QUIC stateless resets (hex).
     pub reset_key: String,

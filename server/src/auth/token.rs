@@ -34,10 +34,13 @@ pub struct Claims {
 /// Claims with issuer and audience, for issuers that set them.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ScopedClaims {
+    /// The claims Herald reads (flattened into the same JSON object).
     #[serde(flatten)]
     pub claims: Claims,
+    /// Issuer; must match `auth.issuer` when the server is configured with one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iss: Option<String>,
+    /// Audience; must name `auth.audience` when the server is configured with one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub aud: Option<String>,
 }
@@ -45,9 +48,12 @@ pub struct ScopedClaims {
 /// An authenticated follower.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Follower {
+    /// The token's `sub`: 1 to 256 bytes.
     pub id: String,
     /// Unix seconds.
     pub expires_at: i64,
+    /// The token's `channels` claim: when present, the only channels this
+    /// follower may follow; `None`: any channel.
     pub channels: Option<Vec<String>>,
 }
 
@@ -63,8 +69,12 @@ impl Follower {
 /// A token was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TokenError {
+    /// The token's `exp` has passed (wire code `token_expired`).
     #[error("token has expired")]
     Expired,
+    /// Anything else: malformed, bad signature, no matching key, not yet valid,
+    /// wrong issuer or audience, bad `sub` (wire code `unauthenticated`). The text
+    /// says which.
     #[error("invalid token: {0}")]
     Invalid(String),
 }

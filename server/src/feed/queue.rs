@@ -59,7 +59,9 @@ pub struct Outbox {
 /// Why a control item was not queued.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ControlRefused {
+    /// The queue already holds as many control items as it may.
     Full,
+    /// The queue is closed: its session is ending.
     Closed,
 }
 

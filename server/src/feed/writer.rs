@@ -68,12 +68,21 @@ const IDLE_CAPACITY: usize = 64;
 /// Why the feed writer stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum FeedError {
+    /// Writing to the feed stream failed (the follower is gone).
     #[error("feed stream write failed: {0}")]
     Write(#[from] std::io::Error),
+    /// Reading the log for a catch-up or gap fill failed.
     #[error("log read failed: {0}")]
     Log(#[from] StoreError),
+    /// The follower overflowed its queue more often than the [`LagPolicy`]
+    /// allows.
     #[error("lagged {count} times within {window:?}")]
-    LaggingTooOften { count: usize, window: Duration },
+    LaggingTooOften {
+        /// Overflow episodes within `window` (more than [`LagPolicy::max_events`]).
+        count: usize,
+        /// The policy's window.
+        window: Duration,
+    },
 }
 
 /// Counters a writer reports.

@@ -123,8 +123,13 @@ struct Counters {
 /// Totals since start, updated once per fan-out (not per delivery).
 #[derive(Debug, Default)]
 pub struct HubTotals {
+    /// Events fanned out by [`Hub::publish`]: posts, edits, deletes, and the
+    /// promoted posts that follow a post.
     pub events: AtomicU64,
+    /// Event copies queued to followers, over all events.
     pub delivered: AtomicU64,
+    /// Event copies refused because a follower's queue was full (that follower
+    /// is caught up from the log instead).
     pub lagged: AtomicU64,
 }
 

@@ -8,7 +8,9 @@ use crate::feed::Outbox;
 
 /// A follower's entry: its session id and queue.
 pub struct Subscriber {
+    /// The follower's session id (unique within the server process).
     pub session: u64,
+    /// The session's feed queue, which fan-out pushes into.
     pub outbox: Arc<Outbox>,
 }
 
@@ -42,14 +44,17 @@ impl SubscriberSet {
         true
     }
 
+    /// Followers in this set.
     pub fn len(&self) -> usize {
         self.items.len()
     }
 
+    /// Whether the set has no follower.
     pub fn is_empty(&self) -> bool {
         self.items.is_empty()
     }
 
+    /// The followers, in no particular order.
     pub fn iter(&self) -> impl Iterator<Item = &Subscriber> {
         self.items.iter()
     }

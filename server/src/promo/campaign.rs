@@ -33,15 +33,21 @@ fn invalid(m: impl Into<String>) -> InvalidField {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Creative {
+    /// Headline: 1 to 64 characters.
     pub title: String,
+    /// Body text: 1 to 160 characters.
     pub text: String,
+    /// An optional picture or video, `{"url": "...", "mime": "..."}`; its URL
+    /// is 1 to 2048 bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub media: Option<Media>,
+    /// Where the call to action leads: an http(s) URL of at most 2048 bytes.
     pub cta_url: String,
 }
 
 impl Creative {
+    /// Checks the creative's limits (see its fields).
     pub fn validate(&self) -> Result<(), InvalidField> {
         let title = self.title.chars().count();
         if title == 0 || title > MAX_PROMO_TITLE_CHARS {
@@ -80,13 +86,18 @@ pub struct Targeting {
     /// channel with at least `min_followers` followers.
     #[serde(default)]
     pub channels: Vec<String>,
+    /// With `channels` empty: the fewest followers a channel needs to be
+    /// targeted (default 0). Ignored when `channels` is given.
     #[serde(default)]
     pub min_followers: u64,
+    /// Channels never targeted, even when listed in `channels`.
     #[serde(default)]
     pub exclude: Vec<String>,
 }
 
 impl Targeting {
+    /// Checks that each list holds at most [`MAX_TARGET_CHANNELS`] entries and
+    /// that each entry is a valid channel id.
     pub fn validate(&self) -> Result<(), InvalidField> {
         if self.channels.len() > MAX_TARGET_CHANNELS || self.exclude.len() > MAX_TARGET_CHANNELS {
             return Err(invalid(format!(
@@ -116,7 +127,9 @@ impl Targeting {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FrequencyCap {
+    /// Most impressions per follower within the window: 1 to 1000.
     pub impressions: u32,
+    /// The sliding window, in seconds: 1 to 31622400 (366 days).
     pub period_secs: u64,
 }
 
@@ -125,32 +138,52 @@ pub struct FrequencyCap {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum State {
+    /// Being prepared: never shown. The default for a new campaign.
     Draft,
+    /// Shown while in its flight, within its budget and pacing.
     Active,
+    /// Stopped by its owner: not shown until set active again.
     Paused,
+    /// Derived: the flight has ended (`end_ms` has passed).
     Finished,
+    /// Derived: the whole budget has been delivered.
     Exhausted,
 }
 
 /// A campaign as stored.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Campaign {
+    /// Server-assigned: `cmp_` and 16 hex digits.
     pub id: String,
+    /// Id of the brand that pays for the campaign (empty when the admin created
+    /// it without one).
     pub advertiser: String,
+    /// What followers see.
     pub creative: Creative,
+    /// Which channels the campaign may appear in.
     pub targeting: Targeting,
+    /// Impressions bought, 1 to 2^50: the campaign is never shown more
+    /// often, and its delivery is paced to last the flight.
     pub budget_impressions: u64,
     /// Price per thousand impressions, in millionths of the currency unit.
     pub cpm_bid_micros: u64,
+    /// How often one follower may see the campaign; `null`: no cap.
     pub frequency_cap: Option<FrequencyCap>,
+    /// Start of the flight, in Unix milliseconds (default at creation: now).
     pub start_ms: i64,
+    /// End of the flight, in Unix milliseconds, exclusive: after `start_ms`, at
+    /// most 366 days after it, and before the year 10000.
     pub end_ms: i64,
     /// Draft, active or paused, as set by the owner.
     pub status: State,
+    /// When the campaign was created, in Unix milliseconds; of two equal bids
+    /// the older campaign wins the slot.
     pub created_at_ms: i64,
 }
 
 impl Campaign {
+    /// Checks every field against its limits (creative, targeting, budget, bid,
+    /// flight, frequency cap), and that `status` is draft, active or paused.
     pub fn validate(&self) -> Result<(), InvalidField> {
         self.creative.validate()?;
         self.targeting.validate()?;

@@ -47,7 +47,7 @@ pub const FLUSH_INTERVAL: Duration = Duration::from_millis(250);
 pub const DEFAULT_EVERY_POSTS: u32 = 5;
 
 /// A campaign in memory: its spec and live counters.
-pub struct CampaignLive {
+pub(crate) struct CampaignLive {
     pub id: String,
     spec: RwLock<Campaign>,
     /// Confirmed impressions (flushed or not).
@@ -67,7 +67,10 @@ impl CampaignLive {
 /// A channel's slot settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ChannelSlot {
+    /// Whether the channel shows promoted posts (default: no).
     pub opt_in: bool,
+    /// Organic posts between two slots: the slot opens after a post whose seq
+    /// is a multiple of it; 1 to 10000, default [`DEFAULT_EVERY_POSTS`].
     pub every_posts: u32,
 }
 
@@ -90,10 +93,18 @@ struct ChannelLive {
     Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
 )]
 pub struct CampaignStats {
+    /// Impressions delivered: promoted posts written to a follower's feed.
     pub impressions: u64,
+    /// Clicks reported by followers who were shown the campaign, at most one per
+    /// follower.
     pub clicks: u64,
+    /// What the impressions cost: `impressions * cpm_bid_micros / 1000`, in
+    /// millionths of the currency unit.
     pub spend_micros: u64,
+    /// Distinct followers shown the campaign at least once.
     pub reach: u64,
+    /// Impressions held right now by open slots and claims not yet written;
+    /// `impressions + reserved` never exceeds the budget.
     pub reserved: u64,
 }
 
@@ -114,10 +125,14 @@ struct Dirty {
 /// Promo errors.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum PromoError {
+    /// No campaign has this id.
     #[error("no campaign {0:?}")]
     UnknownCampaign(String),
+    /// A campaign or slot setting is out of bounds; the text names the field.
     #[error(transparent)]
     Invalid(#[from] crate::model::InvalidField),
+    /// Reading or writing `promo.redb` failed (or the blocking task doing it
+    /// did).
     #[error(transparent)]
     Storage(#[from] LedgerError),
 }

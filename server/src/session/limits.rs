@@ -14,6 +14,7 @@ use crate::limits::Rate;
 /// What to do with a request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
+    /// Go ahead.
     Allow,
     /// Answer `rate_limited`; a token is there again after this long.
     Refuse(Duration),
@@ -68,6 +69,7 @@ pub struct FollowerConnections {
 }
 
 impl FollowerConnections {
+    /// An empty count that allows `max` connections per follower id.
     pub fn new(max: usize) -> Arc<FollowerConnections> {
         Arc::new(FollowerConnections {
             open: DashMap::new(),

@@ -51,22 +51,30 @@ pub const CONTROL_IDLE_BUFFER: usize = 256;
 
 /// What every session shares.
 pub struct SessionContext {
-    pub hub: Arc<Hub>,
-    pub log: Arc<dyn ChannelLog>,
-    pub promo: Arc<Promo>,
-    pub verifier: TokenVerifier,
-    pub limits: Limits,
+    pub(crate) hub: Arc<Hub>,
+    pub(crate) log: Arc<dyn ChannelLog>,
+    pub(crate) promo: Arc<Promo>,
+    pub(crate) verifier: TokenVerifier,
+    pub(crate) limits: Limits,
     /// Connections open per follower id.
-    pub connections: Arc<FollowerConnections>,
+    pub(crate) connections: Arc<FollowerConnections>,
 }
 
 /// How a session ended.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
+    /// The QUIC connection ended: lost, timed out, or closed by the follower.
     #[error("connection lost: {0}")]
     Connection(#[from] quinn::ConnectionError),
+    /// The server closed the connection (see [`close`]).
     #[error("closed by server: {code}: {message}")]
-    Closed { code: ErrorCode, message: String },
+    Closed {
+        /// The error code, sent as the QUIC close code.
+        code: ErrorCode,
+        /// The close reason sent with it.
+        message: String,
+    },
+    /// The control stream failed: a write failed, or it was reset or lost.
     #[error("control stream write failed: {0}")]
     Write(#[from] std::io::Error),
 }
@@ -129,9 +137,9 @@ impl CatchupSlots for PromoCatchup {
 
 /// A connected follower. See the module docs.
 pub struct Session {
-    pub id: u64,
-    pub conn: quinn::Connection,
-    pub ctx: Arc<SessionContext>,
+    pub(crate) id: u64,
+    pub(crate) conn: quinn::Connection,
+    pub(crate) ctx: Arc<SessionContext>,
 }
 
 fn error_frame(

@@ -31,8 +31,11 @@ pub type LogFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> +
 /// A committed change, handed to the [`EventSink`] in commit order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LogEvent {
+    /// A new post.
     Posted(Post),
+    /// A post whose text was replaced (`edited_at_ms` set).
     Edited(Post),
+    /// A post turned into a tombstone (`deleted`, no text or media).
     Deleted(Post),
 }
 
@@ -44,21 +47,34 @@ pub type EventSink = Arc<dyn Fn(&[LogEvent]) + Send + Sync>;
 /// oldest ones beyond `keep_max` posts (0: no count limit).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TrimPolicy {
+    /// Posts created before this time, in Unix milliseconds, are removed;
+    /// `i64::MIN`: no age limit.
     pub older_than_ms: i64,
+    /// Only this many of the newest posts are kept; 0: no count limit.
     pub keep_max: u64,
 }
 
 /// A log operation failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
+    /// No channel has this id.
     #[error("unknown channel {0}")]
     UnknownChannel(ChannelId),
+    /// A channel with this id exists already.
     #[error("channel {0} already exists")]
     ChannelExists(ChannelId),
+    /// The channel has no retained post at this seq (never posted, or trimmed).
     #[error("channel {channel} has no post {seq}")]
-    PostNotFound { channel: ChannelId, seq: u64 },
+    PostNotFound {
+        /// The channel.
+        channel: ChannelId,
+        /// The seq asked for.
+        seq: u64,
+    },
+    /// The log was closed ([`ChannelLog::close`]).
     #[error("the log is shut down")]
     Closed,
+    /// The storage engine failed; the text says how.
     #[error("storage error: {0}")]
     Storage(String),
 }

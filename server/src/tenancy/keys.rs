@@ -10,7 +10,10 @@ pub const KEY_PREFIX: &str = "hk_";
 
 /// A freshly made key: its id and the full secret string.
 pub struct NewKey {
+    /// The key id: 16 hex digits.
     pub id: String,
+    /// The whole key, `hk_<id>_<secret>` with a 64 hex digit secret: to be shown
+    /// once, never stored.
     pub key: String,
 }
 

@@ -39,16 +39,22 @@ const CHANNEL_META: TableDefinition<&str, &[u8]> = TableDefinition::new("channel
 /// A tenancy operation failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TenancyError {
+    /// A brand with this id exists already.
     #[error("brand {0:?} already exists")]
     BrandExists(String),
+    /// No brand has this id.
     #[error("no brand {0:?}")]
     UnknownBrand(String),
+    /// The brand has no key with this id.
     #[error("no key {0:?} in this brand")]
     UnknownKey(String),
+    /// The channel already belongs to a brand.
     #[error("channel {0:?} already belongs to a brand")]
     ChannelClaimed(String),
+    /// The channel belongs to no brand.
     #[error("channel {0:?} has no brand")]
     UnknownChannel(String),
+    /// Reading or writing `brands.redb` failed, or a record there is corrupt.
     #[error("tenancy storage error: {0}")]
     Storage(String),
 }
@@ -60,7 +66,9 @@ fn storage(e: impl std::fmt::Display) -> TenancyError {
 /// Why a presented key was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyRefused {
+    /// Not a key: wrong format, no such key id, or the secret does not match.
     Unknown,
+    /// A genuine key that was revoked.
     Revoked,
 }
 
@@ -185,6 +193,7 @@ impl Tenancy {
         Ok(brand)
     }
 
+    /// A brand by id.
     pub fn brand(&self, id: &str) -> Option<Brand> {
         self.brands.get(id).map(|b| b.clone())
     }

@@ -9,9 +9,11 @@ use crate::model::{ChannelId, InvalidField};
 pub const ALL_CHANNELS: &str = "*";
 /// Longest brand id, in bytes (same alphabet as channel ids).
 pub const MAX_BRAND_ID_LEN: usize = 64;
-/// Longest brand name, key label, description, in bytes.
+/// Longest brand name or key label, in bytes.
 pub const MAX_NAME_BYTES: usize = 256;
+/// Longest channel description, in bytes.
 pub const MAX_DESCRIPTION_BYTES: usize = 2048;
+/// Longest avatar URL, in bytes.
 pub const MAX_URL_BYTES: usize = 2048;
 /// Most grants on one key.
 pub const MAX_GRANTS: usize = 256;
@@ -61,6 +63,7 @@ impl std::str::FromStr for Role {
 pub struct Grant {
     /// A channel id, or `*` for every channel of the brand.
     pub channel: String,
+    /// The role granted there (which includes the roles below it).
     pub role: Role,
 }
 
@@ -82,21 +85,30 @@ impl Grant {
 /// A brand: a tenant that owns channels and API keys.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Brand {
+    /// Letters, digits, '-', '_', '.'; 1 to 64 bytes; unique.
     pub id: String,
+    /// Display name, at most 256 bytes (may be empty).
     pub name: String,
+    /// When the brand was created, in Unix milliseconds.
     pub created_at_ms: i64,
 }
 
 /// A stored API key: never the key itself, only its SHA-256.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KeyRecord {
+    /// The key id: 16 hex digits, the `<id>` in `hk_<id>_<secret>`.
     pub id: String,
+    /// Id of the brand the key belongs to.
     pub brand: String,
+    /// A note for people (at most 256 bytes; may be empty).
     pub label: String,
+    /// What the key may do: a role per channel, or in every channel (`*`).
     pub grants: Vec<Grant>,
     /// Hex SHA-256 of the whole key string.
     pub hash: String,
+    /// When the key was created, in Unix milliseconds.
     pub created_at_ms: i64,
+    /// When the key was revoked, in Unix milliseconds; `None` while it is valid.
     pub revoked_at_ms: Option<i64>,
 }
 
@@ -110,9 +122,12 @@ impl KeyRecord {
 /// A channel's brand and settings (the title and positions live in the log).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChannelMeta {
+    /// Id of the brand that owns the channel.
     pub brand: String,
+    /// Free text, at most [`MAX_DESCRIPTION_BYTES`] (may be empty).
     #[serde(default)]
     pub description: String,
+    /// An http(s) URL of at most [`MAX_URL_BYTES`], or empty.
     #[serde(default)]
     pub avatar_url: String,
     /// Set by the admin only.
