@@ -187,15 +187,33 @@ pub(crate) struct Conn {
 }
 
 impl Conn {
-    /// Handshake, Hello, Welcome.
+    /// Handshake, Hello, Welcome, within `opts.connect_timeout`.
     pub async fn open(
+        endpoint: &quinn::Endpoint,
+        opts: &ClientOptions,
+    ) -> Result<Conn, ClientError> {
+        match tokio::time::timeout(opts.connect_timeout, Self::open_now(endpoint, opts)).await {
+            Ok(r) => r,
+            Err(_) => Err(ClientError::Connect(format!(
+                "no answer from {} within {} s",
+                opts.server,
+                opts.connect_timeout.as_secs_f64()
+            ))),
+        }
+    }
+
+    async fn open_now(
         endpoint: &quinn::Endpoint,
         opts: &ClientOptions,
     ) -> Result<Conn, ClientError> {
         let conn = endpoint
             .connect(opts.server, &opts.server_name)
-            .map_err(|e| ClientError::Connect(e.to_string()))?
-            .await?;
+            .map_err(|e| ClientError::Connect(format!("{}: {e}", opts.server)))?
+            .await
+            .map_err(|e| match ClientError::from(e) {
+                ClientError::Connect(m) => ClientError::Connect(format!("{}: {m}", opts.server)),
+                other => other,
+            })?;
         let (mut ctl_send, ctl_recv) = conn.open_bi().await?;
         let hello = pb::ClientFrame {
             request_id: HELLO_REQUEST_ID,

@@ -46,6 +46,8 @@ enum Pending {
 
 /// Share of a token's remaining lifetime after which it is refreshed.
 pub const REFRESH_AT: f64 = 0.8;
+/// Longest wait, on close, for the CONNECTION_CLOSE to leave.
+const CLOSE_FLUSH: Duration = Duration::from_secs(1);
 /// Pause before asking the refresher again after it failed.
 const REFRESH_RETRY: Duration = Duration::from_secs(1);
 
@@ -91,6 +93,8 @@ pub(crate) struct Driver {
     stats: Arc<ClientStats>,
     channels: HashMap<String, ChannelState>,
     next_request: u64,
+    /// Held from `Client::close` until the close has been sent.
+    closing: Option<oneshot::Sender<()>>,
 }
 
 impl Driver {
@@ -111,6 +115,7 @@ impl Driver {
             stats,
             channels: HashMap::new(),
             next_request: super::conn::HELLO_REQUEST_ID + 1,
+            closing: None,
         }
     }
 
@@ -121,9 +126,13 @@ impl Driver {
             let err = match end {
                 End::Closed => {
                     conn.conn.close(0u32.into(), b"bye");
+                    // Let the CONNECTION_CLOSE leave before the process may
+                    // exit, so the server forgets this follower at once.
                     if self.owns_endpoint {
-                        self.endpoint.wait_idle().await;
+                        let _ = tokio::time::timeout(CLOSE_FLUSH, self.endpoint.wait_idle()).await;
                     }
+                    // Dropping `closing` tells `Client::close` it is done.
+                    self.closing = None;
                     return;
                 }
                 End::Failed(e) => e,
@@ -184,7 +193,7 @@ impl Driver {
                 tokio::select! {
                     _ = &mut sleep => break,
                     cmd = self.cmds.recv() => match cmd {
-                        None | Some(Command::Close) => return None,
+                        None | Some(Command::Close { .. }) => return None,
                         Some(other) => other.fail(ClientError::Disconnected),
                     },
                 }
@@ -312,7 +321,11 @@ impl Driver {
                 }
                 cmd = self.cmds.recv() => {
                     let frame = match cmd {
-                        None | Some(Command::Close) => return End::Closed,
+                        None => return End::Closed,
+                        Some(Command::Close { done }) => {
+                            self.closing = Some(done);
+                            return End::Closed;
+                        }
                         Some(Command::Follow { channel, from, reply }) => {
                             if ChannelId::parse(&channel).is_err() {
                                 let _ = reply.send(Err(ClientError::Request {

@@ -85,6 +85,10 @@ pub struct ClientOptions {
     pub max_feed_frame: usize,
     /// Events buffered for the application.
     pub event_buffer: usize,
+    /// A connection attempt (handshake, Hello, Welcome) that takes longer
+    /// fails (the first one is returned by [`Client::connect`]; later ones
+    /// are retried with backoff).
+    pub connect_timeout: Duration,
     /// First pause between reconnect attempts (it doubles, with jitter).
     pub backoff_min: Duration,
     /// Largest pause between reconnect attempts.
@@ -92,7 +96,8 @@ pub struct ClientOptions {
 }
 
 impl ClientOptions {
-    /// Defaults: reconnect on, 15 s keep-alive, 30 s idle timeout, 1024 buffered events.
+    /// Defaults: reconnect on, 15 s keep-alive, 30 s idle timeout, 5 s to
+    /// connect, 1024 buffered events.
     pub fn new(server: SocketAddr, trust: ClientTrust, token: String) -> ClientOptions {
         ClientOptions {
             server,
@@ -106,6 +111,7 @@ impl ClientOptions {
             idle_timeout: Duration::from_secs(30),
             max_feed_frame: herald_proto::frame::DEFAULT_MAX_FEED_FRAME,
             event_buffer: 1024,
+            connect_timeout: Duration::from_secs(5),
             backoff_min: Duration::from_millis(50),
             backoff_max: Duration::from_secs(5),
         }
@@ -258,7 +264,10 @@ pub(crate) enum Command {
         channel: String,
         reply: oneshot::Sender<Result<bool, ClientError>>,
     },
-    Close,
+    Close {
+        /// Dropped once the connection close has been sent.
+        done: oneshot::Sender<()>,
+    },
 }
 
 impl Command {
@@ -268,7 +277,7 @@ impl Command {
             Command::Follow { reply, .. } => drop(reply.send(Err(err))),
             Command::Unfollow { reply, .. } => drop(reply.send(Err(err))),
             Command::Click { reply, .. } => drop(reply.send(Err(err))),
-            Command::Close => {}
+            Command::Close { .. } => {}
         }
     }
 }
@@ -388,8 +397,14 @@ impl Client {
         &self.stats
     }
 
-    /// Closes the connection.
+    /// Closes the connection, and returns once the close has been sent
+    /// (for a client with its own endpoint: flushed to the network, within
+    /// a second), so the server forgets this follower at once even if the
+    /// process exits right after.
     pub async fn close(self) {
-        let _ = self.cmds.send(Command::Close).await;
+        let (done, rx) = oneshot::channel();
+        if self.cmds.send(Command::Close { done }).await.is_ok() {
+            let _ = rx.await;
+        }
     }
 }

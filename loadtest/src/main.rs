@@ -27,8 +27,8 @@ struct Cli {
     #[arg(long, default_value = "127.0.0.1:4433")]
     server: SocketAddr,
     /// HTTP address of a running server.
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    api: SocketAddr,
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    api: String,
     /// Data directory of the running server (admin key, token secret, certificate).
     #[arg(long, env = "HERALD_DATA_DIR", default_value = "./herald-data")]
     data_dir: PathBuf,
@@ -44,6 +44,7 @@ async fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
         )
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .init();
     match run(Cli::parse()).await {
@@ -62,11 +63,13 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             None => spawn::sibling_binary()?,
         };
         let s = spawn::spawn(&bin).await?;
-        let t = Target::from_data_dir(s.quic, s.http, s.data_dir(), Probe::Pid(s.pid))?;
+        let api = format!("http://{}", s.http);
+        let t = Target::from_data_dir(s.quic, &api, s.data_dir(), Probe::Pid(s.pid))?;
         (t, Some(s))
     } else {
-        let probe = Probe::Metrics(format!("http://{}/metrics", cli.api));
-        let t = Target::from_data_dir(cli.server, cli.api, &cli.data_dir, probe)?;
+        let api = herald::cli::base_url(&cli.api);
+        let probe = Probe::Metrics(format!("{api}/metrics"));
+        let t = Target::from_data_dir(cli.server, &api, &cli.data_dir, probe)?;
         (t, None)
     };
     let report = herald_loadtest::run(&cli.opts, &target).await;

@@ -38,24 +38,21 @@ impl Spawned {
 }
 
 /// The `herald` binary next to the running executable (`target/release/herald`
-/// for `target/release/herald-loadtest`). When it is missing and this tool
-/// runs under `cargo run`, it is built first with the same profile
-/// (`cargo build [--release] -p herald --bin herald`), so one `cargo run`
-/// command measures from a fresh clone.
+/// for `target/release/herald-loadtest`). Under `cargo run` it is always
+/// (re)built first with the same profile (`cargo build [--release] -p herald
+/// --bin herald`, a no-op when it is up to date), so a measurement never runs
+/// an older server than the sources; otherwise it must exist. Prints which
+/// binary it uses and its version.
 pub fn sibling_binary() -> Result<PathBuf, LoadError> {
     let exe = std::env::current_exe()?;
     let dir = exe
         .parent()
         .ok_or_else(|| LoadError::Spawn(format!("{} has no parent directory", exe.display())))?;
     let bin = dir.join(format!("herald{}", std::env::consts::EXE_SUFFIX));
-    if bin.is_file() {
-        return Ok(bin);
-    }
     if let Some(cargo) = std::env::var_os("CARGO") {
         let release = dir.file_name().is_some_and(|n| n == "release");
-        eprintln!("building {} ...", bin.display());
         let mut cmd = std::process::Command::new(cargo);
-        cmd.args(["build", "-p", "herald", "--bin", "herald"])
+        cmd.args(["build", "-q", "-p", "herald", "--bin", "herald"])
             .current_dir(env!("CARGO_MANIFEST_DIR"));
         if release {
             cmd.arg("--release");
@@ -63,14 +60,27 @@ pub fn sibling_binary() -> Result<PathBuf, LoadError> {
         let status = cmd
             .status()
             .map_err(|e| LoadError::Spawn(format!("cannot run cargo: {e}")))?;
-        if status.success() && bin.is_file() {
-            return Ok(bin);
+        if !status.success() {
+            return Err(LoadError::Spawn(format!(
+                "building {} failed",
+                bin.display()
+            )));
         }
     }
-    Err(LoadError::Spawn(format!(
-        "{} not found; build it first with `cargo build --release --workspace`",
-        bin.display()
-    )))
+    if !bin.is_file() {
+        return Err(LoadError::Spawn(format!(
+            "{} not found; build it first with `cargo build --release --workspace`",
+            bin.display()
+        )));
+    }
+    let version = std::process::Command::new(&bin)
+        .arg("--version")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    eprintln!("server: {} ({version})", bin.display());
+    Ok(bin)
 }
 
 /// Starts `bin serve` on a fresh temporary data directory and port 0.

@@ -25,10 +25,10 @@ pub struct Target {
 
 impl Target {
     /// A server whose data directory (admin key, token secret, self-signed
-    /// certificate) is readable here.
+    /// certificate) is readable here; `api` is a base URL or an address.
     pub fn from_data_dir(
         quic: SocketAddr,
-        http: SocketAddr,
+        api: &str,
         data_dir: &Path,
         probe: Probe,
     ) -> Result<Target, LoadError> {
@@ -38,7 +38,7 @@ impl Target {
             .map_err(|e| LoadError::Target(format!("certificate: {e}")))?;
         Ok(Target {
             quic,
-            api: format!("http://{http}"),
+            api: herald::cli::base_url(api),
             admin_key: secrets.admin_key,
             jwt_secret: secrets.jwt_secret,
             trust,

@@ -59,6 +59,19 @@ pub enum ServerError {
     /// The channel log could not be opened.
     #[error("log: {0}")]
     Store(#[from] StoreError),
+    /// Another process holds the data directory's lock.
+    #[error(
+        "another herald is using the data directory {path} (its lock file {lock} is held{holder}); \
+         stop it, or give this server its own --data-dir"
+    )]
+    DataDirBusy {
+        /// The data directory.
+        path: PathBuf,
+        /// The lock file.
+        lock: PathBuf,
+        /// `, by process N` when the holder's pid is known.
+        holder: String,
+    },
     /// The QUIC endpoint could not be bound.
     #[error("cannot bind QUIC on {addr}: {source}")]
     BindQuic {
@@ -92,6 +105,8 @@ pub enum ServerError {
 
 /// A bound, not yet running server.
 pub struct Server {
+    /// Held until the databases are closed: one server per data directory.
+    lock: DataDirLock,
     config: Config,
     endpoint: quinn::Endpoint,
     http: tokio::net::TcpListener,
@@ -107,13 +122,30 @@ pub struct Server {
 }
 
 impl Server {
-    /// Prepares the data directory and binds both listeners.
+    /// Binds both listeners, then prepares the data directory (so a start
+    /// that cannot bind writes nothing, and no generated secret goes unseen).
     pub async fn bind(config: Config) -> Result<Server, ServerError> {
+        let udp = crate::udp::bind(config.quic_addr).map_err(|source| ServerError::BindQuic {
+            addr: config.quic_addr,
+            source,
+        })?;
+        let http = tokio::net::TcpListener::bind(config.http_addr)
+            .await
+            .map_err(|source| ServerError::BindHttp {
+                addr: config.http_addr,
+                source,
+            })?;
+        let http_addr = http.local_addr().map_err(|source| ServerError::BindHttp {
+            addr: config.http_addr,
+            source,
+        })?;
+
         let dir = config.data_dir.clone();
         std::fs::create_dir_all(&dir).map_err(|source| ServerError::DataDir {
             path: dir.clone(),
             source,
         })?;
+        let lock = DataDirLock::take(&dir)?;
         let secrets = Secrets::load_or_create(&dir)?;
         let certs = match (&config.tls.cert, &config.tls.key) {
             (Some(c), Some(k)) => CertStore::from_files(c, k)?,
@@ -157,25 +189,16 @@ impl Server {
         endpoint_config.cid_generator(move || {
             Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
         });
-        let endpoint = crate::udp::endpoint(config.quic_addr, endpoint_config, Some(server_config))
-            .map_err(bind_err)?;
+        let endpoint =
+            crate::udp::endpoint(udp, endpoint_config, Some(server_config)).map_err(bind_err)?;
         let quic_addr = endpoint
             .local_addr()
             .map_err(|source| ServerError::BindQuic {
                 addr: config.quic_addr,
                 source,
             })?;
-        let http = tokio::net::TcpListener::bind(config.http_addr)
-            .await
-            .map_err(|source| ServerError::BindHttp {
-                addr: config.http_addr,
-                source,
-            })?;
-        let http_addr = http.local_addr().map_err(|source| ServerError::BindHttp {
-            addr: config.http_addr,
-            source,
-        })?;
         Ok(Server {
+            lock,
             config,
             endpoint,
             http,
@@ -318,6 +341,59 @@ impl Server {
         if let Err(e) = self.log.close().await {
             tracing::error!(error = %e, "closing the log failed");
         }
+        drop(self.lock);
+    }
+}
+
+/// The data directory's lock file (`herald.lock`), held by the running
+/// server so that a second server on the same directory is refused at once
+/// with a clear message instead of a database error. It is an OS file lock:
+/// it goes away with the process, even after `kill -9`.
+struct DataDirLock {
+    _file: std::fs::File,
+}
+
+/// File name of the lock inside the data directory.
+pub const LOCK_FILE: &str = "herald.lock";
+
+impl DataDirLock {
+    fn take(dir: &std::path::Path) -> Result<DataDirLock, ServerError> {
+        use std::io::{Read, Seek, Write};
+        let path = dir.join(LOCK_FILE);
+        let io = |source| ServerError::DataDir {
+            path: path.clone(),
+            source,
+        };
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut pid = String::new();
+                let _ = file.read_to_string(&mut pid);
+                let pid = pid.trim();
+                return Err(ServerError::DataDirBusy {
+                    path: dir.to_path_buf(),
+                    lock: path.clone(),
+                    holder: if pid.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", by process {pid}")
+                    },
+                });
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+        }
+        // Who holds it, for the message above (best effort).
+        let _ = file.set_len(0);
+        let _ = file.rewind();
+        let _ = write!(file, "{}", std::process::id());
+        Ok(DataDirLock { _file: file })
     }
 }
 

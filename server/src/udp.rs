@@ -13,13 +13,18 @@ use std::sync::Arc;
 /// Receive and send buffer size requested for each endpoint socket.
 pub const UDP_BUFFER_BYTES: usize = 4 * 1024 * 1024;
 
-/// Binds `addr` with large buffers and wraps it in a quinn endpoint.
+/// Binds the UDP socket for `addr` (before anything else is set up, so a
+/// taken port fails the start early).
+pub fn bind(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    UdpSocket::bind(addr)
+}
+
+/// Gives `socket` large buffers and wraps it in a quinn endpoint.
 pub fn endpoint(
-    addr: SocketAddr,
+    socket: UdpSocket,
     config: quinn::EndpointConfig,
     server: Option<quinn::ServerConfig>,
 ) -> std::io::Result<quinn::Endpoint> {
-    let socket = UdpSocket::bind(addr)?;
     let state = quinn::udp::UdpSocketState::new((&socket).into())?;
     if let Err(e) = state.set_recv_buffer_size((&socket).into(), UDP_BUFFER_BYTES) {
         tracing::debug!(error = %e, "cannot enlarge the UDP receive buffer");

@@ -28,6 +28,16 @@ pub enum ApiCallError {
     },
 }
 
+/// `127.0.0.1:8080` or `http://127.0.0.1:8080/` → `http://127.0.0.1:8080`.
+pub fn base_url(api: &str) -> String {
+    let api = api.trim().trim_end_matches('/');
+    if api.contains("://") {
+        api.to_string()
+    } else {
+        format!("http://{api}")
+    }
+}
+
 #[derive(Deserialize)]
 struct ErrorBody {
     error: ErrorDetail,
@@ -40,11 +50,12 @@ struct ErrorDetail {
 }
 
 impl ApiClient {
-    /// `base` like `http://127.0.0.1:8080`.
+    /// `base` like `http://127.0.0.1:8080`, or an address like
+    /// `127.0.0.1:8080` (then `http://` is assumed).
     pub fn new(base: &str, key: String) -> ApiClient {
         ApiClient {
             http: reqwest::Client::new(),
-            base: base.trim_end_matches('/').to_string(),
+            base: base_url(base),
             key,
         }
     }

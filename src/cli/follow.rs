@@ -16,6 +16,10 @@ pub struct FollowArgs {
     /// Follower token (default: one minted from the local secret).
     #[arg(long, env = "HERALD_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Follower id for the minted token (default: a new `cli-...` id per run,
+    /// so that each `herald follow` is a follower of its own).
+    #[arg(long, conflicts_with = "token")]
+    pub user: Option<String>,
     /// Print one JSON object per line.
     #[arg(long)]
     pub json: bool,
@@ -30,46 +34,90 @@ pub struct FollowArgs {
 }
 
 pub async fn run(args: FollowArgs) -> anyhow::Result<()> {
+    // Listen for Ctrl-C (and SIGTERM) from the start: a follower stopped
+    // while connecting still closes its connection properly.
+    let mut stop = Box::pin(super::stop_signal()?);
     let c = &args.common;
     let trust = match &c.ca {
         Some(ca) => ClientTrust::ca_file(ca)?,
-        None => ClientTrust::pinned_file(&c.data_dir.join(herald_server::tls::CERT_FILE))?,
+        None => {
+            let cert = c.data_dir.join(herald_server::tls::CERT_FILE);
+            ClientTrust::pinned_file(&cert).map_err(|e| {
+                anyhow::anyhow!(
+                    "{e}\n(the local server's certificate is read from --data-dir, here {}; \
+                     run this from the directory `herald serve` runs in, pass --data-dir, \
+                     or pass --ca FILE for a server with a CA-issued certificate)",
+                    c.data_dir.display()
+                )
+            })?
+        }
     };
     let token = match &args.token {
         Some(t) => t.clone(),
         None => {
             let s = herald_server::auth::Secrets::read_existing(&c.data_dir)
                 .map_err(|e| anyhow::anyhow!("no --token given and {e}"))?;
+            let user = args.user.clone().unwrap_or_else(cli_follower_id);
             herald_server::auth::TokenIssuer::hs256(s.jwt_secret.as_bytes())
-                .mint("cli", std::time::Duration::from_secs(30 * 86_400))?
+                .mint(&user, std::time::Duration::from_secs(30 * 86_400))?
         }
     };
-    let mut client = Client::connect(ClientOptions::new(c.server, trust, token)).await?;
+    let opts = ClientOptions::new(c.server, trust, token);
+    let mut client = tokio::select! {
+        r = Client::connect(opts) => r.map_err(|e| {
+            anyhow::anyhow!("{e}\n(is a server running at {}? start one with `herald serve`, or pass --server ADDR)", c.server)
+        })?,
+        _ = &mut stop => return Ok(()),
+    };
+    let mut asked: Vec<(String, u64)> = Vec::new();
     for ch in &args.channels {
         let from = FollowFrom {
             after_seq: args.after_seq,
             epoch: None,
             tail: args.tail,
         };
-        let f = client.follow_from(ch, from).await?;
-        if !args.json {
-            eprintln!(
+        let f = tokio::select! {
+            r = client.follow_from(ch, from) => match r {
+                Ok(f) => f,
+                Err(e) => {
+                    client.close().await;
+                    return Err(e.into());
+                }
+            },
+            _ = &mut stop => {
+                client.close().await;
+                return Ok(());
+            }
+        };
+        asked.push((ch.clone(), f.head_seq));
+        let line = if args.json {
+            serde_json::json!({
+                "type": "followed", "channel": ch, "head_seq": f.head_seq, "epoch": f.epoch,
+            })
+            .to_string()
+        } else {
+            format!(
                 "following {ch} (head seq {}, epoch {})",
                 f.head_seq, f.epoch
-            );
+            )
+        };
+        if args.json {
+            println!("{line}");
+        } else {
+            eprintln!("{line}");
         }
     }
     let stdout = std::io::stdout();
     loop {
         let event = tokio::select! {
             e = client.next_event() => e,
-            _ = tokio::signal::ctrl_c() => None,
+            _ = &mut stop => None,
         };
         let Some(event) = event else { break };
         let line = if args.json {
             json_line(&event)
         } else {
-            text_line(&event)
+            text_line(&event, args.after_seq, &asked)
         };
         if let Some(line) = line {
             let mut out = stdout.lock();
@@ -84,7 +132,14 @@ pub async fn run(args: FollowArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn text_line(e: &Event) -> Option<String> {
+/// A follower id of its own for each `herald follow` run.
+fn cli_follower_id() -> String {
+    format!("cli-{:016x}", rand::random::<u64>())
+}
+
+/// One readable line per event. A Reset right after a follow whose
+/// `--after-seq` was past the channel's head says so, rather than "reset".
+fn text_line(e: &Event, after_seq: Option<u64>, asked: &[(String, u64)]) -> Option<String> {
     Some(match e {
         Event::Post(p) if p.deleted => format!("[{}#{}] (deleted)", p.channel, p.seq),
         Event::Post(p) => format!("[{}#{}] {}", p.channel, p.seq, p.text),
@@ -104,9 +159,16 @@ fn text_line(e: &Event) -> Option<String> {
             channel,
             oldest_seq,
             epoch,
-        } => {
-            format!("[{channel}] history reset (epoch {epoch}); resuming from #{oldest_seq}")
-        }
+        } => match (after_seq, asked.iter().find(|(c, _)| c == channel)) {
+            (Some(a), Some((_, head))) if a > *head => format!(
+                "[{channel}] --after-seq {a} is ahead of the channel (newest post #{head}); \
+                 starting from #{oldest_seq}"
+            ),
+            _ => format!(
+                "[{channel}] history reset (epoch {epoch}): posts before #{oldest_seq} are gone; \
+                 resuming from #{oldest_seq}"
+            ),
+        },
         Event::Error {
             message, channel, ..
         } => format!("[{channel}] error: {message}"),

@@ -7,13 +7,14 @@ mod api_client;
 mod follow;
 mod serve;
 
+use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-pub use api_client::{ApiCallError, ApiClient};
+pub use api_client::{base_url, ApiCallError, ApiClient};
 
 /// Broadcast-channels server.
 #[derive(Parser, Debug)]
@@ -32,8 +33,14 @@ pub enum Command {
     Channel(ChannelCommand),
     /// Publish a post; prints its seq.
     Post {
+        /// The channel to post to.
         channel: String,
-        text: String,
+        /// The post's text; `-` reads it from standard input.
+        #[arg(required_unless_present = "file", conflicts_with = "file")]
+        text: Option<String>,
+        /// Read the post's text from this file.
+        #[arg(long)]
+        file: Option<PathBuf>,
         #[command(flatten)]
         common: ClientArgs,
     },
@@ -45,6 +52,12 @@ pub enum Command {
     /// Manage a brand's API keys.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Print the local server's admin key (from its data directory).
+    AdminKey {
+        /// The server's data directory.
+        #[arg(long, env = "HERALD_DATA_DIR", default_value = "./herald-data")]
+        data_dir: PathBuf,
+    },
     /// Mint a follower token with the local secret.
     Token {
         /// Follower id (the token's `sub`).
@@ -127,7 +140,8 @@ pub struct ClientArgs {
     /// QUIC address of the server.
     #[arg(long, env = "HERALD_SERVER", default_value = "127.0.0.1:4433")]
     pub server: SocketAddr,
-    /// Base URL of the HTTP API.
+    /// The HTTP API: a base URL (`http://127.0.0.1:8080`) or an address
+    /// (`127.0.0.1:8080`).
     #[arg(long, env = "HERALD_API", default_value = "http://127.0.0.1:8080")]
     pub api: String,
     /// API key (default: the local server's admin key).
@@ -166,6 +180,7 @@ pub fn main() -> ExitCode {
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter)),
         )
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
     let rt = match tokio::runtime::Runtime::new() {
@@ -178,9 +193,51 @@ pub fn main() -> ExitCode {
     match rt.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", report(&e));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// An error and its causes on one line, each said once: many errors put
+/// their cause in their own message too, and printing the whole chain would
+/// repeat it ("...: Address already in use: Address already in use").
+pub fn report(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+/// Resolves on Ctrl-C (SIGINT) or SIGTERM. The handlers are installed when
+/// this is called, not when the future is first polled, so a signal that
+/// arrives in between is not lost (nor does it kill the process).
+pub(crate) fn stop_signal() -> std::io::Result<impl std::future::Future<Output = ()>> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        let mut terminate = signal(SignalKind::terminate())?;
+        Ok(async move {
+            tokio::select! {
+                _ = interrupt.recv() => {}
+                _ = terminate.recv() => {}
+            }
+        })
+    }
+    #[cfg(not(unix))]
+    {
+        Ok(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
     }
 }
 
@@ -209,8 +266,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Post {
             channel,
             text,
+            file,
             common,
         } => {
+            let text = match (text.as_deref(), file) {
+                (_, Some(path)) => std::fs::read_to_string(&path)
+                    .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?,
+                (Some("-"), None) => std::io::read_to_string(std::io::stdin())
+                    .map_err(|e| anyhow::anyhow!("cannot read standard input: {e}"))?,
+                (Some(t), None) => t.to_string(),
+                (None, None) => anyhow::bail!("give the text, `-` for standard input, or --file"),
+            };
             let p = common.api_client()?.publish(&channel, &text).await?;
             println!("{}", p.seq);
             Ok(())
@@ -244,6 +310,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }) => {
             let k = common.api_client()?.revoke_key(&brand, &key_id).await?;
             println!("revoked key {}", k.id);
+            Ok(())
+        }
+        Command::AdminKey { data_dir } => {
+            let secrets = herald_server::auth::Secrets::read_existing(&data_dir)?;
+            println!("{}", secrets.admin_key);
             Ok(())
         }
         Command::Token {

@@ -26,6 +26,7 @@ pub struct ServeArgs {
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let stop = super::stop_signal()?;
     let config = Config::load(
         args.config.as_deref(),
         &Overrides {
@@ -49,29 +50,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         server.http_addr()
     );
     println!("data dir: {}", server.config().data_dir.display());
-    server.run(shutdown_signal()).await;
+    server.run(stop).await;
     println!("herald stopped");
     Ok(())
-}
-
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
 }

@@ -47,6 +47,20 @@ async fn run_returns_with_the_data_directory_free_to_open_again() {
 async fn a_bound_server_that_never_ran_releases_its_files_when_dropped() {
     let dir = tempfile::tempdir().unwrap();
     let first = Server::bind(config(dir.path())).await.unwrap();
+    // A second server on the same directory is told why it cannot start.
+    let err = Server::bind(config(dir.path()))
+        .await
+        .err()
+        .expect("refused");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("another herald is using the data directory"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains(&format!("process {}", std::process::id())),
+        "{msg}"
+    );
     drop(first);
     tokio::time::timeout(Duration::from_secs(5), Server::bind(config(dir.path())))
         .await

@@ -6,6 +6,7 @@ mod harness;
 
 mod bad_input;
 mod brand_api;
+mod cli;
 mod crash;
 mod edits_under_lag;
 mod fanout;

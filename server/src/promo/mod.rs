@@ -369,7 +369,10 @@ impl Promo {
         followers: usize,
     ) -> Option<Arc<FeedEvent>> {
         let (settings, _) = self.channel(channel.as_str());
-        if !settings.opt_in || followers == 0 || seq % u64::from(settings.every_posts) != 0 {
+        if !settings.opt_in
+            || followers == 0
+            || !seq.is_multiple_of(u64::from(settings.every_posts))
+        {
             return None;
         }
         self.place(channel, seq, followers as u64, followers as u64)
