@@ -66,6 +66,7 @@ pub enum Command {
         /// Lifetime in seconds.
         #[arg(long, default_value_t = 86_400)]
         ttl_secs: u64,
+        /// Data directory of the local server (its token secret signs the token).
         #[arg(long, env = "HERALD_DATA_DIR", default_value = "./herald-data")]
         data_dir: PathBuf,
     },
@@ -75,7 +76,9 @@ pub enum Command {
 pub enum ChannelCommand {
     /// Create a channel.
     Create {
+        /// Channel id: 1-64 letters, digits, '-', '_', '.'.
         id: String,
+        /// Title shown to followers.
         #[arg(long, default_value = "")]
         title: String,
         /// The owning brand (a brand key may leave it out: its own brand).
@@ -86,6 +89,7 @@ pub enum ChannelCommand {
     },
     /// Show a channel.
     Get {
+        /// Channel id.
         id: String,
         #[command(flatten)]
         common: ClientArgs,
@@ -96,7 +100,9 @@ pub enum ChannelCommand {
 pub enum BrandCommand {
     /// Create a brand.
     Create {
+        /// Brand id: 1-64 letters, digits, '-', '_', '.'.
         id: String,
+        /// Display name.
         #[arg(long, default_value = "")]
         name: String,
         #[command(flatten)]
@@ -109,13 +115,16 @@ pub enum KeyCommand {
     /// Create an API key with a role in a channel (`*`: every channel of the
     /// brand); prints the key, which cannot be shown again.
     Create {
+        /// The brand the key belongs to.
         #[arg(long)]
         brand: String,
+        /// The channel the role applies to (`*`: every channel of the brand).
         #[arg(long)]
         channel: String,
         /// owner, publisher or analyst.
         #[arg(long)]
         role: herald_server::tenancy::Role,
+        /// A label to recognise the key by in listings.
         #[arg(long, default_value = "")]
         label: String,
         #[command(flatten)]
@@ -123,8 +132,10 @@ pub enum KeyCommand {
     },
     /// Revoke an API key by its id.
     Revoke {
+        /// The brand the key belongs to.
         #[arg(long)]
         brand: String,
+        /// The key's id (shown when it was created, and in `GET /v1/brands/{id}/keys`).
         key_id: String,
         #[command(flatten)]
         common: ClientArgs,

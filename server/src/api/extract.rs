@@ -18,6 +18,17 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         match axum::Json::<T>::from_request(req, state).await {
             Ok(axum::Json(v)) => Ok(JsonBody(v)),
+            Err(rej) if rej.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE => {
+                Err(ApiError::new(
+                    rej.status(),
+                    ErrorCode::InvalidArgument,
+                    format!(
+                        "the request body is larger than the limit of {} KiB (a post's text is at most {} KiB)",
+                        super::MAX_BODY_BYTES / 1024,
+                        crate::model::MAX_POST_TEXT_BYTES / 1024
+                    ),
+                ))
+            }
             Err(rej) => Err(ApiError::new(
                 rej.status(),
                 ErrorCode::InvalidArgument,
