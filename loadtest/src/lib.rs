@@ -1,7 +1,7 @@
 //! herald-loadtest as a library: the measurement run, callable in-process by
 //! tests and by the `herald-loadtest` binary.
 //!
-//! A run ([`run`]) opens N followers spread over K client endpoints at a
+//! A run ([`run()`]) opens N followers spread over K client endpoints at a
 //! bounded connect rate, has each follow a few channels picked with a
 //! Zipf-skewed popularity ([`plan`]), publishes P posts over the HTTP API at a
 //! rate or in a burst ([`publisher`]), and measures what arrives
