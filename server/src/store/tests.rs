@@ -66,16 +66,18 @@ async fn seqs_are_gapless_across_concurrent_appends_and_reopen() {
         })
         .collect();
     assert_eq!(seqs, (1..=800).collect::<Vec<_>>());
-    drop(log);
-
+    // Once closed, the file opens again at once.
+    log.close().await.unwrap();
+    assert!(matches!(
+        log.append(ch("a"), post("late"), None).await,
+        Err(StoreError::Closed)
+    ));
+    assert!(matches!(
+        log.read(ch("a"), 0, 1).await,
+        Err(StoreError::Closed)
+    ));
     let (sink, _) = recording_sink();
-    // The committer thread of the first log may still hold the file briefly.
-    let log = loop {
-        match RedbLog::open(dir.path(), sink.clone()) {
-            Ok(l) => break l,
-            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
-        }
-    };
+    let log = RedbLog::open(dir.path(), sink).unwrap();
     assert_eq!(log.channel(&ch("a")).unwrap().head_seq, 800);
     let posts = log.read(ch("a"), 795, 100).await.unwrap();
     assert_eq!(
@@ -214,15 +216,10 @@ async fn idempotent_append_answers_the_first_post_also_in_one_batch_and_after_re
     // The same key on another channel is another key.
     log.create_channel(ch("j"), String::new()).await.unwrap();
     assert_eq!(log.append(ch("j"), post("x"), key()).await.unwrap().seq, 1);
-    drop(log);
+    log.close().await.unwrap();
 
     let (sink, _) = recording_sink();
-    let log = loop {
-        match RedbLog::open(dir.path(), sink.clone()) {
-            Ok(l) => break l,
-            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
-        }
-    };
+    let log = RedbLog::open(dir.path(), sink).unwrap();
     let again = log.append(ch("i"), post("retry"), key()).await.unwrap();
     assert_eq!((again.seq, again.id.as_str()), (1, answers[0].id.as_str()));
     assert_eq!(log.channel(&ch("i")).unwrap().head_seq, 3);
