@@ -58,6 +58,15 @@ impl MemLog {
         Arc::new(log)
     }
 
+    /// A channel `id` holding posts 1..=n, each with `len` bytes of text.
+    fn with_posts(id: &str, n: u64, len: usize) -> Arc<MemLog> {
+        let log = MemLog::with_channel(id);
+        for _ in 0..n {
+            log.post(id, len);
+        }
+        log
+    }
+
     /// Appends a post of `len` bytes of text; returns its event.
     fn post(&self, id: &str, len: usize) -> LogEvent {
         let mut map = self.channels.lock().unwrap();
@@ -159,6 +168,10 @@ enum Got {
     Reset { epoch: u64, oldest_seq: u64 },
 }
 
+fn reset(epoch: u64, oldest_seq: u64) -> Got {
+    Got::Reset { epoch, oldest_seq }
+}
+
 fn decode(frame: &Bytes) -> Got {
     let f = pb::FeedFrame::decode_length_delimited(frame.clone()).unwrap();
     match f.kind.unwrap() {
@@ -250,6 +263,17 @@ impl Rig {
         self.outbox.push_event(&Arc::new(FeedEvent::from_log(ev)))
     }
 
+    /// Delivers post 1 (read), then post 2, which the writer cannot hand to
+    /// the sink (it holds one unread frame): from here on the queue fills
+    /// up as a slow follower's does. Posts have 40 bytes of text (56-byte
+    /// frames).
+    async fn stall(&mut self) {
+        assert!(self.fan_out(&self.log.post("a", 40)));
+        assert_eq!(seqs(&self.read(1).await), vec![1]);
+        assert!(self.fan_out(&self.log.post("a", 40)));
+        self.settle().await;
+    }
+
     /// Reads the next `n` frames.
     async fn read(&mut self, n: usize) -> Vec<Got> {
         let mut out = Vec::with_capacity(n);
@@ -302,10 +326,7 @@ fn seqs(got: &[Got]) -> Vec<u64> {
 
 #[tokio::test]
 async fn live_only_follow_gets_each_live_post_once_in_order() {
-    let log = MemLog::with_channel("a");
-    for _ in 0..3 {
-        log.post("a", 8);
-    }
+    let log = MemLog::with_posts("a", 3, 8);
     let mut rig = Rig::start(log.clone(), 1 << 16, 64);
     rig.follow("a", None, None);
     rig.settle().await;
@@ -325,10 +346,7 @@ async fn live_only_follow_gets_each_live_post_once_in_order() {
 
 #[tokio::test]
 async fn catch_up_then_live_with_posts_racing_the_switch() {
-    let log = MemLog::with_channel("a");
-    for _ in 0..10 {
-        log.post("a", 8);
-    }
+    let log = MemLog::with_posts("a", 10, 8);
     let mut rig = Rig::start_with(log.clone(), 1 << 16, 64, 4);
     rig.follow("a", Some(0), None);
     // Posts 11 and 12 commit (the head moves) and are fanned out after the
@@ -358,11 +376,7 @@ async fn a_post_dropped_on_overflow_is_filled_from_the_log_before_the_next() {
     let mut rig = Rig::start(log.clone(), 300, 1);
     rig.follow("a", None, None);
     rig.settle().await;
-    // Frame 1 fills the sink, frame 2 blocks the writer: the queue fills up.
-    assert!(rig.fan_out(&log.post("a", 40)));
-    assert_eq!(seqs(&rig.read(1).await), vec![1]);
-    assert!(rig.fan_out(&log.post("a", 40)));
-    rig.settle().await;
+    rig.stall().await;
     // Each 40-byte post is a 56-byte frame: three fit in 300 bytes.
     for _ in 0..3 {
         assert!(rig.fan_out(&log.post("a", 40)));
@@ -438,10 +452,7 @@ async fn edits_and_deletes_dropped_on_overflow_are_resent_from_the_log() {
 
 #[tokio::test]
 async fn edits_of_posts_not_yet_delivered_are_not_sent() {
-    let log = MemLog::with_channel("a");
-    for _ in 0..3 {
-        log.post("a", 8);
-    }
+    let log = MemLog::with_posts("a", 3, 8);
     let mut rig = Rig::start(log.clone(), 1 << 16, 64);
     rig.follow("a", Some(0), None);
     assert_eq!(seqs(&rig.read(3).await), posts(1..=3));
@@ -461,41 +472,23 @@ async fn edits_of_posts_not_yet_delivered_are_not_sent() {
 
 #[tokio::test]
 async fn resume_with_another_epoch_is_reset_and_replayed() {
-    let log = MemLog::with_channel("a");
-    for _ in 0..4 {
-        log.post("a", 8);
-    }
+    let log = MemLog::with_posts("a", 4, 8);
     let mut rig = Rig::start(log.clone(), 1 << 16, 64);
     rig.follow("a", Some(2), Some(7));
     let got = rig.read(5).await;
-    assert_eq!(
-        got[0],
-        Got::Reset {
-            epoch: 1,
-            oldest_seq: 1
-        }
-    );
+    assert_eq!(got[0], reset(1, 1));
     assert_eq!(seqs(&got[1..]), posts(1..=4));
     assert_eq!(rig.finish().await.0, vec![]);
 }
 
 #[tokio::test]
 async fn resume_below_the_retained_history_is_reset_to_the_oldest() {
-    let log = MemLog::with_channel("a");
-    for _ in 0..10 {
-        log.post("a", 8);
-    }
+    let log = MemLog::with_posts("a", 10, 8);
     log.trim_below("a", 6);
     let mut rig = Rig::start(log.clone(), 1 << 16, 64);
     rig.follow("a", Some(2), Some(1));
     let got = rig.read(6).await;
-    assert_eq!(
-        got[0],
-        Got::Reset {
-            epoch: 1,
-            oldest_seq: 6
-        }
-    );
+    assert_eq!(got[0], reset(1, 6));
     assert_eq!(seqs(&got[1..]), posts(6..=10));
     // Resuming exactly at the oldest retained position is no reset.
     let mut rig2 = Rig::start(log.clone(), 1 << 16, 64);
@@ -507,20 +500,11 @@ async fn resume_below_the_retained_history_is_reset_to_the_oldest() {
 
 #[tokio::test]
 async fn resume_when_everything_was_trimmed_is_reset_then_live() {
-    let log = MemLog::with_channel("a");
-    for _ in 0..5 {
-        log.post("a", 8);
-    }
+    let log = MemLog::with_posts("a", 5, 8);
     log.trim_below("a", 6);
     let mut rig = Rig::start(log.clone(), 1 << 16, 64);
     rig.follow("a", Some(2), Some(1));
-    assert_eq!(
-        rig.read(1).await,
-        vec![Got::Reset {
-            epoch: 1,
-            oldest_seq: 6
-        }]
-    );
+    assert_eq!(rig.read(1).await, vec![reset(1, 6)]);
     assert!(rig.fan_out(&log.post("a", 8)));
     assert_eq!(seqs(&rig.read(1).await), vec![6]);
     assert_eq!(rig.finish().await.0, vec![]);
@@ -533,10 +517,7 @@ async fn a_lagging_follower_whose_missed_posts_were_all_trimmed_is_told() {
     let mut rig = Rig::start(log.clone(), 130, 1);
     rig.follow("a", None, None);
     rig.settle().await;
-    assert!(rig.fan_out(&log.post("a", 40)));
-    assert_eq!(seqs(&rig.read(1).await), vec![1]);
-    assert!(rig.fan_out(&log.post("a", 40)));
-    rig.settle().await;
+    rig.stall().await;
     // 3 and 4 are queued; 5..=7 overflow and are trimmed away (7 is the head).
     for _ in 3..=7 {
         rig.fan_out(&log.post("a", 40));
@@ -550,30 +531,18 @@ async fn a_lagging_follower_whose_missed_posts_were_all_trimmed_is_told() {
             Got::Post(2, format!("{:040}", 2)),
             Got::Post(3, format!("{:040}", 3)),
             Got::Post(4, format!("{:040}", 4)),
-            Got::Reset {
-                epoch: 1,
-                oldest_seq: 8
-            },
+            reset(1, 8),
         ]
     );
 }
 
 #[tokio::test]
 async fn resume_ahead_of_the_head_is_reset() {
-    let log = MemLog::with_channel("a");
-    for _ in 0..3 {
-        log.post("a", 8);
-    }
+    let log = MemLog::with_posts("a", 3, 8);
     let mut rig = Rig::start(log.clone(), 1 << 16, 64);
     rig.follow("a", Some(9), Some(1));
     let got = rig.read(4).await;
-    assert_eq!(
-        got[0],
-        Got::Reset {
-            epoch: 1,
-            oldest_seq: 1
-        }
-    );
+    assert_eq!(got[0], reset(1, 1));
     assert_eq!(seqs(&got[1..]), posts(1..=3));
     assert_eq!(rig.finish().await.0, vec![]);
 }
@@ -585,12 +554,9 @@ async fn history_trimmed_while_lagging_is_reset_mid_stream() {
     let mut rig = Rig::start(log.clone(), 130, 1);
     rig.follow("a", None, None);
     rig.settle().await;
-    assert!(rig.fan_out(&log.post("a", 40)));
-    assert_eq!(seqs(&rig.read(1).await), vec![1]);
     // Block the writer on 2, let 3..=10 mostly overflow, then trim 3..=7
     // away before the follower reads again.
-    assert!(rig.fan_out(&log.post("a", 40)));
-    rig.settle().await;
+    rig.stall().await;
     let mut queued = Vec::new();
     for _ in 3..=10 {
         let ev = log.post("a", 40);
@@ -611,10 +577,7 @@ async fn history_trimmed_while_lagging_is_reset_mid_stream() {
             Got::Post(2, format!("{:040}", 2)),
             Got::Post(3, format!("{:040}", 3)),
             Got::Post(4, format!("{:040}", 4)),
-            Got::Reset {
-                epoch: 1,
-                oldest_seq: 8
-            },
+            reset(1, 8),
             Got::Post(8, format!("{:040}", 8)),
             Got::Post(9, format!("{:040}", 9)),
             Got::Post(10, format!("{:040}", 10)),
