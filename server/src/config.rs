@@ -330,6 +330,38 @@ mod tests {
     use super::*;
 
     #[test]
+    fn readme_lists_every_key_with_its_default() {
+        let readme = include_str!("../../README.md");
+        let start = readme
+            .find("```toml\ndata_dir")
+            .expect("README has the configuration block");
+        let block = &readme[start + "```toml\n".len()..];
+        let block = &block[..block.find("```").expect("the block ends")];
+        // Every key README shows parses, and has the value the code defaults to.
+        assert_eq!(Config::from_toml(block).unwrap(), Config::default());
+        // And README shows every key the code has.
+        let shown: std::collections::BTreeSet<String> = block
+            .lines()
+            .map(|l| l.trim_start_matches("# ").trim())
+            .filter_map(|l| l.split_once(" = ").map(|(k, _)| k.to_string()))
+            .collect();
+        let table = toml::Table::try_from(Config::default()).unwrap();
+        let mut keys = Vec::new();
+        for (k, v) in &table {
+            match v {
+                toml::Value::Table(t) => keys.extend(t.keys().cloned()),
+                _ => keys.push(k.clone()),
+            }
+        }
+        for k in keys {
+            assert!(
+                shown.contains(&k),
+                "README's configuration block lacks `{k}`"
+            );
+        }
+    }
+
+    #[test]
     fn file_values_survive_absent_overrides() {
         let cfg = Config::from_toml(
             "quic_addr = \"127.0.0.1:5000\"\n[limits]\nsession_queue_bytes = 100000\n",
