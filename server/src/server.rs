@@ -31,8 +31,8 @@ use crate::config::Config;
 use crate::hub::Hub;
 use crate::promo::{Promo, PromoError};
 use crate::session::{FollowerConnections, Session, SessionContext, SessionError};
-use crate::store::{ChannelLog, EventSink, RedbLog, StoreError, TrimPolicy};
-use crate::tenancy::Tenancy;
+use crate::store::{ChannelLog, EventSink, JetStreamLog, RedbLog, StoreError, TrimPolicy};
+use crate::tenancy::{KvTenancy, Tenancy, TenancyStore};
 use crate::tls::{CertStore, TlsError};
 use herald_proto::ErrorCode;
 
@@ -101,6 +101,10 @@ pub enum ServerError {
     /// The tenancy database (`brands.redb`) could not be opened.
     #[error("tenancy: {0}")]
     Tenancy(#[from] crate::tenancy::TenancyError),
+    /// Cluster mode: the `[cluster]` settings are unusable, or the NATS
+    /// cluster could not be reached in time.
+    #[error("cluster: {0}")]
+    Cluster(String),
 }
 
 /// A bound, not yet running server.
@@ -116,7 +120,7 @@ pub struct Server {
     certs: Arc<CertStore>,
     secrets: Secrets,
     verifier: TokenVerifier,
-    tenancy: Arc<Tenancy>,
+    tenancy: Arc<dyn TenancyStore>,
     quic_addr: SocketAddr,
     http_addr: SocketAddr,
 }
@@ -161,8 +165,12 @@ impl Server {
                 sink_promo.after_post(&p.channel, p.seq, followers)
             });
         });
-        let log: Arc<dyn ChannelLog> = RedbLog::open(&dir, sink)?;
-        let tenancy = Tenancy::open(&dir)?;
+        let (log, tenancy): (Arc<dyn ChannelLog>, Arc<dyn TenancyStore>) =
+            if config.cluster.enabled() {
+                open_cluster(&config, sink).await?
+            } else {
+                (RedbLog::open(&dir, sink)?, Tenancy::open(&dir)?)
+            };
         let mut verifier = TokenVerifier::hs256(secrets.jwt_secret.as_bytes())
             .with_issuer(config.auth.issuer.clone())
             .with_audience(config.auth.audience.clone());
@@ -254,7 +262,7 @@ impl Server {
     }
 
     /// Brands, keys and channel ownership, for embedding and tests.
-    pub fn tenancy(&self) -> Arc<Tenancy> {
+    pub fn tenancy(&self) -> Arc<dyn TenancyStore> {
         self.tenancy.clone()
     }
 
@@ -343,6 +351,39 @@ impl Server {
         }
         drop(self.lock);
     }
+}
+
+/// How long cluster mode may take to reach NATS and open its stream and
+/// buckets at start-up.
+pub const CLUSTER_OPEN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Cluster mode: connects to NATS and opens the JetStream log and the KV
+/// tenancy store.
+async fn open_cluster(
+    config: &Config,
+    sink: EventSink,
+) -> Result<(Arc<dyn ChannelLog>, Arc<dyn TenancyStore>), ServerError> {
+    let cfg = config
+        .cluster
+        .to_cluster_config()
+        .map_err(|e| ServerError::Cluster(e.to_string()))?;
+    let urls = cfg.urls.join(",");
+    let open = async {
+        let nats = crate::cluster::Nats::connect(cfg)
+            .await
+            .map_err(|e| ServerError::Cluster(e.to_string()))?;
+        let log: Arc<dyn ChannelLog> = JetStreamLog::open(nats.clone(), sink).await?;
+        let tenancy: Arc<dyn TenancyStore> = KvTenancy::open(&nats).await?;
+        Ok::<_, ServerError>((log, tenancy))
+    };
+    tokio::time::timeout(CLUSTER_OPEN_TIMEOUT, open)
+        .await
+        .map_err(|_| {
+            ServerError::Cluster(format!(
+                "NATS at {urls} did not answer within {}s (is nats-server running with JetStream?)",
+                CLUSTER_OPEN_TIMEOUT.as_secs()
+            ))
+        })?
 }
 
 /// The data directory's lock file (`herald.lock`), held by the running
