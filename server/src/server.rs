@@ -157,7 +157,14 @@ impl Server {
         };
 
         let hub = Arc::new(Hub::default());
-        let promo = Promo::open(&dir)?;
+        let nats = match config.cluster.enabled() {
+            true => Some(connect_cluster(&config).await?),
+            false => None,
+        };
+        let promo = match &nats {
+            Some(nats) => with_cluster_timeout(&config, Promo::open_cluster(nats)).await??,
+            None => Promo::open(&dir)?,
+        };
         let (sink_hub, sink_promo) = (hub.clone(), promo.clone());
         let sink: EventSink = Arc::new(move |events| {
             // After an organic post, the channel's promoted slot may open.
@@ -165,12 +172,17 @@ impl Server {
                 sink_promo.after_post(&p.channel, p.seq, followers)
             });
         });
-        let (log, tenancy): (Arc<dyn ChannelLog>, Arc<dyn TenancyStore>) =
-            if config.cluster.enabled() {
-                open_cluster(&config, sink).await?
-            } else {
-                (RedbLog::open(&dir, sink)?, Tenancy::open(&dir)?)
-            };
+        let (log, tenancy): (Arc<dyn ChannelLog>, Arc<dyn TenancyStore>) = match nats {
+            Some(nats) => {
+                with_cluster_timeout(&config, async {
+                    let log: Arc<dyn ChannelLog> = JetStreamLog::open(nats.clone(), sink).await?;
+                    let tenancy: Arc<dyn TenancyStore> = KvTenancy::open(&nats).await?;
+                    Ok::<_, ServerError>((log, tenancy))
+                })
+                .await??
+            }
+            None => (RedbLog::open(&dir, sink)?, Tenancy::open(&dir)?),
+        };
         let mut verifier = TokenVerifier::hs256(secrets.jwt_secret.as_bytes())
             .with_issuer(config.auth.issuer.clone())
             .with_audience(config.auth.audience.clone());
@@ -344,6 +356,10 @@ impl Server {
             Ok(()) => {}
             Err(e) => tracing::error!(error = %e, "final promo flush failed"),
         }
+        // Cluster mode: what this node leased and did not show goes back.
+        if let Err(e) = self.promo.run(|p| p.release_leases()).await {
+            tracing::warn!(error = %e, "giving back impression leases failed");
+        }
         self.tenancy.close().await;
         self.promo.close().await;
         if let Err(e) = self.log.close().await {
@@ -357,33 +373,33 @@ impl Server {
 /// buckets at start-up.
 pub const CLUSTER_OPEN_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Cluster mode: connects to NATS and opens the JetStream log and the KV
-/// tenancy store.
-async fn open_cluster(
-    config: &Config,
-    sink: EventSink,
-) -> Result<(Arc<dyn ChannelLog>, Arc<dyn TenancyStore>), ServerError> {
+/// Cluster mode: connects to NATS (the client goes on reconnecting by
+/// itself afterwards).
+async fn connect_cluster(config: &Config) -> Result<crate::cluster::Nats, ServerError> {
     let cfg = config
         .cluster
         .to_cluster_config()
         .map_err(|e| ServerError::Cluster(e.to_string()))?;
-    let urls = cfg.urls.join(",");
-    let open = async {
-        let nats = crate::cluster::Nats::connect(cfg)
-            .await
-            .map_err(|e| ServerError::Cluster(e.to_string()))?;
-        let log: Arc<dyn ChannelLog> = JetStreamLog::open(nats.clone(), sink).await?;
-        let tenancy: Arc<dyn TenancyStore> = KvTenancy::open(&nats).await?;
-        Ok::<_, ServerError>((log, tenancy))
-    };
-    tokio::time::timeout(CLUSTER_OPEN_TIMEOUT, open)
+    with_cluster_timeout(config, crate::cluster::Nats::connect(cfg))
+        .await?
+        .map_err(|e| ServerError::Cluster(e.to_string()))
+}
+
+/// Bounds one step of cluster start-up by [`CLUSTER_OPEN_TIMEOUT`], with an
+/// error that says where NATS was expected.
+async fn with_cluster_timeout<T>(
+    config: &Config,
+    f: impl Future<Output = T>,
+) -> Result<T, ServerError> {
+    tokio::time::timeout(CLUSTER_OPEN_TIMEOUT, f)
         .await
         .map_err(|_| {
             ServerError::Cluster(format!(
-                "NATS at {urls} did not answer within {}s (is nats-server running with JetStream?)",
+                "NATS at {} did not answer within {}s (is nats-server running, with JetStream on?)",
+                config.cluster.urls.join(","),
                 CLUSTER_OPEN_TIMEOUT.as_secs()
             ))
-        })?
+        })
 }
 
 /// The data directory's lock file (`herald.lock`), held by the running
@@ -622,7 +638,8 @@ async fn cert_renewal_loop(certs: Arc<CertStore>, stop: CancellationToken) {
     }
 }
 
-/// Flushes promo counts to disk in batches.
+/// Flushes promo counts in batches (and, in cluster mode, syncs with the
+/// other nodes and tops up impression leases).
 async fn promo_flush_loop(promo: Arc<Promo>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(crate::promo::FLUSH_INTERVAL);
     loop {
@@ -632,6 +649,10 @@ async fn promo_flush_loop(promo: Arc<Promo>, stop: CancellationToken) {
         }
         if let Err(e) = promo.run(|p| p.flush()).await {
             tracing::warn!(error = %e, "promo flush failed; will retry");
+        }
+        // Cluster mode: other nodes' changes, and this node's leases.
+        if let Err(e) = promo.run(|p| p.sync()).await {
+            tracing::warn!(error = %e, "promo sync with the cluster failed; will retry");
         }
     }
 }
