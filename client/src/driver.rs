@@ -204,9 +204,7 @@ impl Driver {
             let n = self.opts.servers.len().max(1) as u64;
             let index = (self.stats.server_index.load(Ordering::Relaxed) + 1) % n;
             self.stats.server_index.store(index, Ordering::Relaxed);
-            let Some(addr) = self.opts.servers.get(index as usize).copied() else {
-                return None;
-            };
+            let addr = self.opts.servers.get(index as usize).copied()?;
             match Conn::open(&self.endpoint, &self.opts, addr).await {
                 Ok(c) => return Some(c),
                 Err(e) if e.is_retryable() => {
