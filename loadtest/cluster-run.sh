@@ -51,10 +51,12 @@ done
 urls="nats://127.0.0.1:${client[1]},nats://127.0.0.1:${client[2]},nats://127.0.0.1:${client[3]}"
 
 # --- Herald: node a, then node b with a's secrets and certificate.
+declare -A pid
 start_node() { # name dir
     RUST_LOG=warn "$HERALD" serve --data-dir "$2" --quic-addr 127.0.0.1:0 --http-addr 127.0.0.1:0 \
         --cluster "$urls" --node-id "$1" >"$work/$1.out" 2>"$work/$1.err" &
     pids+=($!)
+    pid[$1]=$!
     for _ in $(seq 1 600); do
         grep -q "^herald listening:" "$work/$1.out" 2>/dev/null && return 0
         sleep 0.1
@@ -72,10 +74,11 @@ echo "node a: quic $(quic a) http $(http a)   node b: quic $(quic b) http $(http
 
 echo "== one node (a)"
 "$LOADTEST" "${ARGS[@]}" --quiet --data-dir "$work/a" \
-    --server "$(quic a)" --api "$(http a)" --json "$work/one.json"
+    --server "$(quic a)" --api "$(http a)" --pid "${pid[a]}" --json "$work/one.json"
 echo "== two nodes (a, b)"
 "$LOADTEST" "${ARGS[@]}" --quiet --data-dir "$work/a" \
-    --server "$(quic a),$(quic b)" --api "$(http a),$(http b)" --json "$work/two.json"
+    --server "$(quic a),$(quic b)" --api "$(http a),$(http b)" --pid "${pid[a]},${pid[b]}" \
+    --json "$work/two.json"
 python3 - "$work/one.json" "$work/two.json" <<'EOF'
 import json, sys
 one, two = (json.load(open(p)) for p in sys.argv[1:3])

@@ -36,6 +36,11 @@ struct Cli {
     /// certificate; the nodes of a cluster share them).
     #[arg(long, env = "HERALD_DATA_DIR", default_value = "./herald-data")]
     data_dir: PathBuf,
+    /// Process ids of the running servers, one per `--server` (when they run
+    /// on this machine): CPU and memory are then read from `/proc`, to the
+    /// clock tick, instead of from `/metrics`.
+    #[arg(long, value_delimiter = ',')]
+    pid: Vec<u32>,
     /// Write the full report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -79,15 +84,27 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
                 cli.api.len()
             );
         }
-        let mut nodes = cli.server.iter().zip(&cli.api).map(|(quic, api)| {
-            let api = herald::cli::base_url(api);
-            let probe = Probe::Metrics(format!("{api}/metrics"));
-            herald_loadtest::Node {
-                quic: *quic,
-                api,
-                probe,
-            }
-        });
+        if !cli.pid.is_empty() && cli.pid.len() != cli.server.len() {
+            anyhow::bail!("give one --pid per --server, or none");
+        }
+        let pids = cli.pid.clone();
+        let mut nodes = cli
+            .server
+            .iter()
+            .zip(&cli.api)
+            .enumerate()
+            .map(|(i, (quic, api))| {
+                let api = herald::cli::base_url(api);
+                let probe = match pids.get(i) {
+                    Some(pid) => Probe::Pid(*pid),
+                    None => Probe::Metrics(format!("{api}/metrics")),
+                };
+                herald_loadtest::Node {
+                    quic: *quic,
+                    api,
+                    probe,
+                }
+            });
         let Some(first) = nodes.next() else {
             anyhow::bail!("give at least one --server");
         };

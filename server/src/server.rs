@@ -380,10 +380,32 @@ async fn connect_cluster(config: &Config) -> Result<crate::cluster::Nats, Server
         .cluster
         .to_cluster_config()
         .map_err(|e| ServerError::Cluster(e.to_string()))?;
-    with_cluster_timeout(config, crate::cluster::Nats::connect(cfg))
+    let urls = cfg.urls.join(",");
+    let nats = with_cluster_timeout(config, crate::cluster::Nats::connect(cfg))
         .await?
-        .map_err(|e| ServerError::Cluster(e.to_string()))
+        .map_err(|e| ServerError::Cluster(e.to_string()))?;
+    // The client connects in the background (and keeps reconnecting): say
+    // at once when no server of the list answers, rather than time out
+    // later on the first request.
+    let connected = async {
+        while nats.client.connection_state() != async_nats::connection::State::Connected {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    if tokio::time::timeout(CLUSTER_CONNECT_TIMEOUT, connected)
+        .await
+        .is_err()
+    {
+        return Err(ServerError::Cluster(format!(
+            "cannot connect to any NATS server of {urls} within {}s (is nats-server running?)",
+            CLUSTER_CONNECT_TIMEOUT.as_secs()
+        )));
+    }
+    Ok(nats)
 }
+
+/// How long cluster mode waits at start-up for a NATS connection.
+pub const CLUSTER_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Bounds one step of cluster start-up by [`CLUSTER_OPEN_TIMEOUT`], with an
 /// error that says where NATS was expected.

@@ -6,6 +6,7 @@
 //! - followers on node A get what is published on node B, gapless, in order,
 //!   exactly once; history and channel figures agree on both nodes;
 //! - publishers on both nodes at once: seqs gapless, every acked post once;
+//!   one `Idempotency-Key` used on both nodes posts once;
 //! - kill -9 of the NATS node leading the posts stream mid-publishing: no
 //!   acknowledged post lost, publishing goes on;
 //! - kill -9 of Herald node A (the real binary): its followers move to node
@@ -274,6 +275,16 @@ async fn concurrent_publishers_on_both_nodes_get_gapless_seqs() {
         "every acknowledged post is there once, at its seq"
     );
     read_until(&mut fa, total, WAIT).await;
+
+    // One Idempotency-Key used on both nodes posts once.
+    let first = a.publish("busy", &a.admin_key, "once", Some("k-1")).await;
+    let again = b.publish("busy", &b.admin_key, "once", Some("k-1")).await;
+    assert_eq!(first.status.as_u16(), 201, "{}", first.body);
+    assert!(again.status.is_success(), "{}", again.body);
+    assert_eq!(first.body["seq"], total + 1);
+    assert_eq!(again.body["seq"], first.body["seq"]);
+    assert_eq!(again.body["id"], first.body["id"]);
+    assert_eq!(b.api.channel("busy").await.unwrap().head_seq, total + 1);
     a.stop().await;
     b.stop().await;
 }
