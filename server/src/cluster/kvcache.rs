@@ -51,8 +51,29 @@ impl<T> Drop for KvCache<T> {
     }
 }
 
-/// Opens (or creates) a KV bucket with `history` 1 and the cluster's replicas.
+/// Opens (or creates) a KV bucket with `history` 1 and the cluster's
+/// replicas, retrying for up to [`crate::cluster::nats::KV_RETRY_DEADLINE`]
+/// while JetStream is not ready (a cluster still electing its meta leader).
 pub async fn open_bucket(
+    nats: &Nats,
+    name: &str,
+    max_age: Duration,
+) -> Result<kv::Store, NatsError> {
+    let deadline = tokio::time::Instant::now() + super::nats::KV_RETRY_DEADLINE;
+    let mut backoff = Duration::from_millis(50);
+    loop {
+        match open_bucket_once(nats, name, max_age).await {
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::debug!(error = %e, bucket = name, "kv bucket not ready; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn open_bucket_once(
     nats: &Nats,
     name: &str,
     max_age: Duration,

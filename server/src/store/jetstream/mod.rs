@@ -208,11 +208,18 @@ impl JetStreamLog {
             deny_delete: true,
             ..Default::default()
         };
-        let mut st = nats
-            .js
-            .get_or_create_stream(config)
-            .await
-            .map_err(|e| StoreError::Storage(format!("posts stream: {e}")))?;
+        // Retried while JetStream is not ready (a cluster still electing).
+        let deadline = tokio::time::Instant::now() + crate::cluster::nats::KV_RETRY_DEADLINE;
+        let mut st = loop {
+            match nats.js.get_or_create_stream(config.clone()).await {
+                Ok(st) => break st,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "posts stream not ready; retrying");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => return Err(StoreError::Storage(format!("posts stream: {e}"))),
+            }
+        };
         let last_at_open = st
             .info()
             .await
