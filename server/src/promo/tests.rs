@@ -282,12 +282,15 @@ fn counts_and_clicks_survive_reopen_and_clicks_dedupe() {
     assert!(p.click("y", "k").unwrap());
 }
 
+/// A campaign's allocated impressions and each node's share of them.
+type Allocation = (u64, std::collections::HashMap<String, u64>);
+
 /// A store shared by several in-process "nodes": the budget ledger of the
 /// cluster store (leases with a ceiling), specs and counts in memory.
 #[derive(Default)]
 struct SharedBudget {
-    /// campaign -> (allocated, per node share)
-    budget: Mutex<std::collections::HashMap<String, (u64, std::collections::HashMap<String, u64>)>>,
+    /// campaign -> allocation
+    budget: Mutex<std::collections::HashMap<String, Allocation>>,
     campaigns: Mutex<Vec<Campaign>>,
     /// (campaign, node) -> impressions flushed
     counts: Mutex<std::collections::HashMap<(String, String), u64>>,
@@ -416,11 +419,18 @@ fn leased_budgets_are_never_exceeded_by_several_nodes() {
     assert!(shown <= 1000, "shown {shown} of a 1000 budget");
     assert!(shown >= 900, "the budget is (nearly) spent: {shown}");
     let counted: u64 = shared.counts.lock().unwrap().values().sum();
-    assert_eq!(counted, shown, "each impression counted once, over the nodes");
-    let b = shared.budget.lock().unwrap();
-    assert_eq!(b["c"].0, shown, "unused leases were given back");
+    assert_eq!(
+        counted, shown,
+        "each impression counted once, over the nodes"
+    );
+    let allocated = shared.budget.lock().unwrap()["c"].0;
+    assert_eq!(allocated, shown, "unused leases were given back");
     for p in &nodes {
         p.sync().unwrap();
-        assert_eq!(p.get("c").unwrap().2.impressions, shown, "every node sees the sum");
+        assert_eq!(
+            p.get("c").unwrap().2.impressions,
+            shown,
+            "every node sees the sum"
+        );
     }
 }
