@@ -596,27 +596,26 @@ async fn a_campaign_across_two_nodes_never_overspends_and_counts_every_frame() {
         .expect("every post arrives");
     }
     publish.await.unwrap();
-    // Promoted frames fanned out after the last post may still be on the
-    // way; take what is there within a moment.
-    for c in followers.iter_mut() {
-        while let Ok(Some(ev)) =
-            tokio::time::timeout(Duration::from_millis(300), c.next_event()).await
-        {
-            if let Event::Promoted { .. } = ev {
-                promoted += 1;
-            }
-        }
-    }
     assert!(promoted > 0, "the campaign was shown");
-    assert!(
-        promoted <= 1000,
-        "never more frames than the budget: {promoted}"
-    );
     // Both nodes flush their counts and see each other's: the merged
-    // impressions equal the frames received, on either node.
+    // impressions equal the frames received, on either node. Frames fanned
+    // out after the last post may still be on the way: keep reading them.
     let mut last = (0, 0);
     let settled = tokio::time::timeout(WAIT, async {
         loop {
+            for c in followers.iter_mut() {
+                while let Ok(Some(ev)) =
+                    tokio::time::timeout(Duration::from_millis(2), c.next_event()).await
+                {
+                    if let Event::Promoted { .. } = ev {
+                        promoted += 1;
+                    }
+                }
+            }
+            assert!(
+                promoted <= 1000,
+                "never more frames than the budget: {promoted}"
+            );
             let sa = a
                 .get(&format!("/v1/campaigns/{id}/stats"), a.admin())
                 .await
@@ -628,6 +627,10 @@ async fn a_campaign_across_two_nodes_never_overspends_and_counts_every_frame() {
             let (ia, ib) = (
                 sa["impressions"].as_u64().unwrap(),
                 sb["impressions"].as_u64().unwrap(),
+            );
+            assert!(
+                ia <= 1000 && ib <= 1000,
+                "spent at most the budget: {ia}, {ib}"
             );
             last = (ia, ib);
             if ia == promoted && ib == promoted {
