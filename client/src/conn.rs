@@ -128,7 +128,7 @@ pub(crate) fn client_endpoint(
     opts: &ClientOptions,
     large_buffers: bool,
 ) -> Result<quinn::Endpoint, ClientError> {
-    let bind: std::net::SocketAddr = if opts.server.is_ipv6() {
+    let bind: std::net::SocketAddr = if opts.servers.first().is_some_and(|s| s.is_ipv6()) {
         "[::]:0"
             .parse()
             .map_err(|e: std::net::AddrParseError| ClientError::Connect(e.to_string()))?
@@ -187,16 +187,19 @@ pub(crate) struct Conn {
 }
 
 impl Conn {
-    /// Handshake, Hello, Welcome, within `opts.connect_timeout`.
+    /// Handshake, Hello, Welcome with `server`, within `opts.connect_timeout`.
     pub async fn open(
         endpoint: &quinn::Endpoint,
         opts: &ClientOptions,
+        server: std::net::SocketAddr,
     ) -> Result<Conn, ClientError> {
-        match tokio::time::timeout(opts.connect_timeout, Self::open_now(endpoint, opts)).await {
+        match tokio::time::timeout(opts.connect_timeout, Self::open_now(endpoint, opts, server))
+            .await
+        {
             Ok(r) => r,
             Err(_) => Err(ClientError::Connect(format!(
                 "no answer from {} within {} s",
-                opts.server,
+                server,
                 opts.connect_timeout.as_secs_f64()
             ))),
         }
@@ -205,13 +208,14 @@ impl Conn {
     async fn open_now(
         endpoint: &quinn::Endpoint,
         opts: &ClientOptions,
+        server: std::net::SocketAddr,
     ) -> Result<Conn, ClientError> {
         let conn = endpoint
-            .connect(opts.server, &opts.server_name)
-            .map_err(|e| ClientError::Connect(format!("{}: {e}", opts.server)))?
+            .connect(server, &opts.server_name)
+            .map_err(|e| ClientError::Connect(format!("{server}: {e}")))?
             .await
             .map_err(|e| match ClientError::from(e) {
-                ClientError::Connect(m) => ClientError::Connect(format!("{}: {m}", opts.server)),
+                ClientError::Connect(m) => ClientError::Connect(format!("{server}: {m}")),
                 other => other,
             })?;
         let (mut ctl_send, ctl_recv) = conn.open_bi().await?;

@@ -199,7 +199,13 @@ impl Driver {
                 }
             }
             self.refresh_if_due().await;
-            match Conn::open(&self.endpoint, &self.opts).await {
+            // The next server of the list (the same one when there is one):
+            // the one just lost may be gone for good.
+            let n = self.opts.servers.len().max(1) as u64;
+            let index = (self.stats.server_index.load(Ordering::Relaxed) + 1) % n;
+            self.stats.server_index.store(index, Ordering::Relaxed);
+            let addr = self.opts.servers.get(index as usize).copied()?;
+            match Conn::open(&self.endpoint, &self.opts, addr).await {
                 Ok(c) => return Some(c),
                 Err(e) if e.is_retryable() => {
                     tracing::debug!(error = %e, "reconnect failed; retrying");

@@ -23,6 +23,13 @@
 //! application that stops reading stops the client reading, and the server
 //! catches it up later.
 //!
+//! A client may be given several server addresses
+//! ([`ClientOptions::with_servers`]: the nodes of one Herald cluster). It
+//! connects to the first that answers; when its connection drops it
+//! reconnects to the next one in the list (then the one after, round the
+//! list), resuming every channel from its last seq: nodes of a cluster share
+//! one log, so seqs and epochs are the same on every node.
+//!
 //! Tokens expire. Give [`ClientOptions::token_refresher`] a callback that
 //! fetches a new token from the application's backend: the client calls it
 //! before the current token runs out, sends the new token in band (the
@@ -61,8 +68,10 @@ pub type TokenRefresher = Arc<dyn Fn() -> RefreshFuture + Send + Sync>;
 /// How to reach and authenticate to a server.
 #[derive(Clone)]
 pub struct ClientOptions {
-    /// The server's QUIC address.
-    pub server: SocketAddr,
+    /// The servers' QUIC addresses, tried in order (see the crate docs); at
+    /// least one. All must serve the same channels (one Herald, or the
+    /// nodes of one cluster).
+    pub servers: Vec<SocketAddr>,
     /// Name sent in TLS SNI and checked against a CA-verified certificate.
     pub server_name: String,
     /// How to trust the server's certificate.
@@ -99,8 +108,19 @@ impl ClientOptions {
     /// Defaults: reconnect on, 15 s keep-alive, 30 s idle timeout, 5 s to
     /// connect, 1024 buffered events.
     pub fn new(server: SocketAddr, trust: ClientTrust, token: String) -> ClientOptions {
+        ClientOptions::with_servers(vec![server], trust, token)
+    }
+
+    /// Like [`ClientOptions::new`], with several servers (the nodes of one
+    /// cluster): the client connects to the first that answers and moves to
+    /// the next when its connection drops. An empty list fails at connect.
+    pub fn with_servers(
+        servers: Vec<SocketAddr>,
+        trust: ClientTrust,
+        token: String,
+    ) -> ClientOptions {
         ClientOptions {
-            server,
+            servers,
             server_name: "localhost".into(),
             trust,
             token,
@@ -240,6 +260,9 @@ pub struct ClientStats {
     pub reconnects: AtomicU64,
     /// Promoted posts received.
     pub promoted: AtomicU64,
+    /// Index in [`ClientOptions::servers`] of the server of the current (or
+    /// last) connection.
+    pub server_index: AtomicU64,
 }
 
 impl ClientStats {
@@ -314,11 +337,27 @@ impl Client {
         owns_endpoint: bool,
         opts: ClientOptions,
     ) -> Result<Client, ClientError> {
-        let first = conn::Conn::open(&endpoint, &opts).await?;
+        // The first server that answers; the last error if none does.
+        let mut first = Err(ClientError::Connect("no server address given".into()));
+        let mut index = 0;
+        for (i, addr) in opts.servers.iter().enumerate() {
+            first = conn::Conn::open(&endpoint, &opts, *addr).await;
+            match &first {
+                Ok(_) => {
+                    index = i;
+                    break;
+                }
+                // A refused token would be refused by every node.
+                Err(e) if !e.is_retryable() => break,
+                Err(_) => {}
+            }
+        }
+        let first = first?;
         let session_id = first.session_id;
         let (cmd_tx, cmd_rx) = mpsc::channel(64);
         let (ev_tx, ev_rx) = mpsc::channel(opts.event_buffer.max(1));
         let stats = Arc::new(ClientStats::default());
+        stats.server_index.store(index as u64, Ordering::Relaxed);
         let driver =
             driver::Driver::new(opts, endpoint, owns_endpoint, cmd_rx, ev_tx, stats.clone());
         tokio::spawn(driver.run(first));

@@ -30,8 +30,8 @@ pub mod verify;
 
 pub use options::Options;
 pub use report::Report;
-pub use run::run;
-pub use target::Target;
+pub use run::{run, run_on};
+pub use target::{Node, Target};
 
 /// A run could not be set up or carried out (distinct from a run that
 /// completed but found violations, which is a [`Report`] with `verify.ok`

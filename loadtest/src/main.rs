@@ -23,15 +23,24 @@ struct Cli {
     /// `herald` binary to start with --spawn (default: next to this binary).
     #[arg(long, requires = "spawn")]
     herald_bin: Option<PathBuf>,
-    /// QUIC address of a running server.
-    #[arg(long, default_value = "127.0.0.1:4433")]
-    server: SocketAddr,
-    /// HTTP address of a running server.
-    #[arg(long, default_value = "http://127.0.0.1:8080")]
-    api: String,
-    /// Data directory of the running server (admin key, token secret, certificate).
+    /// QUIC address of a running server; for the nodes of a cluster, one per
+    /// node (repeat the flag, or separate with commas): followers are spread
+    /// over them, and figures are reported per node and in total.
+    #[arg(long, default_value = "127.0.0.1:4433", value_delimiter = ',')]
+    server: Vec<SocketAddr>,
+    /// HTTP address of a running server; with several `--server`s, one per
+    /// node in the same order (posts are published through the first).
+    #[arg(long, default_value = "http://127.0.0.1:8080", value_delimiter = ',')]
+    api: Vec<String>,
+    /// Data directory of the running server (admin key, token secret,
+    /// certificate; the nodes of a cluster share them).
     #[arg(long, env = "HERALD_DATA_DIR", default_value = "./herald-data")]
     data_dir: PathBuf,
+    /// Process ids of the running servers, one per `--server` (when they run
+    /// on this machine): CPU and memory are then read from `/proc`, to the
+    /// clock tick, instead of from `/metrics`.
+    #[arg(long, value_delimiter = ',')]
+    pid: Vec<u32>,
     /// Write the full report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -57,6 +66,7 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<u8> {
+    let mut others = Vec::new();
     let (target, spawned) = if cli.spawn {
         let bin = match cli.herald_bin {
             Some(b) => b,
@@ -67,12 +77,42 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         let t = Target::from_data_dir(s.quic, &api, s.data_dir(), Probe::Pid(s.pid))?;
         (t, Some(s))
     } else {
-        let api = herald::cli::base_url(&cli.api);
-        let probe = Probe::Metrics(format!("{api}/metrics"));
-        let t = Target::from_data_dir(cli.server, &api, &cli.data_dir, probe)?;
+        if cli.server.len() != cli.api.len() {
+            anyhow::bail!(
+                "give one --api per --server ({} servers, {} APIs)",
+                cli.server.len(),
+                cli.api.len()
+            );
+        }
+        if !cli.pid.is_empty() && cli.pid.len() != cli.server.len() {
+            anyhow::bail!("give one --pid per --server, or none");
+        }
+        let pids = cli.pid.clone();
+        let mut nodes = cli
+            .server
+            .iter()
+            .zip(&cli.api)
+            .enumerate()
+            .map(|(i, (quic, api))| {
+                let api = herald::cli::base_url(api);
+                let probe = match pids.get(i) {
+                    Some(pid) => Probe::Pid(*pid),
+                    None => Probe::Metrics(format!("{api}/metrics")),
+                };
+                herald_loadtest::Node {
+                    quic: *quic,
+                    api,
+                    probe,
+                }
+            });
+        let Some(first) = nodes.next() else {
+            anyhow::bail!("give at least one --server");
+        };
+        let t = Target::from_data_dir(first.quic, &first.api, &cli.data_dir, first.probe)?;
+        others = nodes.collect();
         (t, None)
     };
-    let report = herald_loadtest::run(&cli.opts, &target).await;
+    let report = herald_loadtest::run_on(&cli.opts, &target, &others).await;
     if let Some(s) = spawned {
         s.stop().await;
     }

@@ -17,7 +17,10 @@ pub struct Report {
     pub connect: ConnectReport,
     pub publish: PublishReport,
     pub delivery: DeliveryReport,
+    /// Server figures; with several nodes, the totals over all of them.
     pub server_stats: ServerStats,
+    /// Per node (one entry for a single server).
+    pub nodes: Vec<NodeReport>,
     /// With `--campaign`: the promoted-post accounting check.
     pub campaign: Option<crate::campaign::CampaignReport>,
     pub verify: Verdict,
@@ -65,6 +68,21 @@ pub struct DeliveryReport {
     pub latency_ms: Percentiles,
     /// Per post, publish to arrival at its last follower, ms.
     pub last_follower_ms: Percentiles,
+}
+
+/// One node's share of a run against several nodes.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct NodeReport {
+    pub quic: String,
+    pub api: String,
+    /// Followers that connected to it first.
+    pub followers: u64,
+    /// Posts those followers received.
+    pub delivered: u64,
+    /// Its CPU from the first publish to the last delivery.
+    pub run_cpu_seconds: Option<f64>,
+    pub deliveries_per_cpu_second: Option<f64>,
+    pub peak_rss_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -196,6 +214,20 @@ impl fmt::Display for Report {
         ];
         for (k, v) in rows {
             writeln!(f, "{k:>20}  {v}")?;
+        }
+        if self.nodes.len() > 1 {
+            for n in &self.nodes {
+                writeln!(
+                    f,
+                    "{:>20}  {} followers, {} delivered, CPU {} s, {} deliveries per CPU-second, peak RSS {}",
+                    format!("node {}", n.quic),
+                    n.followers,
+                    n.delivered,
+                    opt(n.run_cpu_seconds.map(|c| format!("{c:.2}"))),
+                    opt(n.deliveries_per_cpu_second.map(|d| format!("{d:.0}"))),
+                    mib(n.peak_rss_bytes)
+                )?;
+            }
         }
         for e in &self.verify.examples {
             writeln!(f, "{:>20}  {e}", "")?;

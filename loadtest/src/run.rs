@@ -21,8 +21,8 @@ use crate::plan::Plan;
 use crate::probe::Sample;
 use crate::publisher::publish_all;
 use crate::report::{
-    us_histogram, ConnectReport, DeliveryReport, Percentiles, PublishReport, Report, ServerInfo,
-    ServerStats,
+    us_histogram, ConnectReport, DeliveryReport, NodeReport, Percentiles, PublishReport, Report,
+    ServerInfo, ServerStats,
 };
 use crate::verify::verify;
 use crate::{LoadError, Options, Target};
@@ -58,6 +58,18 @@ fn bar(len: u64, msg: &'static str, quiet: bool) -> ProgressBar {
 /// be carried out; a completed run with violations is `Ok` with
 /// `report.verify.ok == false`.
 pub async fn run(opts: &Options, target: &Target) -> Result<Report, LoadError> {
+    run_on(opts, target, &[]).await
+}
+
+/// [`run`] against the nodes of one cluster: `target` and `others`. Posts
+/// are published through `target`'s API; follower `i` connects to node
+/// `i % nodes` first and knows the others (so it moves if its node dies).
+/// Figures are reported per node and in total.
+pub async fn run_on(
+    opts: &Options,
+    target: &Target,
+    others: &[crate::Node],
+) -> Result<Report, LoadError> {
     opts.validate()?;
     let http = reqwest::Client::new();
     let api = ApiClient::new(&target.api, target.admin_key.clone());
@@ -88,7 +100,8 @@ pub async fn run(opts: &Options, target: &Target) -> Result<Report, LoadError> {
         &plan.posts_per_channel,
         opts.followers as u64,
     ));
-    let before = target.probe.read(&http).await;
+    let nodes = target.nodes(others);
+    let before = read_all(&nodes, &http).await;
 
     // Connect and follow.
     let mut base = ClientOptions::new(target.quic, target.trust.clone(), String::new());
@@ -119,10 +132,15 @@ pub async fn run(opts: &Options, target: &Target) -> Result<Report, LoadError> {
         let token = issuer
             .mint(&format!("{run_id}-f{i}"), TOKEN_TTL)
             .map_err(|e| LoadError::Target(format!("cannot mint a token: {e}")))?;
+        // Node `i % n` first, then the others: a follower whose node dies
+        // moves to the next one.
+        let mut servers: Vec<std::net::SocketAddr> = nodes.iter().map(|n| n.quic).collect();
+        servers.rotate_left(i % nodes.len());
         let spec = FollowerSpec {
             endpoint: endpoints[i % endpoints.len()].clone(),
             opts: ClientOptions {
                 token,
+                servers,
                 ..base.clone()
             },
             channels: follows.iter().map(|&c| channels[c].clone()).collect(),
@@ -154,13 +172,15 @@ pub async fn run(opts: &Options, target: &Target) -> Result<Report, LoadError> {
     let connected = shared.settled.load(Ordering::Relaxed) - connect_failed;
 
     // Idle: memory per follower and idle CPU.
-    let idle_start = target.probe.read(&http).await;
+    let idle_start_all = read_all(&nodes, &http).await;
     tokio::time::sleep(Duration::from_secs_f64(opts.idle_secs)).await;
-    let idle_end = target.probe.read(&http).await;
+    let idle_end_all = read_all(&nodes, &http).await;
+    let (before, idle_start, idle_end) = (sum(&before), sum(&idle_start_all), sum(&idle_end_all));
 
     // Publish and wait for every delivery.
     let expected = shared.remaining.load(Ordering::Acquire).max(0) as u64;
     let pb = bar(expected, "deliver", opts.quiet);
+    let run_start_all = idle_end_all;
     let run_start = idle_end;
     let publish_started_us = now_us();
     let (published, completed) = if settled_all {
@@ -191,7 +211,8 @@ pub async fn run(opts: &Options, target: &Target) -> Result<Report, LoadError> {
     };
     pb.set_position(shared.delivered.load(Ordering::Relaxed));
     pb.finish();
-    let run_end = target.probe.read(&http).await;
+    let run_end_all = read_all(&nodes, &http).await;
+    let run_end = sum(&run_end_all);
     let last_delivery_us = shared.last_delivery_at_us.load(Ordering::Relaxed);
     // Followers are still reading: let the last promoted frames arrive, then
     // compare what the server counted with what was received.
@@ -272,6 +293,31 @@ pub async fn run(opts: &Options, target: &Target) -> Result<Report, LoadError> {
         }
     }
     let delivered = shared.delivered.load(Ordering::Relaxed);
+    let node_reports: Vec<NodeReport> = nodes
+        .iter()
+        .enumerate()
+        .map(|(k, n)| {
+            let mine = results.iter().skip(k).step_by(nodes.len());
+            let followers = mine.clone().filter(|r| r.connected).count() as u64;
+            let got: u64 = mine
+                .flat_map(|r| r.channels.iter())
+                .map(|c| c.received)
+                .sum();
+            let cpu = match (run_start_all[k], run_end_all[k]) {
+                (Some(a), Some(b)) => Some(b.cpu_seconds - a.cpu_seconds),
+                _ => None,
+            };
+            NodeReport {
+                quic: n.quic.to_string(),
+                api: n.api.clone(),
+                followers,
+                delivered: got,
+                run_cpu_seconds: cpu,
+                deliveries_per_cpu_second: cpu.filter(|c| *c > 0.0).map(|c| got as f64 / c),
+                peak_rss_bytes: run_end_all[k].map(|s| s.peak_rss_bytes),
+            }
+        })
+        .collect();
     let wall = Duration::from_micros(last_delivery_us.saturating_sub(publish_started_us));
     let wall_secs = wall.as_secs_f64();
     let rate = |n: u64, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
@@ -331,7 +377,36 @@ pub async fn run(opts: &Options, target: &Target) -> Result<Report, LoadError> {
             peak_rss_bytes: run_end.map(|s| s.peak_rss_bytes),
             bytes_per_idle_follower: per_follower,
         },
+        nodes: node_reports,
         campaign,
         verify: verdict,
     })
+}
+
+/// Every node's figures now.
+async fn read_all(nodes: &[crate::Node], http: &reqwest::Client) -> Vec<Option<Sample>> {
+    let mut v = Vec::with_capacity(nodes.len());
+    for n in nodes {
+        v.push(n.probe.read(http).await);
+    }
+    v
+}
+
+/// The nodes' figures added up (CPU and memory), `None` if any is missing.
+fn sum(samples: &[Option<Sample>]) -> Option<Sample> {
+    samples.iter().try_fold(
+        Sample {
+            cpu_seconds: 0.0,
+            rss_bytes: 0,
+            peak_rss_bytes: 0,
+        },
+        |acc, s| {
+            let s = (*s)?;
+            Some(Sample {
+                cpu_seconds: acc.cpu_seconds + s.cpu_seconds,
+                rss_bytes: acc.rss_bytes + s.rss_bytes,
+                peak_rss_bytes: acc.peak_rss_bytes + s.peak_rss_bytes,
+            })
+        },
+    )
 }

@@ -11,6 +11,18 @@ use herald_server::auth::Secrets;
 use crate::probe::Probe;
 use crate::LoadError;
 
+/// Another node of the same cluster: followers are spread over the target's
+/// own address and these.
+#[derive(Clone)]
+pub struct Node {
+    /// Its QUIC address.
+    pub quic: SocketAddr,
+    /// Base URL of its HTTP API.
+    pub api: String,
+    /// How to read its CPU and memory.
+    pub probe: Probe,
+}
+
 /// See the module docs.
 #[derive(Clone)]
 pub struct Target {
@@ -44,5 +56,17 @@ impl Target {
             trust,
             probe,
         })
+    }
+
+    /// Every node: this target's own address first, then `others` (nodes
+    /// of the same cluster, sharing its secrets and certificate).
+    pub fn nodes(&self, others: &[Node]) -> Vec<Node> {
+        let mut v = vec![Node {
+            quic: self.quic,
+            api: self.api.clone(),
+            probe: self.probe.clone(),
+        }];
+        v.extend(others.iter().cloned());
+        v
     }
 }

@@ -26,6 +26,75 @@ pub struct Config {
     pub retention: Retention,
     /// How follower tokens are checked (`[auth]`).
     pub auth: AuthConfig,
+    /// Cluster mode (`[cluster]`): with `urls`, the log, brands and keys and
+    /// campaigns live in NATS JetStream, shared by every Herald node; without,
+    /// in the data directory.
+    pub cluster: ClusterSection,
+}
+
+/// Cluster mode on NATS JetStream (see `herald_server::cluster`). Empty
+/// `urls` (the default) is the embedded mode: nothing here is used.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterSection {
+    /// NATS server URLs (`nats://host:4222`), any of which may be down; the
+    /// client learns the rest of the cluster from them.
+    pub urls: Vec<String>,
+    /// Replicas of the posts stream and of every KV bucket (1 to 5; 3 in
+    /// production, so one NATS node may die without losing anything). Used
+    /// when the stream and buckets are first created.
+    pub replicas: usize,
+    /// This Herald node's id, unique in the cluster (impression leases and
+    /// counts are kept per node). Empty: the host name.
+    pub node_id: String,
+    /// Timeout of one JetStream request, in milliseconds.
+    pub request_timeout_ms: u64,
+    /// How long a write (a post, an edit) retries through a NATS leader
+    /// election or a lost quorum before it fails, in seconds.
+    pub write_deadline_secs: u64,
+}
+
+impl Default for ClusterSection {
+    fn default() -> Self {
+        ClusterSection {
+            urls: Vec::new(),
+            replicas: 3,
+            node_id: String::new(),
+            request_timeout_ms: 5000,
+            write_deadline_secs: 30,
+        }
+    }
+}
+
+impl ClusterSection {
+    /// Whether cluster mode is on.
+    pub fn enabled(&self) -> bool {
+        !self.urls.is_empty()
+    }
+
+    /// The node id: `node_id`, else the host name, else `herald`.
+    pub fn node_id(&self) -> String {
+        if !self.node_id.is_empty() {
+            return self.node_id.clone();
+        }
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "herald".to_string())
+    }
+
+    /// The connection settings for `crate::cluster::Nats::connect`.
+    pub fn to_cluster_config(&self) -> Result<crate::cluster::ClusterConfig, ConfigError> {
+        let mut c =
+            crate::cluster::ClusterConfig::from_url_list(&self.urls.join(","), &self.node_id())
+                .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        c.replicas = self.replicas;
+        c.request_timeout = Duration::from_millis(self.request_timeout_ms);
+        c.write_deadline = Duration::from_secs(self.write_deadline_secs);
+        Ok(c)
+    }
 }
 
 /// How follower tokens are checked. HS256 tokens signed with the server's
@@ -197,6 +266,7 @@ impl Default for Config {
             limits: Limits::default(),
             retention: Retention::default(),
             auth: AuthConfig::default(),
+            cluster: ClusterSection::default(),
         }
     }
 }
@@ -237,6 +307,10 @@ pub struct Overrides {
     pub quic_addr: Option<SocketAddr>,
     /// Replaces [`Config::http_addr`] when set.
     pub http_addr: Option<SocketAddr>,
+    /// Replaces `cluster.urls` when set (`--cluster nats://a,nats://b`).
+    pub cluster_urls: Option<Vec<String>>,
+    /// Replaces `cluster.node_id` when set.
+    pub node_id: Option<String>,
 }
 
 impl Config {
@@ -274,6 +348,12 @@ impl Config {
         }
         if let Some(v) = o.http_addr {
             self.http_addr = v;
+        }
+        if let Some(v) = &o.cluster_urls {
+            self.cluster.urls = v.clone();
+        }
+        if let Some(v) = &o.node_id {
+            self.cluster.node_id = v.clone();
         }
     }
 
@@ -320,6 +400,25 @@ impl Config {
         }
         if self.retention.interval_secs == 0 {
             return bad("retention.interval_secs must be > 0");
+        }
+        let c = &self.cluster;
+        if c.enabled() {
+            if !(1..=5).contains(&c.replicas) {
+                return bad("cluster.replicas must be 1 to 5");
+            }
+            if c.request_timeout_ms < 100 || c.write_deadline_secs == 0 {
+                return bad(
+                    "cluster.request_timeout_ms must be >= 100 and cluster.write_deadline_secs > 0",
+                );
+            }
+            if !c
+                .node_id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            {
+                return bad("cluster.node_id may hold only letters, digits, '-' and '_'");
+            }
+            self.cluster.to_cluster_config()?;
         }
         Ok(())
     }
@@ -393,6 +492,32 @@ mod tests {
         let mut c = Config::default();
         c.limits.publish_per_sec = 0.0;
         assert!(c.validate().is_err());
+    }
+
+    #[test]
+    fn cluster_section_parses_and_flags_override_it() {
+        let c = Config::from_toml(
+            "[cluster]\nurls = [\"nats://a:4222\"]\nreplicas = 1\nnode_id = \"n1\"\n",
+        )
+        .unwrap();
+        assert!(c.cluster.enabled());
+        assert_eq!(c.cluster.replicas, 1);
+        assert!(c.validate().is_ok());
+        let mut merged = c.clone();
+        merged.apply(&Overrides {
+            cluster_urls: Some(vec!["nats://b:1".into(), "nats://c:2".into()]),
+            ..Default::default()
+        });
+        assert_eq!(merged.cluster.urls.len(), 2);
+        assert_eq!(merged.cluster.node_id, "n1");
+        assert!(!Config::default().cluster.enabled());
+        let mut bad = c.clone();
+        bad.cluster.urls = vec!["http://x".into()];
+        assert!(bad.validate().is_err());
+        bad.cluster.urls = vec!["nats://x".into()];
+        bad.cluster.node_id = "a.b".into();
+        assert!(bad.validate().is_err());
+        assert!(Config::from_toml("[cluster]\nurl = \"x\"").is_err());
     }
 
     #[test]

@@ -20,6 +20,7 @@
 //! | [`session`] | one per connected follower: the control stream (Hello, Follow, ...), rate limits, and the feed stream's writer |
 //! | [`promo`] | campaigns, the promoted slot's auction, reservations and exact impression counts |
 //! | [`tenancy`] | brands, their API keys and roles, channel ownership |
+//! | [`cluster`] | cluster mode: the NATS JetStream connection the log, tenancy and promo backends share |
 //! | [`auth`] | follower tokens (JWT, JWKS) and the data directory's secrets |
 //! | [`limits`] | the per-key publish rate limiter |
 //! | [`tls`] | the server's certificate (self-signed and renewed, or the operator's) |
@@ -35,6 +36,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod feed;
 pub mod hub;

@@ -31,8 +31,8 @@ use crate::config::Config;
 use crate::hub::Hub;
 use crate::promo::{Promo, PromoError};
 use crate::session::{FollowerConnections, Session, SessionContext, SessionError};
-use crate::store::{ChannelLog, EventSink, RedbLog, StoreError, TrimPolicy};
-use crate::tenancy::Tenancy;
+use crate::store::{ChannelLog, EventSink, JetStreamLog, RedbLog, StoreError, TrimPolicy};
+use crate::tenancy::{KvTenancy, Tenancy, TenancyStore};
 use crate::tls::{CertStore, TlsError};
 use herald_proto::ErrorCode;
 
@@ -101,6 +101,10 @@ pub enum ServerError {
     /// The tenancy database (`brands.redb`) could not be opened.
     #[error("tenancy: {0}")]
     Tenancy(#[from] crate::tenancy::TenancyError),
+    /// Cluster mode: the `[cluster]` settings are unusable, or the NATS
+    /// cluster could not be reached in time.
+    #[error("cluster: {0}")]
+    Cluster(String),
 }
 
 /// A bound, not yet running server.
@@ -116,7 +120,7 @@ pub struct Server {
     certs: Arc<CertStore>,
     secrets: Secrets,
     verifier: TokenVerifier,
-    tenancy: Arc<Tenancy>,
+    tenancy: Arc<dyn TenancyStore>,
     quic_addr: SocketAddr,
     http_addr: SocketAddr,
 }
@@ -153,7 +157,14 @@ impl Server {
         };
 
         let hub = Arc::new(Hub::default());
-        let promo = Promo::open(&dir)?;
+        let nats = match config.cluster.enabled() {
+            true => Some(connect_cluster(&config).await?),
+            false => None,
+        };
+        let promo = match &nats {
+            Some(nats) => with_cluster_timeout(&config, Promo::open_cluster(nats)).await??,
+            None => Promo::open(&dir)?,
+        };
         let (sink_hub, sink_promo) = (hub.clone(), promo.clone());
         let sink: EventSink = Arc::new(move |events| {
             // After an organic post, the channel's promoted slot may open.
@@ -161,8 +172,17 @@ impl Server {
                 sink_promo.after_post(&p.channel, p.seq, followers)
             });
         });
-        let log: Arc<dyn ChannelLog> = RedbLog::open(&dir, sink)?;
-        let tenancy = Tenancy::open(&dir)?;
+        let (log, tenancy): (Arc<dyn ChannelLog>, Arc<dyn TenancyStore>) = match nats {
+            Some(nats) => {
+                with_cluster_timeout(&config, async {
+                    let log: Arc<dyn ChannelLog> = JetStreamLog::open(nats.clone(), sink).await?;
+                    let tenancy: Arc<dyn TenancyStore> = KvTenancy::open(&nats).await?;
+                    Ok::<_, ServerError>((log, tenancy))
+                })
+                .await??
+            }
+            None => (RedbLog::open(&dir, sink)?, Tenancy::open(&dir)?),
+        };
         let mut verifier = TokenVerifier::hs256(secrets.jwt_secret.as_bytes())
             .with_issuer(config.auth.issuer.clone())
             .with_audience(config.auth.audience.clone());
@@ -254,7 +274,7 @@ impl Server {
     }
 
     /// Brands, keys and channel ownership, for embedding and tests.
-    pub fn tenancy(&self) -> Arc<Tenancy> {
+    pub fn tenancy(&self) -> Arc<dyn TenancyStore> {
         self.tenancy.clone()
     }
 
@@ -336,6 +356,10 @@ impl Server {
             Ok(()) => {}
             Err(e) => tracing::error!(error = %e, "final promo flush failed"),
         }
+        // Cluster mode: what this node leased and did not show goes back.
+        if let Err(e) = self.promo.run(|p| p.release_leases()).await {
+            tracing::warn!(error = %e, "giving back impression leases failed");
+        }
         self.tenancy.close().await;
         self.promo.close().await;
         if let Err(e) = self.log.close().await {
@@ -343,6 +367,61 @@ impl Server {
         }
         drop(self.lock);
     }
+}
+
+/// How long cluster mode may take to reach NATS and open its stream and
+/// buckets at start-up.
+pub const CLUSTER_OPEN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Cluster mode: connects to NATS (the client goes on reconnecting by
+/// itself afterwards).
+async fn connect_cluster(config: &Config) -> Result<crate::cluster::Nats, ServerError> {
+    let cfg = config
+        .cluster
+        .to_cluster_config()
+        .map_err(|e| ServerError::Cluster(e.to_string()))?;
+    let urls = cfg.urls.join(",");
+    let nats = with_cluster_timeout(config, crate::cluster::Nats::connect(cfg))
+        .await?
+        .map_err(|e| ServerError::Cluster(e.to_string()))?;
+    // The client connects in the background (and keeps reconnecting): say
+    // at once when no server of the list answers, rather than time out
+    // later on the first request.
+    let connected = async {
+        while nats.client.connection_state() != async_nats::connection::State::Connected {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    if tokio::time::timeout(CLUSTER_CONNECT_TIMEOUT, connected)
+        .await
+        .is_err()
+    {
+        return Err(ServerError::Cluster(format!(
+            "cannot connect to any NATS server of {urls} within {}s (is nats-server running?)",
+            CLUSTER_CONNECT_TIMEOUT.as_secs()
+        )));
+    }
+    Ok(nats)
+}
+
+/// How long cluster mode waits at start-up for a NATS connection.
+pub const CLUSTER_CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Bounds one step of cluster start-up by [`CLUSTER_OPEN_TIMEOUT`], with an
+/// error that says where NATS was expected.
+async fn with_cluster_timeout<T>(
+    config: &Config,
+    f: impl Future<Output = T>,
+) -> Result<T, ServerError> {
+    tokio::time::timeout(CLUSTER_OPEN_TIMEOUT, f)
+        .await
+        .map_err(|_| {
+            ServerError::Cluster(format!(
+                "NATS at {} did not answer within {}s (is nats-server running, with JetStream on?)",
+                config.cluster.urls.join(","),
+                CLUSTER_OPEN_TIMEOUT.as_secs()
+            ))
+        })
 }
 
 /// The data directory's lock file (`herald.lock`), held by the running
@@ -581,7 +660,8 @@ async fn cert_renewal_loop(certs: Arc<CertStore>, stop: CancellationToken) {
     }
 }
 
-/// Flushes promo counts to disk in batches.
+/// Flushes promo counts in batches (and, in cluster mode, syncs with the
+/// other nodes and tops up impression leases).
 async fn promo_flush_loop(promo: Arc<Promo>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(crate::promo::FLUSH_INTERVAL);
     loop {
@@ -591,6 +671,10 @@ async fn promo_flush_loop(promo: Arc<Promo>, stop: CancellationToken) {
         }
         if let Err(e) = promo.run(|p| p.flush()).await {
             tracing::warn!(error = %e, "promo flush failed; will retry");
+        }
+        // Cluster mode: other nodes' changes, and this node's leases.
+        if let Err(e) = promo.run(|p| p.sync()).await {
+            tracing::warn!(error = %e, "promo sync with the cluster failed; will retry");
         }
     }
 }

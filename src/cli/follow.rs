@@ -62,10 +62,16 @@ pub async fn run(args: FollowArgs) -> anyhow::Result<()> {
                 .mint(&user, std::time::Duration::from_secs(30 * 86_400))?
         }
     };
-    let opts = ClientOptions::new(c.server, trust, token);
+    let opts = ClientOptions::with_servers(c.server.clone(), trust, token);
+    let servers = c
+        .server
+        .iter()
+        .map(|s| s.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
     let mut client = tokio::select! {
         r = Client::connect(opts) => r.map_err(|e| {
-            anyhow::anyhow!("{e}\n(is a server running at {}? start one with `herald serve`, or pass --server ADDR)", c.server)
+            anyhow::anyhow!("{e}\n(is a server running at {servers}? start one with `herald serve`, or pass --server ADDR)")
         })?,
         _ = &mut stop => return Ok(()),
     };

@@ -148,9 +148,16 @@ pub struct ClientArgs {
     /// Data directory of the local server (admin key, token secret, certificate).
     #[arg(long, env = "HERALD_DATA_DIR", default_value = "./herald-data")]
     pub data_dir: PathBuf,
-    /// QUIC address of the server.
-    #[arg(long, env = "HERALD_SERVER", default_value = "127.0.0.1:4433")]
-    pub server: SocketAddr,
+    /// QUIC address of the server; for a cluster, several (repeat the flag
+    /// or separate with commas): `follow` connects to the first that
+    /// answers and moves to the next when its node goes away.
+    #[arg(
+        long,
+        env = "HERALD_SERVER",
+        default_value = "127.0.0.1:4433",
+        value_delimiter = ','
+    )]
+    pub server: Vec<SocketAddr>,
     /// The HTTP API: a base URL (`http://127.0.0.1:8080`) or an address
     /// (`127.0.0.1:8080`).
     #[arg(long, env = "HERALD_API", default_value = "http://127.0.0.1:8080")]

@@ -23,6 +23,15 @@ pub struct ServeArgs {
     /// HTTP listen address (default 127.0.0.1:8080).
     #[arg(long, env = "HERALD_HTTP_ADDR")]
     pub http_addr: Option<SocketAddr>,
+    /// Cluster mode: NATS JetStream URLs, comma-separated
+    /// (`nats://10.0.0.1:4222,nats://10.0.0.2:4222`); the log, brands, keys
+    /// and campaigns then live there, shared by every Herald node.
+    #[arg(long, env = "HERALD_CLUSTER", value_delimiter = ',')]
+    pub cluster: Option<Vec<String>>,
+    /// Cluster mode: this node's id, unique among the Herald nodes
+    /// (default: the host name).
+    #[arg(long, env = "HERALD_NODE_ID")]
+    pub node_id: Option<String>,
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -33,6 +42,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             data_dir: args.data_dir,
             quic_addr: args.quic_addr,
             http_addr: args.http_addr,
+            cluster_urls: args.cluster,
+            node_id: args.node_id,
         },
     )?;
     let server = Server::bind(config).await?;
@@ -50,6 +61,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         server.http_addr()
     );
     println!("data dir: {}", server.config().data_dir.display());
+    let cluster = &server.config().cluster;
+    if cluster.enabled() {
+        println!(
+            "cluster: node {} on {}",
+            cluster.node_id(),
+            cluster.urls.join(",")
+        );
+    }
     server.run(stop).await;
     println!("herald stopped");
     Ok(())

@@ -4,9 +4,12 @@
 
 mod harness;
 
+mod nats_cluster;
+
 mod bad_input;
 mod brand_api;
 mod cli;
+mod cluster;
 mod crash;
 mod edits_under_lag;
 mod fanout;

@@ -48,10 +48,7 @@ pub async fn create_brand(
     caller.require_admin("creating a brand")?;
     validate_brand_id(&body.id)?;
     validate_len("name", &body.name, MAX_NAME_BYTES)?;
-    let brand = state
-        .tenancy
-        .run(move |t| t.create_brand(&body.id, &body.name))
-        .await?;
+    let brand = state.tenancy.create_brand(body.id, body.name).await?;
     Ok((StatusCode::CREATED, Json(brand)))
 }
 
@@ -209,7 +206,7 @@ pub async fn create_key(
     check_grants(&state, &caller, &brand, &body.grants)?;
     let (rec, key) = state
         .tenancy
-        .run(move |t| t.create_key(&brand, &body.label, body.grants))
+        .create_key(brand, body.label, body.grants)
         .await?;
     Ok((
         StatusCode::CREATED,
@@ -277,9 +274,6 @@ pub async fn revoke_key(
             )));
         }
     }
-    let rec = state
-        .tenancy
-        .run(move |t| t.revoke_key(&brand, &key_id))
-        .await?;
+    let rec = state.tenancy.revoke_key(brand, key_id).await?;
     Ok(Json(rec.into()))
 }

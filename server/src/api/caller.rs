@@ -48,7 +48,7 @@ impl FromRequestParts<ApiState> for Caller {
         if bool::from(key.as_bytes().ct_eq(state.admin_key.as_bytes())) {
             return Ok(Caller::Admin);
         }
-        match state.tenancy.authenticate(key) {
+        match state.tenancy.authenticate_fresh(key).await {
             Ok(rec) => Ok(Caller::Key(rec)),
             Err(KeyRefused::Unknown) => Err(ApiError::unauthorized("unknown API key")),
             Err(KeyRefused::Revoked) => Err(ApiError::new(

@@ -164,10 +164,7 @@ pub async fn create(
             promoted_opt_in: body.promoted_opt_in,
         };
         let ch = id.to_string();
-        state
-            .tenancy
-            .run(move |t| t.claim_channel(&ch, meta))
-            .await?;
+        state.tenancy.claim_channel(ch, meta).await?;
     } else if !body.description.is_empty()
         || !body.avatar_url.is_empty()
         || body.verified
@@ -185,7 +182,7 @@ pub async fn create(
             // without a brand at the same moment), the claim is undone.
             if brand_claimed {
                 let ch = id.to_string();
-                let _ = state.tenancy.run(move |t| t.release_channel(&ch)).await;
+                let _ = state.tenancy.release_channel(ch).await;
             }
             return Err(e.into());
         }
@@ -279,13 +276,14 @@ pub async fn update(
     let opt_in = body.promoted_opt_in;
     state
         .tenancy
-        .run(move |t| {
-            t.update_channel(&ch, |m| {
-                if let Some(v) = body.description {
-                    m.description = v;
+        .update_channel(
+            ch,
+            Box::new(move |m| {
+                if let Some(v) = &body.description {
+                    m.description = v.clone();
                 }
-                if let Some(v) = body.avatar_url {
-                    m.avatar_url = v;
+                if let Some(v) = &body.avatar_url {
+                    m.avatar_url = v.clone();
                 }
                 if let Some(v) = opt_in {
                     m.promoted_opt_in = v;
@@ -293,8 +291,8 @@ pub async fn update(
                 if let Some(v) = body.verified {
                     m.verified = v;
                 }
-            })
-        })
+            }),
+        )
         .await?;
     if let Some(v) = opt_in {
         set_promo_opt_in(&state, &id, v).await?;

@@ -39,7 +39,7 @@ use utoipa_axum::routes;
 use crate::hub::Hub;
 use crate::limits::PublishLimiter;
 use crate::store::ChannelLog;
-use crate::tenancy::Tenancy;
+use crate::tenancy::TenancyStore;
 
 /// Largest request body accepted, in bytes (a post's text is at most 16 KiB).
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -51,7 +51,7 @@ pub struct ApiState {
     pub(crate) hub: Arc<Hub>,
     pub(crate) promo: Arc<crate::promo::Promo>,
     pub(crate) admin_key: Arc<str>,
-    pub(crate) tenancy: Arc<Tenancy>,
+    pub(crate) tenancy: Arc<dyn TenancyStore>,
     pub(crate) publish_limiter: Arc<PublishLimiter>,
     /// Renders `/metrics`.
     pub(crate) metrics: metrics_exporter_prometheus::PrometheusHandle,

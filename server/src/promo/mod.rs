@@ -17,10 +17,30 @@
 //! Memory: a frequency-cap entry exists per (campaign, follower) that holds a
 //! claim or was shown the campaign, so entries are bounded by the sum of
 //! campaign budgets (impressions plus reservations never exceed a budget).
+//!
+//! Storage is behind [`store`]'s `PromoStore`: `promo.redb` by default, or,
+//! in cluster mode, JetStream KV buckets shared by every node
+//! ([`cluster_store`]). With a shared store, a node may reserve impressions
+//! only out of a *lease*: blocks of the budget it took from a shared counter
+//! with compare-and-set (never past the budget) and gives back when unused.
+//! So every node's impressions plus reservations stay within what it leased,
+//! and the sum over nodes within the budget: never overspent, whatever the
+//! nodes do at once. Each node counts its own impressions and flushes its
+//! absolute totals under its own key; a campaign's numbers are the sum.
+//! Specs, slot settings and the other nodes' totals reach each node through
+//! the store's watches and are applied at every flush ([`FLUSH_INTERVAL`]).
+//!
+//! Frequency caps and clicks in cluster mode are kept per node: a follower
+//! is on one node at a time and its cap holds exactly there; a follower who
+//! moves to another node may be shown a capped campaign up to its cap again
+//! there (the tolerance: at most cap x nodes it visits within the period),
+//! and a click counts only on a node that showed the campaign to it.
 
 pub mod campaign;
+pub mod cluster_store;
 mod ledger;
 mod slot;
+mod store;
 
 pub use campaign::{Campaign, Creative, FrequencyCap, State, Targeting, PROMOTED_LABEL};
 pub use ledger::{LedgerError, PROMO_FILE};
@@ -40,11 +60,21 @@ use crate::model::{now_ms, ChannelId};
 use herald_proto::encode_frame;
 use herald_proto::v1 as pb;
 use ledger::{Batch, CampaignRecord, CapRecord, ChannelRecord, Ledger};
+use store::PromoStore;
 
 /// How often counts are flushed to disk.
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(250);
 /// Default organic posts between two promoted slots.
 pub const DEFAULT_EVERY_POSTS: u32 = 5;
+/// Cluster mode: the most impressions one lease asks for.
+pub const MAX_LEASE: u64 = 100_000;
+
+/// Cluster mode: the usual lease block of a campaign: a hundredth of its
+/// budget, between 1 and 1000 (a slot that wanted more makes the next lease
+/// as large as what it missed, up to [`MAX_LEASE`]).
+pub fn lease_block(budget: u64) -> u64 {
+    (budget / 100).clamp(1, 1000)
+}
 
 /// A campaign in memory: its spec and live counters.
 pub(crate) struct CampaignLive {
@@ -56,9 +86,41 @@ pub(crate) struct CampaignLive {
     reserved: AtomicU64,
     clicks: AtomicU64,
     reach: AtomicU64,
+    /// Cluster mode: impressions leased by this node and not reserved yet.
+    pool: AtomicU64,
+    /// Cluster mode: impressions slots wanted but the lease did not hold,
+    /// since the last lease top-up (sizes the next block).
+    unmet: AtomicU64,
+    /// Cluster mode: the other nodes' flushed (impressions, clicks, reach).
+    others: RwLock<(u64, u64, u64)>,
 }
 
 impl CampaignLive {
+    fn new(c: Campaign, impressions: u64, clicks: u64, reach: u64) -> CampaignLive {
+        CampaignLive {
+            id: c.id.clone(),
+            spec: RwLock::new(c),
+            impressions: AtomicU64::new(impressions),
+            reserved: AtomicU64::new(0),
+            clicks: AtomicU64::new(clicks),
+            reach: AtomicU64::new(reach),
+            pool: AtomicU64::new(0),
+            unmet: AtomicU64::new(0),
+            others: RwLock::new((0, 0, 0)),
+        }
+    }
+
+    fn others(&self) -> (u64, u64, u64) {
+        *self.others.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Impressions over every node (this node's live, the others' flushed).
+    fn total_impressions(&self) -> u64 {
+        self.impressions
+            .load(Ordering::SeqCst)
+            .saturating_add(self.others().0)
+    }
+
     fn spec(&self) -> Campaign {
         self.spec.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
@@ -83,9 +145,12 @@ impl Default for ChannelSlot {
     }
 }
 
+#[derive(Default)]
 struct ChannelLive {
     settings: RwLock<ChannelSlot>,
     impressions: AtomicU64,
+    /// Cluster mode: promoted impressions other nodes showed here.
+    others: AtomicU64,
 }
 
 /// A campaign's numbers.
@@ -146,7 +211,9 @@ pub struct Promo {
     caps: DashMap<(String, String), CapEntry>,
     clicks: DashMap<(String, String), ()>,
     dirty: Mutex<Dirty>,
-    ledger: Ledger,
+    store: Box<dyn PromoStore>,
+    /// Whether budgets are leased from a store shared with other nodes.
+    leased: bool,
     /// Serializes flushes so an older snapshot never overwrites a newer one.
     flushing: Mutex<()>,
     /// Blocking work in flight ([`Promo::run`]).
@@ -161,20 +228,34 @@ impl Promo {
     /// Opens `promo.redb` in `data_dir` and loads everything.
     pub fn open(data_dir: &Path) -> Result<Arc<Promo>, PromoError> {
         let (ledger, loaded) = Ledger::open(data_dir)?;
+        Ok(Promo::with_store(Box::new(ledger), loaded))
+    }
+
+    /// Cluster mode: campaigns, slot settings and counts in JetStream KV,
+    /// budgets leased (see the module docs).
+    pub async fn open_cluster(nats: &crate::cluster::Nats) -> Result<Arc<Promo>, PromoError> {
+        let (store, loaded) = cluster_store::KvPromo::open(nats)
+            .await
+            .map_err(|e| PromoError::Storage(LedgerError(e.to_string())))?;
+        let promo = Promo::with_store(Box::new(store), loaded);
+        promo.apply_remote();
+        Ok(promo)
+    }
+
+    fn with_store(store: Box<dyn PromoStore>, loaded: ledger::Loaded) -> Arc<Promo> {
+        let leased = store.shared().is_some();
         let campaigns = loaded
             .campaigns
             .into_iter()
             .map(|r| {
                 (
                     r.campaign.id.clone(),
-                    Arc::new(CampaignLive {
-                        id: r.campaign.id.clone(),
-                        spec: RwLock::new(r.campaign),
-                        impressions: AtomicU64::new(r.impressions),
-                        reserved: AtomicU64::new(0),
-                        clicks: AtomicU64::new(r.clicks),
-                        reach: AtomicU64::new(r.reach),
-                    }),
+                    Arc::new(CampaignLive::new(
+                        r.campaign,
+                        r.impressions,
+                        r.clicks,
+                        r.reach,
+                    )),
                 )
             })
             .collect();
@@ -188,6 +269,7 @@ impl Promo {
                         every_posts: r.every_posts,
                     }),
                     impressions: AtomicU64::new(r.impressions),
+                    others: AtomicU64::new(0),
                 }),
             );
         }
@@ -205,17 +287,18 @@ impl Promo {
         for k in loaded.clicks {
             clicks.insert(k, ());
         }
-        Ok(Arc::new(Promo {
+        Arc::new(Promo {
             campaigns: RwLock::new(campaigns),
             auction: Mutex::new(()),
             channels,
             caps,
             clicks,
             dirty: Mutex::new(Dirty::default()),
-            ledger,
+            store,
+            leased,
             flushing: Mutex::new(()),
             blocking: TaskTracker::new(),
-        }))
+        })
     }
 
     /// Runs `f` (which may write to disk) on the blocking pool.
@@ -252,23 +335,16 @@ impl Promo {
         c.validate()?;
         // Durable first, then live: a failed write changes nothing.
         let _one_writer = lock(&self.flushing);
-        self.ledger.write(&Batch {
-            campaigns: vec![CampaignRecord {
+        self.store.put_campaign(
+            &CampaignRecord {
                 campaign: c.clone(),
                 impressions: 0,
                 clicks: 0,
                 reach: 0,
-            }],
-            ..Batch::default()
-        })?;
-        let live = Arc::new(CampaignLive {
-            id: c.id.clone(),
-            spec: RwLock::new(c.clone()),
-            impressions: AtomicU64::new(0),
-            reserved: AtomicU64::new(0),
-            clicks: AtomicU64::new(0),
-            reach: AtomicU64::new(0),
-        });
+            },
+            true,
+        )?;
+        let live = Arc::new(CampaignLive::new(c.clone(), 0, 0, 0));
         self.campaigns
             .write()
             .unwrap_or_else(|p| p.into_inner())
@@ -292,15 +368,15 @@ impl Promo {
         change(&mut next);
         next.id = live.id.clone();
         next.validate()?;
-        self.ledger.write(&Batch {
-            campaigns: vec![CampaignRecord {
+        self.store.put_campaign(
+            &CampaignRecord {
                 campaign: next.clone(),
                 impressions: live.impressions.load(Ordering::SeqCst),
                 clicks: live.clicks.load(Ordering::SeqCst),
                 reach: live.reach.load(Ordering::SeqCst),
-            }],
-            ..Batch::default()
-        })?;
+            },
+            false,
+        )?;
         {
             let _auction = lock(&self.auction);
             *live.spec.write().unwrap_or_else(|p| p.into_inner()) = next.clone();
@@ -312,12 +388,16 @@ impl Promo {
     pub fn get(&self, id: &str) -> Option<(Campaign, State, CampaignStats)> {
         let live = self.campaign(id)?;
         let spec = live.spec();
-        let impressions = live.impressions.load(Ordering::Relaxed);
+        let (o_impressions, o_clicks, o_reach) = live.others();
+        let impressions = live
+            .impressions
+            .load(Ordering::Relaxed)
+            .saturating_add(o_impressions);
         let stats = CampaignStats {
             impressions,
-            clicks: live.clicks.load(Ordering::Relaxed),
+            clicks: live.clicks.load(Ordering::Relaxed).saturating_add(o_clicks),
             spend_micros: spec.spend_micros(impressions),
-            reach: live.reach.load(Ordering::Relaxed),
+            reach: live.reach.load(Ordering::Relaxed).saturating_add(o_reach),
             reserved: live.reserved.load(Ordering::Relaxed),
         };
         let state = spec.state(impressions, now_ms());
@@ -331,7 +411,9 @@ impl Promo {
         match self.channels.get(channel) {
             Some(c) => (
                 *c.settings.read().unwrap_or_else(|p| p.into_inner()),
-                c.impressions.load(Ordering::Relaxed),
+                c.impressions
+                    .load(Ordering::Relaxed)
+                    .saturating_add(c.others.load(Ordering::Relaxed)),
             ),
             None => (ChannelSlot::default(), 0),
         }
@@ -345,16 +427,18 @@ impl Promo {
         let c = self
             .channels
             .entry(channel.to_string())
-            .or_insert_with(|| {
-                Arc::new(ChannelLive {
-                    settings: RwLock::new(ChannelSlot::default()),
-                    impressions: AtomicU64::new(0),
-                })
-            })
+            .or_insert_with(|| Arc::new(ChannelLive::default()))
             .clone();
+        let _one_writer = lock(&self.flushing);
+        self.store.put_channel(
+            channel,
+            &ChannelRecord {
+                opt_in: s.opt_in,
+                every_posts: s.every_posts,
+                impressions: c.impressions.load(Ordering::Relaxed),
+            },
+        )?;
         *c.settings.write().unwrap_or_else(|p| p.into_inner()) = s;
-        lock(&self.dirty).channels.insert(channel.to_string());
-        self.flush()?;
         Ok(())
     }
 
@@ -419,9 +503,18 @@ impl Promo {
                 continue;
             }
             let reserved = live.reserved.load(Ordering::SeqCst);
-            let used = live.impressions.load(Ordering::SeqCst) + reserved;
+            let used = live.total_impressions() + reserved;
             let limit = spec.paced_allowance(now).min(spec.budget_impressions);
             if used >= limit {
+                continue;
+            }
+            // With leases, only what this node holds may be reserved.
+            let room = if self.leased {
+                (limit - used).min(live.pool.load(Ordering::SeqCst))
+            } else {
+                limit - used
+            };
+            if room == 0 {
                 continue;
             }
             let better = match &best {
@@ -432,11 +525,25 @@ impl Promo {
                 }
             };
             if better {
-                best = Some((live.clone(), spec, limit - used));
+                best = Some((live.clone(), spec, room));
             }
         }
         let (live, spec, room) = best?;
-        let n = want.min(room);
+        let mut n = want.min(room);
+        if self.leased {
+            // Take from the lease (claims and slot drops give back to it).
+            let mut got = 0;
+            let _ = live
+                .pool
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |p| {
+                    got = p.min(n);
+                    Some(p - got)
+                });
+            if got < want {
+                live.unmet.fetch_add(want - got, Ordering::Relaxed);
+            }
+            n = got;
+        }
         if n == 0 {
             return None;
         }
@@ -543,6 +650,9 @@ impl Promo {
     /// Undoes an unconfirmed claim (from `Claim::drop`).
     fn release(&self, c: &Claim) {
         c.campaign.reserved.fetch_sub(1, Ordering::SeqCst);
+        if self.leased {
+            c.campaign.pool.fetch_add(1, Ordering::SeqCst);
+        }
         let key = (c.campaign.id.clone(), c.follower.clone());
         if let Some(mut e) = self.caps.get_mut(&key) {
             if let Some(i) = e.times.iter().rposition(|t| *t == c.at_ms) {
@@ -571,6 +681,130 @@ impl Promo {
         dirty.campaigns.insert(campaign_id.to_string());
         dirty.clicks.push(key);
         Ok(true)
+    }
+
+    // ------------------------------------------------------------ cluster
+
+    /// Cluster mode (a no-op otherwise): applies what other nodes changed
+    /// (campaign specs, slot settings, their counts), then tops up the lease
+    /// of every campaign that may be shown and gives back what the others
+    /// hold. Blocks on the network: call it through [`Promo::run`].
+    pub fn sync(&self) -> Result<(), PromoError> {
+        if self.store.shared().is_none() {
+            return Ok(());
+        }
+        self.apply_remote();
+        self.upkeep_leases()
+    }
+
+    fn all_campaigns(&self) -> Vec<Arc<CampaignLive>> {
+        self.campaigns
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    fn apply_remote(&self) {
+        let Some(shared) = self.store.shared() else {
+            return;
+        };
+        let remote = shared.remote();
+        for c in remote.campaigns {
+            match self.campaign(&c.id) {
+                Some(live) => {
+                    if live.spec() != c {
+                        let _auction = lock(&self.auction);
+                        *live.spec.write().unwrap_or_else(|p| p.into_inner()) = c;
+                    }
+                }
+                None => {
+                    let live = Arc::new(CampaignLive::new(c, 0, 0, 0));
+                    self.campaigns
+                        .write()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .entry(live.id.clone())
+                        .or_insert(live);
+                }
+            }
+        }
+        for (ch, slot) in remote.slots {
+            let c = self.channels.entry(ch).or_default().clone();
+            *c.settings.write().unwrap_or_else(|p| p.into_inner()) = slot;
+        }
+        for live in self.all_campaigns() {
+            let o = remote
+                .campaign_counts
+                .get(&live.id)
+                .copied()
+                .unwrap_or_default();
+            *live.others.write().unwrap_or_else(|p| p.into_inner()) = o;
+        }
+        for (ch, n) in remote.channel_counts {
+            self.channels
+                .entry(ch)
+                .or_default()
+                .others
+                .store(n, Ordering::Relaxed);
+        }
+    }
+
+    /// Leases for campaigns that may be shown; gives back the rest.
+    fn upkeep_leases(&self) -> Result<(), PromoError> {
+        let Some(shared) = self.store.shared() else {
+            return Ok(());
+        };
+        let now = now_ms();
+        for live in self.all_campaigns() {
+            let spec = live.spec();
+            let showable = spec.status == State::Active
+                && now >= spec.start_ms
+                && now < spec.end_ms
+                && live.total_impressions() < spec.budget_impressions;
+            let pool = live.pool.load(Ordering::SeqCst);
+            if showable {
+                let block = lease_block(spec.budget_impressions);
+                let unmet = live.unmet.swap(0, Ordering::Relaxed);
+                if pool >= block && unmet == 0 {
+                    continue;
+                }
+                let want = block.max(unmet).min(MAX_LEASE);
+                let got = shared.lease(&live.id, spec.budget_impressions, want)?;
+                live.pool.fetch_add(got, Ordering::SeqCst);
+            } else if pool > 0 {
+                self.give_back(shared, &live)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn give_back(
+        &self,
+        shared: &dyn store::SharedPromo,
+        live: &CampaignLive,
+    ) -> Result<(), PromoError> {
+        let n = live.pool.swap(0, Ordering::SeqCst);
+        if n == 0 {
+            return Ok(());
+        }
+        if let Err(e) = shared.give_back(&live.id, n) {
+            live.pool.fetch_add(n, Ordering::SeqCst);
+            return Err(e.into());
+        }
+        Ok(())
+    }
+
+    /// Cluster mode, at shutdown: gives every unused leased impression back
+    /// (after the sessions are gone, so nothing reserves any more).
+    pub fn release_leases(&self) -> Result<(), PromoError> {
+        let Some(shared) = self.store.shared() else {
+            return Ok(());
+        };
+        for live in self.all_campaigns() {
+            self.give_back(shared, &live)?;
+        }
+        Ok(())
     }
 
     // ------------------------------------------------------------ durability
@@ -616,7 +850,7 @@ impl Promo {
         if batch.is_empty() {
             return Ok(());
         }
-        if let Err(e) = self.ledger.write(&batch) {
+        if let Err(e) = self.store.write(&batch) {
             // Keep what was not written for the next flush.
             let mut d = lock(&self.dirty);
             d.campaigns.extend(dirty.campaigns);

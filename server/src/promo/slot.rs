@@ -53,6 +53,9 @@ impl Drop for Slot {
         let left = *self.remaining.get_mut();
         if left > 0 {
             self.campaign.reserved.fetch_sub(left, Ordering::SeqCst);
+            if self.promo.leased {
+                self.campaign.pool.fetch_add(left, Ordering::SeqCst);
+            }
         }
     }
 }

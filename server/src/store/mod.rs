@@ -2,8 +2,9 @@
 //!
 //! [`ChannelLog`] is the interface the rest of the server uses; [`RedbLog`]
 //! is the embedded implementation (one redb file in the data directory, group
-//! commit on a dedicated thread). A clustered backend on a distributed log can
-//! implement the same trait later.
+//! commit on a dedicated thread), the default; [`JetStreamLog`] is the cluster
+//! mode's (one replicated NATS JetStream stream shared by every Herald node,
+//! see [`jetstream`]).
 //!
 //! Promises kept by every implementation:
 //! - `seq` starts at 1 and grows by exactly one per post; edits and deletes are
@@ -14,8 +15,11 @@
 //! - An append with an idempotency key seen in the last 24 h posts nothing
 //!   and answers with the first post.
 
+pub mod jetstream;
 mod records;
 mod redb_log;
+
+pub use jetstream::JetStreamLog;
 
 pub use redb_log::{RedbLog, IDEMPOTENCY_TTL_MS, LOG_FILE, MAX_BATCH, WRITE_QUEUE};
 
