@@ -103,12 +103,18 @@ pub struct Limits {
     pub rate_limit_strikes: u32,
     /// Most connections open at once with tokens for the same follower id.
     pub max_connections_per_follower: usize,
-    /// Most HTTP connections served at once; more are answered 503 and closed.
+    /// Most HTTP connections open at once. At the cap a new connection takes
+    /// the place of the one idle for longest; when none is idle (every one
+    /// has a request in flight) it is answered 503 and closed.
     pub http_max_connections: usize,
     /// An HTTP request's headers must arrive within this many seconds of the
     /// connection opening or the previous response (an idle keep-alive
     /// connection is closed after it too).
     pub http_header_timeout_secs: u64,
+    /// An HTTP request's body must arrive and its answer be ready within
+    /// this many seconds of its headers, or it is answered 408 and the
+    /// connection closed.
+    pub http_request_timeout_secs: u64,
 }
 
 impl Default for Limits {
@@ -134,6 +140,7 @@ impl Default for Limits {
             max_connections_per_follower: 16,
             http_max_connections: 512,
             http_header_timeout_secs: 10,
+            http_request_timeout_secs: 30,
         }
     }
 }
@@ -144,6 +151,7 @@ impl Limits {
         crate::api::HttpLimits {
             max_connections: self.http_max_connections,
             header_timeout: Duration::from_secs(self.http_header_timeout_secs),
+            request_timeout: Duration::from_secs(self.http_request_timeout_secs),
         }
     }
 
@@ -316,6 +324,14 @@ impl Config {
         {
             return bad(
                 "limits bursts, rate_limit_strikes and max_connections_per_follower must be > 0",
+            );
+        }
+        if l.http_max_connections == 0
+            || l.http_header_timeout_secs == 0
+            || l.http_request_timeout_secs == 0
+        {
+            return bad(
+                "limits.http_max_connections, http_header_timeout_secs and http_request_timeout_secs must be > 0",
             );
         }
         if self.retention.interval_secs == 0 {

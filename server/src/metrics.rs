@@ -51,6 +51,8 @@ pub const COMMIT_SECONDS: &str = "herald_store_commit_seconds";
 pub const COMMIT_BATCH_SIZE: &str = "herald_store_commit_batch_size";
 /// Counter: HTTP connections answered 503 because the connection cap was reached.
 pub const HTTP_REFUSED: &str = "herald_http_connections_refused_total";
+/// Counter: idle HTTP connections closed to make room for a new one at the cap.
+pub const HTTP_EVICTED: &str = "herald_http_connections_evicted_total";
 /// CPU seconds (user + system) this process has used (from `metrics-process`,
 /// with its other `process_*` figures).
 pub const PROCESS_CPU_SECONDS: &str = "process_cpu_seconds_total";

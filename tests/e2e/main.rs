@@ -11,6 +11,7 @@ mod crash;
 mod edits_under_lag;
 mod fanout;
 mod follower_auth;
+mod http_limits;
 mod lagging;
 mod lifecycle;
 mod promo;

@@ -100,7 +100,7 @@ fn view(state: &ApiState, id: &str) -> Result<CampaignView, ApiError> {
 
 #[utoipa::path(post, path = "/v1/campaigns", tag = "campaigns",
     request_body = CreateCampaign,
-    responses((status = 201, body = CampaignView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+    responses((status = 201, body = CampaignView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody, description = "the advertiser brand does not exist")),
     security(("api_key" = [])))]
 pub async fn create(
     State(state): State<ApiState>,
@@ -108,7 +108,12 @@ pub async fn create(
     JsonBody(b): JsonBody<CreateCampaign>,
 ) -> Result<(StatusCode, Json<CampaignView>), ApiError> {
     let advertiser = match (&caller, b.advertiser) {
-        (Caller::Admin, a) => a.unwrap_or_default(),
+        (Caller::Admin, None) => {
+            return Err(ApiError::bad_request(
+                "advertiser is required with the admin key: the id of an existing brand",
+            ))
+        }
+        (Caller::Admin, Some(a)) => a,
         (Caller::Key(k), a) => {
             let brand = a.unwrap_or_else(|| k.brand.clone());
             if brand != k.brand || !caller.owns_brand(&brand) {
@@ -119,6 +124,13 @@ pub async fn create(
             brand
         }
     };
+    // The advertiser must exist now: a campaign for a brand made later
+    // would be owned by whoever creates a brand with that id.
+    if state.tenancy.brand(&advertiser).is_none() {
+        return Err(ApiError::not_found(format!(
+            "no brand {advertiser:?}: the advertiser must be an existing brand"
+        )));
+    }
     let mut id = [0u8; 8];
     rand::rng().fill_bytes(&mut id);
     let now = now_ms();
