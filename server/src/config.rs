@@ -69,6 +69,15 @@ pub struct Limits {
     pub max_connections: usize,
     /// Most handshakes in progress at once (a reconnect storm waits its turn).
     pub max_concurrent_handshakes: usize,
+    /// A handshake (its wait for a slot included) must finish within this
+    /// many seconds, or it is dropped.
+    pub handshake_timeout_secs: u64,
+    /// With this many handshakes in progress, a sender that has not proved
+    /// its address is sent a stateless Retry first (0: always).
+    pub handshake_retry_above: usize,
+    /// Most unvalidated, and most validated, handshakes in progress per IP
+    /// address (over it: Retry, or refused once validated).
+    pub max_handshakes_per_address: usize,
     /// A follower must send Hello within this many seconds of connecting.
     pub hello_timeout_secs: u64,
     /// A connection with no traffic for this long is closed (clients send
@@ -125,6 +134,9 @@ impl Default for Limits {
             max_follows_per_connection: 1024,
             max_connections: 200_000,
             max_concurrent_handshakes: 256,
+            handshake_timeout_secs: 5,
+            handshake_retry_above: 64,
+            max_handshakes_per_address: 32,
             hello_timeout_secs: 10,
             idle_timeout_secs: 60,
             max_lag_events: 20,
@@ -152,6 +164,16 @@ impl Limits {
             max_connections: self.http_max_connections,
             header_timeout: Duration::from_secs(self.http_header_timeout_secs),
             request_timeout: Duration::from_secs(self.http_request_timeout_secs),
+        }
+    }
+
+    /// The QUIC handshake admission policy.
+    pub fn handshake_policy(&self) -> crate::admission::HandshakePolicy {
+        crate::admission::HandshakePolicy {
+            max_in_progress: self.max_concurrent_handshakes,
+            retry_above: self.handshake_retry_above,
+            per_address: self.max_handshakes_per_address,
+            timeout: Duration::from_secs(self.handshake_timeout_secs),
         }
     }
 
@@ -303,6 +325,11 @@ impl Config {
         }
         if l.max_concurrent_handshakes == 0 || l.catchup_batch == 0 {
             return bad("limits.max_concurrent_handshakes and limits.catchup_batch must be > 0");
+        }
+        if l.handshake_timeout_secs == 0 || l.max_handshakes_per_address == 0 {
+            return bad(
+                "limits.handshake_timeout_secs and limits.max_handshakes_per_address must be > 0",
+            );
         }
         if l.idle_timeout_secs < 2 || l.hello_timeout_secs == 0 {
             return bad("limits.idle_timeout_secs must be >= 2 and limits.hello_timeout_secs > 0");

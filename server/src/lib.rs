@@ -11,6 +11,7 @@
 //!
 //! | module | what lives there |
 //! | --- | --- |
+//! | [`admission`] | which QUIC handshakes are taken on: address validation (Retry) under pressure, per-address limits, the handshake timeout |
 //! | [`server`] | [`Server`]: binds the listeners, wires the parts, runs them until shutdown, and returns only once every task has ended and every file is released |
 //! | [`config`] | the configuration (defaults, TOML, flags, environment) and its limits |
 //! | [`api`] | the brand HTTP API (axum), `/metrics`, `/healthz`, the OpenAPI document |
@@ -33,6 +34,7 @@
 
 #![warn(missing_docs)]
 
+pub mod admission;
 pub mod api;
 pub mod auth;
 pub mod config;

@@ -21,7 +21,9 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Gauge: QUIC connections accepted and not yet ended.
 pub const CONNECTIONS_OPEN: &str = "herald_connections_open";
-/// Counter: finished handshakes, label `result` = `ok` | `failed`.
+/// Counter: handshakes by how they ended, label `result` = `ok` | `failed` |
+/// `timed_out` | `retry` (sent a stateless Retry to validate the address) |
+/// `refused` (over the per-address limit).
 pub const HANDSHAKES: &str = "herald_handshakes_total";
 /// Counter: sessions that said a valid Hello.
 pub const SESSIONS: &str = "herald_sessions_total";

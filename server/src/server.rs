@@ -21,11 +21,11 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::admission::{Admission, Decision};
 use crate::auth::{Secrets, TokenIssuer, TokenVerifier};
 use crate::config::Config;
 use crate::hub::Hub;
@@ -417,7 +417,8 @@ fn transport(config: &Config) -> Result<quinn::TransportConfig, ServerError> {
 }
 
 /// Accepts connections until `shutdown`, bounding connections and
-/// handshakes; each session is a task on `tasks`, dropped on `kill`.
+/// handshakes by the [`crate::admission`] policy; each session is a task on
+/// `tasks`, dropped on `kill`.
 async fn accept_loop(
     endpoint: &quinn::Endpoint,
     ctx: Arc<SessionContext>,
@@ -425,7 +426,7 @@ async fn accept_loop(
     kill: &CancellationToken,
     shutdown: impl Future<Output = ()>,
 ) {
-    let handshakes = Arc::new(Semaphore::new(ctx.limits.max_concurrent_handshakes));
+    let admission = Admission::new(ctx.limits.handshake_policy());
     let open = Arc::new(AtomicUsize::new(0));
     let next_id = AtomicU64::new(1);
     tokio::pin!(shutdown);
@@ -445,32 +446,64 @@ async fn accept_loop(
             incoming.refuse();
             continue;
         }
+        let peer = incoming.remote_address();
+        let ticket = match admission.decide(
+            peer.ip(),
+            incoming.remote_address_validated(),
+            incoming.may_retry(),
+        ) {
+            Decision::Accept(t) => t,
+            Decision::Retry => {
+                metrics::counter!(crate::metrics::HANDSHAKES, "result" => "retry").increment(1);
+                if let Err(e) = incoming.retry() {
+                    e.into_incoming().refuse();
+                }
+                continue;
+            }
+            Decision::Refuse(why) => {
+                metrics::counter!(crate::metrics::HANDSHAKES, "result" => "refused").increment(1);
+                tracing::debug!(%peer, why, "handshake refused");
+                incoming.refuse();
+                continue;
+            }
+        };
         let guard = OpenGuard::new(open.clone());
         let id = next_id.fetch_add(1, Ordering::Relaxed);
         let ctx = ctx.clone();
-        let handshakes = handshakes.clone();
         let kill = kill.clone();
-        let span = tracing::info_span!("session", id, peer = %incoming.remote_address());
+        let timeout = admission.policy().timeout;
+        let span = tracing::info_span!("session", id, %peer);
         let session = async move {
             let _guard = guard;
-            let conn = {
-                let Ok(_permit) = handshakes.acquire().await else {
-                    return;
-                };
-                match incoming.await {
-                    Ok(c) => {
-                        metrics::counter!(crate::metrics::HANDSHAKES, "result" => "ok")
-                            .increment(1);
-                        c
-                    }
-                    Err(e) => {
-                        metrics::counter!(crate::metrics::HANDSHAKES, "result" => "failed")
-                            .increment(1);
-                        tracing::debug!(error = %e, "handshake failed");
-                        return;
-                    }
+            // The slot, and the handshake itself, within the handshake timeout.
+            let handshake = async {
+                let _slot = ticket.slot().await?;
+                match incoming.accept() {
+                    Ok(connecting) => Some(connecting.await),
+                    Err(e) => Some(Err(e)),
                 }
             };
+            let conn = match tokio::time::timeout(timeout, handshake).await {
+                Ok(Some(Ok(c))) => {
+                    metrics::counter!(crate::metrics::HANDSHAKES, "result" => "ok").increment(1);
+                    c
+                }
+                Ok(Some(Err(e))) => {
+                    metrics::counter!(crate::metrics::HANDSHAKES, "result" => "failed")
+                        .increment(1);
+                    tracing::debug!(error = %e, "handshake failed");
+                    return;
+                }
+                Ok(None) => return,
+                Err(_) => {
+                    // Dropping the handshake closes the connection.
+                    metrics::counter!(crate::metrics::HANDSHAKES, "result" => "timed_out")
+                        .increment(1);
+                    tracing::debug!(?timeout, "handshake timed out");
+                    return;
+                }
+            };
+            drop(ticket);
             match (Session { id, conn, ctx }).run().await {
                 Ok(_) => tracing::debug!("session ended"),
                 Err(SessionError::Closed { code, message }) => {

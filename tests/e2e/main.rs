@@ -15,5 +15,6 @@ mod http_limits;
 mod lagging;
 mod lifecycle;
 mod promo;
+mod quic_flood;
 mod resume;
 mod slow_follower;
