@@ -13,6 +13,7 @@
 //! | --- | --- |
 //! | [`admission`] | which QUIC handshakes are taken on: address validation (Retry) under pressure, per-address limits, the handshake timeout |
 //! | [`server`] | [`Server`]: binds the listeners, wires the parts, runs them until shutdown, and returns only once every task has ended and every file is released |
+//! | [`datadir`] | the data directory's databases: opening them (never an empty or damaged file silently), the marker that tells new from lost, reopening after a failed write |
 //! | [`config`] | the configuration (defaults, TOML, flags, environment) and its limits |
 //! | [`api`] | the brand HTTP API (axum), `/metrics`, `/healthz`, the OpenAPI document |
 //! | [`store`] | the channel log: gapless seqs, durable group commit, retention, catch-up reads |
@@ -38,6 +39,7 @@ pub mod admission;
 pub mod api;
 pub mod auth;
 pub mod config;
+pub mod datadir;
 pub mod feed;
 pub mod hub;
 pub mod limits;

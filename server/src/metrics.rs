@@ -51,6 +51,9 @@ pub const CATCHUPS: &str = "herald_catchups_total";
 pub const COMMIT_SECONDS: &str = "herald_store_commit_seconds";
 /// Histogram: operations per committed batch.
 pub const COMMIT_BATCH_SIZE: &str = "herald_store_commit_batch_size";
+/// Counter: stored records found damaged while being read (served as
+/// `damaged` tombstones; run `herald check`).
+pub const DAMAGED_RECORDS: &str = "herald_damaged_records_total";
 /// Counter: HTTP connections answered 503 because the connection cap was reached.
 pub const HTTP_REFUSED: &str = "herald_http_connections_refused_total";
 /// Counter: idle HTTP connections closed to make room for a new one at the cap.

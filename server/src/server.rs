@@ -59,6 +59,10 @@ pub enum ServerError {
     /// The channel log could not be opened.
     #[error("log: {0}")]
     Store(#[from] StoreError),
+    /// A database of the data directory is missing, empty or damaged (the
+    /// message names the file and what to do).
+    #[error(transparent)]
+    Open(#[from] crate::datadir::OpenError),
     /// Another process holds the data directory's lock.
     #[error(
         "another herald is using the data directory {path} (its lock file {lock} is held{holder}); \
@@ -163,6 +167,16 @@ impl Server {
         });
         let log: Arc<dyn ChannelLog> = RedbLog::open(&dir, sink)?;
         let tenancy = Tenancy::open(&dir)?;
+        // Every database exists now: from here on, one that goes missing
+        // or empty was lost, not new (see `crate::datadir`).
+        crate::datadir::Marker::ensure(
+            &dir,
+            &[
+                crate::store::LOG_FILE,
+                crate::tenancy::TENANCY_FILE,
+                crate::promo::PROMO_FILE,
+            ],
+        )?;
         let mut verifier = TokenVerifier::hs256(secrets.jwt_secret.as_bytes())
             .with_issuer(config.auth.issuer.clone())
             .with_audience(config.auth.audience.clone());
@@ -292,6 +306,7 @@ impl Server {
                 self.config.limits.publish_burst,
             )),
             metrics: crate::metrics::install(),
+            stopping: stop.clone(),
         });
         tasks.spawn(crate::api::serve(
             self.http,
@@ -308,6 +323,11 @@ impl Server {
         ));
         tasks.spawn(cert_renewal_loop(self.certs.clone(), stop.clone()));
         tasks.spawn(promo_flush_loop(self.promo.clone(), stop.clone()));
+        tasks.spawn(storage_recovery_loop(
+            self.promo.clone(),
+            self.tenancy.clone(),
+            stop.clone(),
+        ));
         tasks.spawn(metrics_upkeep_loop(stop.clone()));
 
         accept_loop(&self.endpoint, ctx, &tasks, &kill, shutdown).await;
@@ -565,19 +585,58 @@ async fn retention_loop(
             },
             keep_max: retention.max_posts,
         };
-        for c in log.channels() {
-            loop {
-                match log.trim(c.id.clone(), policy).await {
-                    Ok(n) if n > 0 => {
-                        tracing::info!(channel = %c.id, removed = n, "retention trim")
+        // Passes of bounded size, each one durable write (none when nothing
+        // is due), until nothing is left to remove.
+        loop {
+            match log.trim_all(policy).await {
+                Ok(r) => {
+                    if r.posts_removed > 0 || r.keys_expired > 0 {
+                        tracing::info!(
+                            posts = r.posts_removed,
+                            channels = r.channels_trimmed,
+                            idempotency_keys = r.keys_expired,
+                            "retention trim"
+                        );
                     }
-                    Ok(_) => break,
-                    Err(e) => {
-                        tracing::warn!(channel = %c.id, error = %e, "retention trim failed");
+                    if !r.more || stop.is_cancelled() {
                         break;
                     }
                 }
+                Err(e) => {
+                    tracing::warn!(error = %e, "retention trim failed; will retry");
+                    break;
+                }
             }
+        }
+    }
+}
+
+/// Reopens a database whose write failed once it can take writes again,
+/// for the databases written only now and then (the log's committer
+/// reopens the log itself), so `/readyz` recovers without waiting for the
+/// next write.
+async fn storage_recovery_loop(promo: Arc<Promo>, tenancy: Arc<Tenancy>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(crate::datadir::REOPEN_EVERY);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        if promo.health() != crate::datadir::Health::Ok {
+            let _ = promo
+                .run(|p| {
+                    p.recover();
+                    Ok(())
+                })
+                .await;
+        }
+        if tenancy.health() != crate::datadir::Health::Ok {
+            let _ = tenancy
+                .run(|t| {
+                    t.recover();
+                    Ok(())
+                })
+                .await;
         }
     }
 }

@@ -172,6 +172,19 @@ impl TestServer {
         self.call(Method::POST, path, key, Some(body), &[]).await
     }
 
+    /// A GET without a key; (status, body text).
+    pub async fn http_text(&self, path: &str) -> (u16, String) {
+        let resp = tokio::time::timeout(
+            WAIT,
+            self.http_client.get(format!("{}{path}", self.base)).send(),
+        )
+        .await
+        .expect("answer in time")
+        .expect("request sent");
+        let status = resp.status().as_u16();
+        (status, resp.text().await.unwrap())
+    }
+
     pub fn admin(&self) -> Option<&str> {
         Some(&self.admin_key)
     }

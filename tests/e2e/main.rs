@@ -18,3 +18,4 @@ mod promo;
 mod quic_flood;
 mod resume;
 mod slow_follower;
+mod storage_faults;

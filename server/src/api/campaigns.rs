@@ -32,6 +32,9 @@ impl From<PromoError> for ApiError {
                 ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, e.to_string())
             }
             PromoError::Invalid(f) => ApiError::bad_request(f.0),
+            PromoError::Storage(crate::promo::LedgerError::Unavailable(why)) => {
+                ApiError::storage_unavailable(why)
+            }
             PromoError::Storage(_) => {
                 tracing::error!(error = %e, "promo storage error");
                 ApiError::new(

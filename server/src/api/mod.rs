@@ -1,4 +1,5 @@
-//! The brand HTTP API (axum, JSON), plus `/healthz`, `/v1/openapi.json` and
+//! The brand HTTP API (axum, JSON), plus `/healthz` (liveness), `/readyz`
+//! (can it take writes and followers), `/v1/openapi.json` and
 //! the Prometheus exposition at `/metrics` (see [`crate::metrics`]).
 //!
 //! Every error is a JSON body `{"error": {"code", "message"}}` with the right
@@ -55,6 +56,8 @@ pub struct ApiState {
     pub(crate) publish_limiter: Arc<PublishLimiter>,
     /// Renders `/metrics`.
     pub(crate) metrics: metrics_exporter_prometheus::PrometheusHandle,
+    /// Cancelled when the server starts shutting down (`/readyz` says so).
+    pub(crate) stopping: tokio_util::sync::CancellationToken,
 }
 
 async fn render_metrics(
@@ -105,6 +108,7 @@ pub fn router(state: ApiState) -> Router {
     };
     routed
         .route("/healthz", get(openapi::healthz))
+        .route("/readyz", get(openapi::readyz))
         .route("/metrics", get(render_metrics))
         .route(
             "/v1/openapi.json",

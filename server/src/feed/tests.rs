@@ -73,6 +73,7 @@ impl MemLog {
             created_at_ms: 0,
             edited_at_ms: 0,
             deleted: false,
+            damaged: false,
         };
         posts.insert(p.seq, p.clone());
         LogEvent::Posted(p)
@@ -143,6 +144,14 @@ impl ChannelLog for MemLog {
 
     fn trim(&self, _: ChannelId, _: TrimPolicy) -> LogFuture<'_, u64> {
         unreachable!("not used by the writer")
+    }
+
+    fn trim_all(&self, _: TrimPolicy) -> LogFuture<'_, crate::store::TrimReport> {
+        unreachable!("not used by the writer")
+    }
+
+    fn health(&self) -> crate::datadir::Health {
+        crate::datadir::Health::Ok
     }
 
     fn close(&self) -> LogFuture<'_, ()> {

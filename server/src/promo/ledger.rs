@@ -6,14 +6,27 @@
 //! what happened since the last flush.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize};
 
 use super::campaign::Campaign;
+use crate::datadir::{Db, DbSpec, DbUnavailable, Health, OpenError};
 
 /// File name inside the data directory.
 pub const PROMO_FILE: &str = "promo.redb";
+
+/// redb's page cache for `promo.redb`, in bytes.
+pub const PROMO_CACHE_BYTES: usize = 16 * 1024 * 1024;
+
+/// The promo ledger's database file.
+pub const PROMO_SPEC: DbSpec = DbSpec {
+    file: PROMO_FILE,
+    holds: "the promo ledger (campaigns and their counts, channel slots, frequency caps, clicks)",
+    cache_bytes: PROMO_CACHE_BYTES,
+    check_on_open: true,
+};
 
 const CAMPAIGNS: TableDefinition<&str, &str> = TableDefinition::new("campaigns");
 const CHANNELS: TableDefinition<&str, &str> = TableDefinition::new("channel_promo");
@@ -22,11 +35,17 @@ const CLICKS: TableDefinition<(&str, &str), u8> = TableDefinition::new("clicks")
 
 /// Promo storage failed.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("promo storage: {0}")]
-pub struct LedgerError(pub String);
+pub enum LedgerError {
+    /// A write failed, or a stored record is unreadable.
+    #[error("promo storage: {0}")]
+    Storage(String),
+    /// `promo.redb` cannot take writes right now; it is reopened once it can.
+    #[error("promo storage unavailable: {0}")]
+    Unavailable(String),
+}
 
 fn err(e: impl std::fmt::Display) -> LedgerError {
-    LedgerError(e.to_string())
+    LedgerError::Storage(e.to_string())
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -80,85 +99,129 @@ impl Batch {
 }
 
 pub struct Ledger {
-    db: Database,
+    db: Arc<Db>,
 }
 
 impl Ledger {
-    pub fn open(data_dir: &Path) -> Result<(Ledger, Loaded), LedgerError> {
-        std::fs::create_dir_all(data_dir).map_err(err)?;
-        let db = Database::create(data_dir.join(PROMO_FILE)).map_err(err)?;
-        let txn = db.begin_write().map_err(err)?;
-        txn.open_table(CAMPAIGNS).map_err(err)?;
-        txn.open_table(CHANNELS).map_err(err)?;
-        txn.open_table(CAPS).map_err(err)?;
-        txn.open_table(CLICKS).map_err(err)?;
-        txn.commit().map_err(err)?;
-        let mut loaded = Loaded::default();
-        let read = db.begin_read().map_err(err)?;
-        for e in read
-            .open_table(CAMPAIGNS)
-            .map_err(err)?
-            .iter()
-            .map_err(err)?
-        {
-            let (_, v) = e.map_err(err)?;
-            loaded
-                .campaigns
-                .push(serde_json::from_str(v.value()).map_err(err)?);
-        }
-        for e in read
-            .open_table(CHANNELS)
-            .map_err(err)?
-            .iter()
-            .map_err(err)?
-        {
-            let (k, v) = e.map_err(err)?;
-            loaded.channels.push((
-                k.value().to_string(),
-                serde_json::from_str(v.value()).map_err(err)?,
-            ));
-        }
-        for e in read.open_table(CAPS).map_err(err)?.iter().map_err(err)? {
-            let (k, v) = e.map_err(err)?;
-            let (c, f) = k.value();
-            loaded.caps.push((
-                (c.to_string(), f.to_string()),
-                serde_json::from_str(v.value()).map_err(err)?,
-            ));
-        }
-        for e in read.open_table(CLICKS).map_err(err)?.iter().map_err(err)? {
-            let (k, _) = e.map_err(err)?;
-            let (c, f) = k.value();
-            loaded.clicks.push((c.to_string(), f.to_string()));
-        }
+    /// Opens (or creates) `promo.redb` in `data_dir` and loads everything.
+    pub fn open(data_dir: &Path) -> Result<(Ledger, Loaded), OpenError> {
+        let db = Arc::new(Db::open(data_dir, PROMO_SPEC)?);
+        let damaged = |e: LedgerError| OpenError::damaged(data_dir, &PROMO_SPEC, e);
+        let handle = db.get().map_err(|e| damaged(err(e)))?;
+        create_tables(&handle).map_err(damaged)?;
+        let loaded = load(&handle).map_err(damaged)?;
+        drop(handle);
         Ok((Ledger { db }, loaded))
+    }
+
+    /// Whether `promo.redb` can take writes now.
+    pub fn health(&self) -> Health {
+        self.db.health()
+    }
+
+    /// Tries to reopen the database if a write failed.
+    pub fn recover(&self) {
+        let _ = self.db.for_write();
+    }
+
+    /// Lets go of the database (at shutdown).
+    pub fn close(&self) {
+        self.db.close();
     }
 
     /// Writes `batch` in one durable transaction.
     pub fn write(&self, batch: &Batch) -> Result<(), LedgerError> {
-        let txn = self.db.begin_write().map_err(err)?;
-        {
-            let mut t = txn.open_table(CAMPAIGNS).map_err(err)?;
-            for r in &batch.campaigns {
-                let v = serde_json::to_string(r).map_err(err)?;
-                t.insert(r.campaign.id.as_str(), v.as_str()).map_err(err)?;
-            }
-            let mut t = txn.open_table(CHANNELS).map_err(err)?;
-            for (k, r) in &batch.channels {
-                let v = serde_json::to_string(r).map_err(err)?;
-                t.insert(k.as_str(), v.as_str()).map_err(err)?;
-            }
-            let mut t = txn.open_table(CAPS).map_err(err)?;
-            for ((c, f), r) in &batch.caps {
-                let v = serde_json::to_string(r).map_err(err)?;
-                t.insert((c.as_str(), f.as_str()), v.as_str())
-                    .map_err(err)?;
-            }
-            let mut t = txn.open_table(CLICKS).map_err(err)?;
-            for (c, f) in &batch.clicks {
-                t.insert((c.as_str(), f.as_str()), 1u8).map_err(err)?;
-            }
-        }
-        txn.commit().map_err(err)
+        let db = self.db.for_write().map_err(|e| match e {
+            DbUnavailable::Failed(why) => LedgerError::Unavailable(why),
+            closed => err(closed),
+        })?;
+        write_batch(&db, batch).map_err(|e| {
+            // redb refuses every write after a failed one until reopened.
+            self.db.failed(&e);
+            LedgerError::Unavailable(format!("promo.redb cannot take writes: {e}"))
+        })
     }
+}
+
+fn create_tables(db: &Database) -> Result<(), LedgerError> {
+    let txn = db.begin_write().map_err(err)?;
+    txn.open_table(CAMPAIGNS).map_err(err)?;
+    txn.open_table(CHANNELS).map_err(err)?;
+    txn.open_table(CAPS).map_err(err)?;
+    txn.open_table(CLICKS).map_err(err)?;
+    txn.commit().map_err(err)
+}
+
+/// Everything in the ledger (each record is checked as it is decoded).
+pub fn load(db: &Database) -> Result<Loaded, LedgerError> {
+    let mut loaded = Loaded::default();
+    let read = db.begin_read().map_err(err)?;
+    for e in read
+        .open_table(CAMPAIGNS)
+        .map_err(err)?
+        .iter()
+        .map_err(err)?
+    {
+        let (k, v) = e.map_err(err)?;
+        loaded.campaigns.push(
+            serde_json::from_str(v.value())
+                .map_err(|e| err(format!("campaign {:?}: {e}", k.value())))?,
+        );
+    }
+    for e in read
+        .open_table(CHANNELS)
+        .map_err(err)?
+        .iter()
+        .map_err(err)?
+    {
+        let (k, v) = e.map_err(err)?;
+        loaded.channels.push((
+            k.value().to_string(),
+            serde_json::from_str(v.value())
+                .map_err(|e| err(format!("channel slot {:?}: {e}", k.value())))?,
+        ));
+    }
+    for e in read.open_table(CAPS).map_err(err)?.iter().map_err(err)? {
+        let (k, v) = e.map_err(err)?;
+        let (c, f) = k.value();
+        loaded.caps.push((
+            (c.to_string(), f.to_string()),
+            serde_json::from_str(v.value())
+                .map_err(|e| err(format!("frequency cap ({c:?}, {f:?}): {e}")))?,
+        ));
+    }
+    for e in read.open_table(CLICKS).map_err(err)?.iter().map_err(err)? {
+        let (k, _) = e.map_err(err)?;
+        let (c, f) = k.value();
+        loaded.clicks.push((c.to_string(), f.to_string()));
+    }
+    Ok(loaded)
+}
+
+/// Writes `batch` in one durable transaction.
+fn write_batch(db: &Database, batch: &Batch) -> Result<(), LedgerError> {
+    let txn = db.begin_write().map_err(err)?;
+    {
+        let mut t = txn.open_table(CAMPAIGNS).map_err(err)?;
+        for r in &batch.campaigns {
+            let v = serde_json::to_string(r).map_err(err)?;
+            t.insert(r.campaign.id.as_str(), v.as_str()).map_err(err)?;
+        }
+        let mut t = txn.open_table(CHANNELS).map_err(err)?;
+        for (k, r) in &batch.channels {
+            let v = serde_json::to_string(r).map_err(err)?;
+            t.insert(k.as_str(), v.as_str()).map_err(err)?;
+        }
+        let mut t = txn.open_table(CAPS).map_err(err)?;
+        for ((c, f), r) in &batch.caps {
+            let v = serde_json::to_string(r).map_err(err)?;
+            t.insert((c.as_str(), f.as_str()), v.as_str())
+                .map_err(err)?;
+        }
+        let mut t = txn.open_table(CLICKS).map_err(err)?;
+        for (c, f) in &batch.clicks {
+            t.insert((c.as_str(), f.as_str()), 1u8).map_err(err)?;
+        }
+    }
+    txn.commit().map_err(err)
 }

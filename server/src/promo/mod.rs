@@ -23,7 +23,7 @@ mod ledger;
 mod slot;
 
 pub use campaign::{Campaign, Creative, FrequencyCap, State, Targeting, PROMOTED_LABEL};
-pub use ledger::{LedgerError, PROMO_FILE};
+pub use ledger::{LedgerError, PROMO_CACHE_BYTES, PROMO_FILE, PROMO_SPEC};
 pub use slot::{Claim, Slot};
 
 use std::collections::{HashSet, VecDeque};
@@ -35,6 +35,7 @@ use std::time::Duration;
 use dashmap::DashMap;
 use tokio_util::task::TaskTracker;
 
+use crate::datadir::{Health, OpenError};
 use crate::feed::{EventKind, FeedEvent};
 use crate::model::{now_ms, ChannelId};
 use herald_proto::encode_frame;
@@ -158,8 +159,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Promo {
-    /// Opens `promo.redb` in `data_dir` and loads everything.
-    pub fn open(data_dir: &Path) -> Result<Arc<Promo>, PromoError> {
+    /// Opens `promo.redb` in `data_dir` and loads everything. A missing,
+    /// empty or damaged file of an existing data directory is an
+    /// [`OpenError`] naming it.
+    pub fn open(data_dir: &Path) -> Result<Arc<Promo>, OpenError> {
         let (ledger, loaded) = Ledger::open(data_dir)?;
         let campaigns = loaded
             .campaigns
@@ -227,14 +230,25 @@ impl Promo {
         self.blocking
             .spawn_blocking(move || f(&me))
             .await
-            .map_err(|e| PromoError::Storage(LedgerError(e.to_string())))?
+            .map_err(|e| PromoError::Storage(LedgerError::Storage(e.to_string())))?
     }
 
-    /// Waits for the blocking work in flight; called at shutdown, after
-    /// which the last handle can let go of the database.
+    /// Waits for the blocking work in flight, then lets go of the database;
+    /// called at shutdown.
     pub async fn close(&self) {
         self.blocking.close();
         self.blocking.wait().await;
+        self.ledger.close();
+    }
+
+    /// Whether `promo.redb` can take writes now.
+    pub fn health(&self) -> Health {
+        self.ledger.health()
+    }
+
+    /// Tries to reopen `promo.redb` if a write failed (blocking).
+    pub fn recover(&self) {
+        self.ledger.recover();
     }
 
     fn campaign(&self, id: &str) -> Option<Arc<CampaignLive>> {

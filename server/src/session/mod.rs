@@ -358,6 +358,11 @@ impl Session {
                             self.conn.close(quinn::VarInt::from_u32(0), b"feed stream closed");
                             Err(SessionError::Write(e))
                         }
+                        Ok(Err(FeedError::Log(crate::store::StoreError::Unavailable(why)))) => Err(close(
+                            &self.conn,
+                            ErrorCode::StorageUnavailable,
+                            &format!("the log cannot be read right now ({why}); reconnect and resume shortly"),
+                        )),
                         Ok(Err(e)) => Err(close(&self.conn, ErrorCode::Internal, &e.to_string())),
                         Err(e) => Err(close(&self.conn, ErrorCode::Internal, &format!("feed writer failed: {e}"))),
                     };

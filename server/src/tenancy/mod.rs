@@ -26,11 +26,23 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio_util::task::TaskTracker;
 
+use crate::datadir::{Db, DbSpec, DbUnavailable, Health, OpenError};
 use crate::model::now_ms;
 use subtle::ConstantTimeEq;
 
 /// File name of the tenancy database inside the data directory.
 pub const TENANCY_FILE: &str = "brands.redb";
+
+/// redb's page cache for `brands.redb`, in bytes.
+pub const TENANCY_CACHE_BYTES: usize = 8 * 1024 * 1024;
+
+/// The tenancy database file.
+pub const TENANCY_SPEC: DbSpec = DbSpec {
+    file: TENANCY_FILE,
+    holds: "the brands database (every brand, API key and channel owner)",
+    cache_bytes: TENANCY_CACHE_BYTES,
+    check_on_open: true,
+};
 
 const BRANDS: TableDefinition<&str, &[u8]> = TableDefinition::new("brands");
 const KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("keys");
@@ -57,6 +69,9 @@ pub enum TenancyError {
     /// Reading or writing `brands.redb` failed, or a record there is corrupt.
     #[error("tenancy storage error: {0}")]
     Storage(String),
+    /// `brands.redb` cannot take writes right now; it is reopened once it can.
+    #[error("tenancy storage unavailable: {0}")]
+    Unavailable(String),
 }
 
 fn storage(e: impl std::fmt::Display) -> TenancyError {
@@ -74,7 +89,7 @@ pub enum KeyRefused {
 
 /// The tenancy store. See the module docs.
 pub struct Tenancy {
-    db: Database,
+    db: Db,
     /// Blocking work in flight ([`Tenancy::run`]).
     blocking: TaskTracker,
     brands: DashMap<String, Brand>,
@@ -99,15 +114,12 @@ fn load<T: DeserializeOwned>(
 }
 
 impl Tenancy {
-    /// Opens (or creates) the tenancy database in `data_dir`.
-    pub fn open(data_dir: &Path) -> Result<Arc<Tenancy>, TenancyError> {
-        std::fs::create_dir_all(data_dir).map_err(storage)?;
-        let db = Database::create(data_dir.join(TENANCY_FILE)).map_err(storage)?;
-        let txn = db.begin_write().map_err(storage)?;
-        for t in [BRANDS, KEYS, CHANNEL_META] {
-            txn.open_table(t).map_err(storage)?;
-        }
-        txn.commit().map_err(storage)?;
+    /// Opens (or creates) the tenancy database in `data_dir`. A missing,
+    /// empty or damaged file of an existing data directory is an
+    /// [`OpenError`] naming it.
+    pub fn open(data_dir: &Path) -> Result<Arc<Tenancy>, OpenError> {
+        let db = Db::open(data_dir, TENANCY_SPEC)?;
+        let damaged = |e: TenancyError| OpenError::damaged(data_dir, &TENANCY_SPEC, e);
         let t = Tenancy {
             db,
             blocking: TaskTracker::new(),
@@ -115,16 +127,60 @@ impl Tenancy {
             keys: DashMap::new(),
             meta: DashMap::new(),
         };
-        load(&t.db, BRANDS, |k, v| {
-            t.brands.insert(k, v);
-        })?;
-        load(&t.db, KEYS, |k, v| {
-            t.keys.insert(k, Arc::new(v));
-        })?;
-        load(&t.db, CHANNEL_META, |k, v| {
-            t.meta.insert(k, v);
-        })?;
+        {
+            let handle = t.db.get().map_err(|e| damaged(storage(e)))?;
+            let txn = handle.begin_write().map_err(|e| damaged(storage(e)))?;
+            for table in [BRANDS, KEYS, CHANNEL_META] {
+                txn.open_table(table).map_err(|e| damaged(storage(e)))?;
+            }
+            txn.commit().map_err(|e| damaged(storage(e)))?;
+            load(&handle, BRANDS, |k, v| {
+                t.brands.insert(k, v);
+            })
+            .map_err(damaged)?;
+            load(&handle, KEYS, |k, v| {
+                t.keys.insert(k, Arc::new(v));
+            })
+            .map_err(damaged)?;
+            load(&handle, CHANNEL_META, |k, v| {
+                t.meta.insert(k, v);
+            })
+            .map_err(damaged)?;
+        }
         Ok(Arc::new(t))
+    }
+
+    /// Whether `brands.redb` can take writes now.
+    pub fn health(&self) -> Health {
+        self.db.health()
+    }
+
+    /// Tries to reopen `brands.redb` if a write failed (blocking).
+    pub fn recover(&self) {
+        let _ = self.db.for_write();
+    }
+
+    /// The database for one write transaction; a failed commit marks it for
+    /// reopening ([`crate::datadir`]).
+    fn write<T>(
+        &self,
+        f: impl FnOnce(&redb::WriteTransaction) -> Result<T, TenancyError>,
+    ) -> Result<T, TenancyError> {
+        let db = self.db.for_write().map_err(|e| match e {
+            DbUnavailable::Failed(why) => TenancyError::Unavailable(why),
+            closed => storage(closed),
+        })?;
+        // A write that fails in the engine stored nothing and leaves the
+        // file refusing writes until it is reopened: unavailable, not an
+        // internal error.
+        let engine = |e: &dyn std::fmt::Display| {
+            self.db.failed(e);
+            TenancyError::Unavailable(format!("brands.redb cannot take writes: {e}"))
+        };
+        let txn = db.begin_write().map_err(|e| engine(&e))?;
+        let out = f(&txn)?;
+        txn.commit().map_err(|e| engine(&e))?;
+        Ok(out)
     }
 
     /// Runs `f` on the blocking pool (every write commits with an fsync).
@@ -144,6 +200,7 @@ impl Tenancy {
     pub async fn close(&self) {
         self.blocking.close();
         self.blocking.wait().await;
+        self.db.close();
     }
 
     /// Writes one record in its own durable transaction.
@@ -155,15 +212,14 @@ impl Tenancy {
         must_be_new: impl FnOnce() -> TenancyError,
     ) -> Result<(), TenancyError> {
         let bytes = serde_json::to_vec(value).map_err(storage)?;
-        let txn = self.db.begin_write().map_err(storage)?;
-        {
+        self.write(|txn| {
             let mut t = txn.open_table(table).map_err(storage)?;
             if t.insert(key, bytes.as_slice()).map_err(storage)?.is_some() {
                 // Dropping the transaction aborts it.
                 return Err(must_be_new());
             }
-        }
-        txn.commit().map_err(storage)
+            Ok(())
+        })
     }
 
     fn overwrite<T: Serialize>(
@@ -173,12 +229,11 @@ impl Tenancy {
         value: &T,
     ) -> Result<(), TenancyError> {
         let bytes = serde_json::to_vec(value).map_err(storage)?;
-        let txn = self.db.begin_write().map_err(storage)?;
-        {
+        self.write(|txn| {
             let mut t = txn.open_table(table).map_err(storage)?;
             t.insert(key, bytes.as_slice()).map_err(storage)?;
-        }
-        txn.commit().map_err(storage)
+            Ok(())
+        })
     }
 
     /// Creates a brand.
@@ -298,12 +353,11 @@ impl Tenancy {
 
     /// Undoes [`Tenancy::claim_channel`] (when creating the channel failed).
     pub fn release_channel(&self, channel: &str) -> Result<(), TenancyError> {
-        let txn = self.db.begin_write().map_err(storage)?;
-        {
+        self.write(|txn| {
             let mut t = txn.open_table(CHANNEL_META).map_err(storage)?;
             t.remove(channel).map_err(storage)?;
-        }
-        txn.commit().map_err(storage)?;
+            Ok(())
+        })?;
         self.meta.remove(channel);
         Ok(())
     }
