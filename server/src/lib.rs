@@ -22,6 +22,7 @@
 //! | [`session`] | one per connected follower: the control stream (Hello, Follow, ...), rate limits, and the feed stream's writer |
 //! | [`promo`] | campaigns, the promoted slot's auction, reservations and exact impression counts |
 //! | [`tenancy`] | brands, their API keys and roles, channel ownership |
+//! | [`check`] | `herald check`: every record of every database read and checked, damage reported |
 //! | [`auth`] | follower tokens (JWT, JWKS) and the data directory's secrets |
 //! | [`limits`] | the per-key publish rate limiter |
 //! | [`tls`] | the server's certificate (self-signed and renewed, or the operator's) |
@@ -38,6 +39,7 @@
 pub mod admission;
 pub mod api;
 pub mod auth;
+pub mod check;
 pub mod config;
 pub mod datadir;
 pub mod feed;

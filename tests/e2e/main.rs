@@ -8,6 +8,7 @@ mod bad_input;
 mod brand_api;
 mod cli;
 mod crash;
+mod damaged_files;
 mod edits_under_lag;
 mod fanout;
 mod follower_auth;

@@ -72,6 +72,11 @@ pub struct PostView {
     pub edited_at_ms: i64,
     /// The post was deleted: this is its tombstone, with no text or media.
     pub deleted: bool,
+    /// The server's stored copy of the post is damaged (see `herald check`):
+    /// this tombstone stands in for it (`deleted` is true too). Deleting the
+    /// post replaces the damaged record with a sound tombstone.
+    #[serde(default)]
+    pub damaged: bool,
 }
 
 impl From<Post> for PostView {
@@ -86,6 +91,7 @@ impl From<Post> for PostView {
             created_at_ms: p.created_at_ms,
             edited_at_ms: p.edited_at_ms,
             deleted: p.deleted,
+            damaged: p.damaged,
         }
     }
 }

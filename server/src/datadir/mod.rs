@@ -545,6 +545,95 @@ impl Db {
     }
 }
 
+/// What `herald check` found in one database file.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct FileReport {
+    /// The file name.
+    pub file: String,
+    /// Records read and checked.
+    pub records: u64,
+    /// What the file holds, counted ("3 channels, 1200 posts").
+    pub summary: String,
+    /// Damaged or inconsistent records found.
+    pub damaged: u64,
+    /// Each damaged or inconsistent record, named (the first
+    /// [`MAX_LISTED_DAMAGE`]).
+    pub damage: Vec<String>,
+    /// Anything else worth saying (it was recovered after an unclean stop).
+    pub notes: Vec<String>,
+}
+
+/// Most damaged records listed per file (the count is always exact).
+pub const MAX_LISTED_DAMAGE: usize = 1000;
+
+impl FileReport {
+    /// Notes a damaged record (listing at most [`MAX_LISTED_DAMAGE`]).
+    pub fn note_damage(&mut self, what: impl Into<String>) {
+        self.damaged += 1;
+        if self.damage.len() < MAX_LISTED_DAMAGE {
+            self.damage.push(what.into());
+        }
+    }
+}
+
+/// Opens `spec`'s file in `dir` to be checked, without repairing anything:
+/// read-only; a file not closed cleanly (a killed server) is recovered
+/// first exactly as the server would at start. A file in use by a running
+/// server is refused.
+pub fn open_for_check(dir: &Path, spec: &DbSpec) -> Result<(CheckedDb, Vec<String>), OpenError> {
+    precheck(dir, spec, Marker::load(dir)?.as_ref())?;
+    let path = dir.join(spec.file);
+    if !path.exists() {
+        return Err(OpenError::Io {
+            path,
+            source: std::io::Error::new(std::io::ErrorKind::NotFound, "no such database file"),
+        });
+    }
+    let mut builder = redb::Builder::new();
+    builder.set_cache_size(spec.cache_bytes);
+    let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        builder.open_read_only(&path)
+    }));
+    match opened {
+        Ok(Ok(db)) => Ok((CheckedDb::ReadOnly(db), Vec::new())),
+        Ok(Err(redb::DatabaseError::DatabaseAlreadyOpen)) => Err(OpenError::Io {
+            path,
+            source: std::io::Error::new(
+                std::io::ErrorKind::ResourceBusy,
+                "in use by a running server; stop it first (herald check reads the files while no server uses them)",
+            ),
+        }),
+        Ok(Err(redb::DatabaseError::RepairAborted)) => {
+            let db = open_file(dir, spec)?;
+            Ok((
+                CheckedDb::Recovered(db),
+                vec!["it was not closed cleanly (a killed server); recovered first, as the server does at start".into()],
+            ))
+        }
+        Ok(Err(e)) => Err(OpenError::damaged(dir, spec, e)),
+        Err(_) => Err(OpenError::damaged(dir, spec, "the storage library panicked opening it")),
+    }
+}
+
+/// A database opened by [`open_for_check`].
+pub enum CheckedDb {
+    /// Opened read-only.
+    ReadOnly(redb::ReadOnlyDatabase),
+    /// Recovered after an unclean stop, then opened.
+    Recovered(Database),
+}
+
+impl CheckedDb {
+    /// A read transaction.
+    pub fn begin_read(&self) -> Result<redb::ReadTransaction, redb::TransactionError> {
+        use redb::ReadableDatabase;
+        match self {
+            CheckedDb::ReadOnly(db) => db.begin_read(),
+            CheckedDb::Recovered(db) => db.begin_read(),
+        }
+    }
+}
+
 /// Whether a small file can be written and synced in `dir` (and removed).
 fn disk_takes_writes(dir: &Path) -> std::io::Result<()> {
     use std::io::Write;

@@ -198,6 +198,78 @@ pub fn load(db: &Database) -> Result<Loaded, LedgerError> {
     Ok(loaded)
 }
 
+/// Reads every record of `promo.redb` and reports what is damaged
+/// (`herald check`).
+pub fn verify(db: &crate::datadir::CheckedDb) -> Result<crate::datadir::FileReport, LedgerError> {
+    let mut report = crate::datadir::FileReport {
+        file: PROMO_FILE.to_string(),
+        ..Default::default()
+    };
+    let read = db.begin_read().map_err(err)?;
+    let mut n = [0u64; 4];
+    for e in read
+        .open_table(CAMPAIGNS)
+        .map_err(err)?
+        .iter()
+        .map_err(err)?
+    {
+        report.records += 1;
+        n[0] += 1;
+        match e {
+            Ok((k, v)) => {
+                if serde_json::from_str::<CampaignRecord>(v.value()).is_err() {
+                    report.note_damage(format!("campaign {:?} is damaged", k.value()));
+                }
+            }
+            Err(e) => report.note_damage(format!("the campaigns table cannot be read on: {e}")),
+        }
+    }
+    for e in read
+        .open_table(CHANNELS)
+        .map_err(err)?
+        .iter()
+        .map_err(err)?
+    {
+        report.records += 1;
+        n[1] += 1;
+        match e {
+            Ok((k, v)) => {
+                if serde_json::from_str::<ChannelRecord>(v.value()).is_err() {
+                    report.note_damage(format!("channel slot {:?} is damaged", k.value()));
+                }
+            }
+            Err(e) => report.note_damage(format!("the channel slots table cannot be read on: {e}")),
+        }
+    }
+    for e in read.open_table(CAPS).map_err(err)?.iter().map_err(err)? {
+        report.records += 1;
+        n[2] += 1;
+        match e {
+            Ok((k, v)) => {
+                if serde_json::from_str::<CapRecord>(v.value()).is_err() {
+                    let (c, f) = k.value();
+                    report.note_damage(format!("frequency cap ({c:?}, {f:?}) is damaged"));
+                }
+            }
+            Err(e) => {
+                report.note_damage(format!("the frequency caps table cannot be read on: {e}"))
+            }
+        }
+    }
+    for e in read.open_table(CLICKS).map_err(err)?.iter().map_err(err)? {
+        report.records += 1;
+        n[3] += 1;
+        if let Err(e) = e {
+            report.note_damage(format!("the clicks table cannot be read on: {e}"));
+        }
+    }
+    report.summary = format!(
+        "{} campaigns, {} channel slots, {} frequency caps, {} clicks",
+        n[0], n[1], n[2], n[3]
+    );
+    Ok(report)
+}
+
 /// Writes `batch` in one durable transaction.
 fn write_batch(db: &Database, batch: &Batch) -> Result<(), LedgerError> {
     let txn = db.begin_write().map_err(err)?;

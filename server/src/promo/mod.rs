@@ -23,7 +23,7 @@ mod ledger;
 mod slot;
 
 pub use campaign::{Campaign, Creative, FrequencyCap, State, Targeting, PROMOTED_LABEL};
-pub use ledger::{LedgerError, PROMO_CACHE_BYTES, PROMO_FILE, PROMO_SPEC};
+pub use ledger::{verify, LedgerError, PROMO_CACHE_BYTES, PROMO_FILE, PROMO_SPEC};
 pub use slot::{Claim, Slot};
 
 use std::collections::{HashSet, VecDeque};

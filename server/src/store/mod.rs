@@ -20,7 +20,7 @@ mod records;
 mod redb_log;
 
 pub use redb_log::{
-    RedbLog, IDEMPOTENCY_TTL_MS, LOG_CACHE_BYTES, LOG_FILE, LOG_SPEC, MAX_BATCH,
+    verify, RedbLog, IDEMPOTENCY_TTL_MS, LOG_CACHE_BYTES, LOG_FILE, LOG_SPEC, MAX_BATCH,
     REOPEN_BACKOFF_MAX, TRIM_STEP, WRITE_QUEUE,
 };
 

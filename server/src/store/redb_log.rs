@@ -384,6 +384,100 @@ fn load_channels(db: &Database) -> Result<Vec<ChannelInfo>, StoreError> {
     Ok(out)
 }
 
+/// Reads every record of the log and reports what is damaged or
+/// inconsistent (`herald check`): each channel record, each post (its
+/// checksum and encoding; a retained seq with no post; a post of no
+/// channel), and each idempotency record.
+pub fn verify(db: &crate::datadir::CheckedDb) -> Result<crate::datadir::FileReport, StoreError> {
+    let mut report = crate::datadir::FileReport {
+        file: LOG_FILE.to_string(),
+        ..Default::default()
+    };
+    let txn = db.begin_read().map_err(storage)?;
+    let mut channels: HashMap<String, Option<ChannelInfo>> = HashMap::new();
+    let table = txn.open_table(CHANNELS).map_err(storage)?;
+    for entry in table.iter().map_err(storage)? {
+        report.records += 1;
+        match entry {
+            Ok((k, v)) => match decode_channel(k.value(), v.value()) {
+                Ok(info) => {
+                    channels.insert(k.value().to_string(), Some(info));
+                }
+                Err(e) => {
+                    report.note_damage(e.to_string());
+                    channels.insert(k.value().to_string(), None);
+                }
+            },
+            Err(e) => report.note_damage(format!("the channels table cannot be read on: {e}")),
+        }
+    }
+    let posts = txn.open_table(POSTS).map_err(storage)?;
+    let (mut post_count, mut expected) = (0u64, HashMap::<String, u64>::new());
+    for entry in posts.iter().map_err(storage)? {
+        report.records += 1;
+        let (k, v) = match entry {
+            Ok(kv) => kv,
+            Err(e) => {
+                report.note_damage(format!("the posts table cannot be read on: {e}"));
+                break;
+            }
+        };
+        let (ch, seq) = k.value();
+        post_count += 1;
+        let Some(slot) = channels.get(ch) else {
+            report.note_damage(format!("post {ch}/{seq} belongs to no channel"));
+            continue;
+        };
+        let Some(info) = slot else {
+            continue;
+        };
+        if seq < info.oldest_seq || seq > info.head_seq {
+            report.note_damage(format!(
+                "post {ch}/{seq} is outside the channel's retained range {}..={}",
+                info.oldest_seq, info.head_seq
+            ));
+        }
+        if let Err(e) = decode_post(&info.id, info.epoch, seq, v.value()) {
+            report.note_damage(e.to_string());
+        }
+        *expected.entry(ch.to_string()).or_default() += 1;
+    }
+    for (id, info) in &channels {
+        let Some(info) = info else { continue };
+        let retained = (info.head_seq + 1).saturating_sub(info.oldest_seq);
+        let found = expected.get(id).copied().unwrap_or(0);
+        if found < retained {
+            report.note_damage(format!(
+                "channel {id} should retain {retained} posts ({}..={}) but has {found}",
+                info.oldest_seq, info.head_seq
+            ));
+        }
+    }
+    let idem = txn.open_table(IDEMPOTENCY).map_err(storage)?;
+    let mut keys = 0u64;
+    for entry in idem.iter().map_err(storage)? {
+        report.records += 1;
+        match entry {
+            Ok((k, v)) => {
+                keys += 1;
+                if IdemRecord::decode(v.value()).is_err() {
+                    let (ch, key) = k.value();
+                    report.note_damage(format!("idempotency record {ch}/{key:?} is damaged"));
+                }
+            }
+            Err(e) => {
+                report.note_damage(format!("the idempotency table cannot be read on: {e}"));
+                break;
+            }
+        }
+    }
+    report.summary = format!(
+        "{} channels, {post_count} posts, {keys} idempotency keys",
+        channels.len()
+    );
+    Ok(report)
+}
+
 /// Retained posts of `info` after `after_seq`, at most `limit`. A post
 /// whose record is damaged is read as a `damaged` tombstone; if redb cannot
 /// iterate the range (a damaged page), the posts are read one by one, and

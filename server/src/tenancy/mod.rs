@@ -21,7 +21,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use dashmap::DashMap;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio_util::task::TaskTracker;
@@ -111,6 +111,48 @@ fn load<T: DeserializeOwned>(
         put(k.value().to_string(), value);
     }
     Ok(())
+}
+
+/// Reads every record of `brands.redb` and reports what is damaged
+/// (`herald check`).
+pub fn verify(db: &crate::datadir::CheckedDb) -> Result<crate::datadir::FileReport, TenancyError> {
+    let mut report = crate::datadir::FileReport {
+        file: TENANCY_FILE.to_string(),
+        ..Default::default()
+    };
+    let txn = db.begin_read().map_err(storage)?;
+    let mut counts = Vec::new();
+    for (name, table) in [
+        ("brands", BRANDS),
+        ("keys", KEYS),
+        ("channel owners", CHANNEL_META),
+    ] {
+        let t = txn.open_table(table).map_err(storage)?;
+        let mut n = 0u64;
+        for entry in t.iter().map_err(storage)? {
+            report.records += 1;
+            match entry {
+                Ok((k, v)) => {
+                    n += 1;
+                    let ok = match table.name() {
+                        "brands" => serde_json::from_slice::<Brand>(v.value()).is_ok(),
+                        "keys" => serde_json::from_slice::<KeyRecord>(v.value()).is_ok(),
+                        _ => serde_json::from_slice::<ChannelMeta>(v.value()).is_ok(),
+                    };
+                    if !ok {
+                        report.note_damage(format!("{name} record {:?} is damaged", k.value()));
+                    }
+                }
+                Err(e) => {
+                    report.note_damage(format!("the {name} table cannot be read on: {e}"));
+                    break;
+                }
+            }
+        }
+        counts.push(format!("{n} {name}"));
+    }
+    report.summary = counts.join(", ");
+    Ok(report)
 }
 
 impl Tenancy {
