@@ -322,7 +322,7 @@ impl Server {
             stop.clone(),
         ));
         tasks.spawn(cert_renewal_loop(self.certs.clone(), stop.clone()));
-        tasks.spawn(promo_flush_loop(self.promo.clone(), stop.clone()));
+        tasks.spawn(self.promo.clone().run_flusher(stop.clone()));
         tasks.spawn(storage_recovery_loop(
             self.promo.clone(),
             self.tenancy.clone(),
@@ -669,20 +669,6 @@ async fn cert_renewal_loop(certs: Arc<CertStore>, stop: CancellationToken) {
             Ok(Ok(false)) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "certificate renewal failed"),
             Err(e) => tracing::warn!(error = %e, "certificate renewal task failed"),
-        }
-    }
-}
-
-/// Flushes promo counts to disk in batches.
-async fn promo_flush_loop(promo: Arc<Promo>, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(crate::promo::FLUSH_INTERVAL);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.cancelled() => return,
-        }
-        if let Err(e) = promo.run(|p| p.flush()).await {
-            tracing::warn!(error = %e, "promo flush failed; will retry");
         }
     }
 }

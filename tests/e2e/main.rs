@@ -16,6 +16,7 @@ mod http_limits;
 mod lagging;
 mod lifecycle;
 mod promo;
+mod promo_crash;
 mod quic_flood;
 mod resume;
 mod slow_follower;

@@ -280,12 +280,25 @@ impl<S: FeedSink> FeedWriter<S> {
         if !self.chunks.is_empty() {
             let frames = self.chunks.len() as u64;
             let bytes: usize = self.chunks.iter().map(Bytes::len).sum();
-            self.sink.write_all_chunks(&mut self.chunks).await?;
-            self.chunks.clear();
-            // Written: these promoted frames are impressions now.
-            for claim in self.claims.drain(..) {
-                claim.confirm();
+            // Promoted frames in this batch are counted, durably, before
+            // they go out: a crash after the write cannot lose the count.
+            if !self.claims.is_empty() {
+                for claim in self.claims.iter_mut() {
+                    claim.count();
+                }
+                if let Err(e) = self.slots.durable().await {
+                    tracing::warn!(error = %e, "impression counts are not durable yet; they stay in memory and are written later");
+                }
             }
+            if let Err(e) = self.sink.write_all_chunks(&mut self.chunks).await {
+                // Not written: not impressions after all.
+                for mut claim in self.claims.drain(..) {
+                    claim.uncount();
+                }
+                return Err(e.into());
+            }
+            self.chunks.clear();
+            self.claims.clear();
             metrics::counter!(crate::metrics::FRAMES_DELIVERED).increment(frames);
             metrics::counter!(crate::metrics::BYTES_DELIVERED).increment(bytes as u64);
         }

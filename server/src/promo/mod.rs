@@ -9,10 +9,17 @@
 //! once and fanned out like a post, but takes no seq and is not history.
 //!
 //! Delivery: each follower's writer asks for a [`Claim`] (refused when the
-//! frequency cap is reached or the reservation is used up), and confirms it
-//! once the frame is written to the feed stream; a confirmed claim is one
-//! impression. Counts live in memory and are flushed to `promo.redb` in
-//! batches ([`Promo::flush`], every [`FLUSH_INTERVAL`] and at shutdown).
+//! frequency cap is reached or the reservation is used up), counts it, and
+//! waits until the count is durable in `promo.redb` ([`Promo::durable`]: one
+//! write, group-committed, serves every writer waiting) before it writes the
+//! frame to the feed stream; if the write fails, the count is taken back. A
+//! counted claim is one impression. So a crash (kill -9) never loses an
+//! impression that reached a follower: a count is on disk before its frame
+//! leaves. The one window left is a crash after the count is durable and
+//! before the frame leaves the process (microseconds), which counts an
+//! impression the follower never got. Clicks and slot settings are flushed
+//! every [`FLUSH_INTERVAL`] and at shutdown. While `promo.redb` cannot take
+//! writes, counts stay in memory (and frames still go out) until it can.
 //!
 //! Memory: a frequency-cap entry exists per (campaign, follower) that holds a
 //! claim or was shown the campaign, so entries are bounded by the sum of
@@ -109,6 +116,37 @@ pub struct CampaignStats {
     pub reserved: u64,
 }
 
+/// Group commit for [`Promo::durable`]: each caller takes a ticket after
+/// counting its impressions; the flusher ([`Promo::run_flusher`]) notes the
+/// newest ticket before it takes the dirty set, writes it, and then marks
+/// every ticket up to that one completed (and durable, if the write
+/// succeeded). One write serves every caller waiting at the time.
+struct Journal {
+    requested: AtomicU64,
+    state: tokio::sync::watch::Sender<JournalState>,
+    wake: tokio::sync::Notify,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct JournalState {
+    /// Tickets up to this one were handled by a write.
+    completed: u64,
+    /// Tickets up to this one are durable.
+    durable: u64,
+    /// No more writes (shutdown): waiters are told at once.
+    closed: bool,
+}
+
+impl Default for Journal {
+    fn default() -> Self {
+        Journal {
+            requested: AtomicU64::new(0),
+            state: tokio::sync::watch::Sender::new(JournalState::default()),
+            wake: tokio::sync::Notify::new(),
+        }
+    }
+}
+
 #[derive(Default)]
 struct CapEntry {
     times: VecDeque<i64>,
@@ -150,6 +188,8 @@ pub struct Promo {
     ledger: Ledger,
     /// Serializes flushes so an older snapshot never overwrites a newer one.
     flushing: Mutex<()>,
+    /// Group commit of impression counts ([`Promo::durable`]).
+    journal: Journal,
     /// Blocking work in flight ([`Promo::run`]).
     blocking: TaskTracker,
 }
@@ -217,6 +257,7 @@ impl Promo {
             dirty: Mutex::new(Dirty::default()),
             ledger,
             flushing: Mutex::new(()),
+            journal: Journal::default(),
             blocking: TaskTracker::new(),
         }))
     }
@@ -236,9 +277,63 @@ impl Promo {
     /// Waits for the blocking work in flight, then lets go of the database;
     /// called at shutdown.
     pub async fn close(&self) {
+        self.journal.state.send_modify(|s| s.closed = true);
         self.blocking.close();
         self.blocking.wait().await;
         self.ledger.close();
+    }
+
+    /// Resolves once every impression counted before the call is durable in
+    /// `promo.redb`; many callers share one write (see [`Journal`]). `Err`
+    /// when the write failed (the counts stay in memory and are written by a
+    /// later flush) or the engine is closing.
+    pub async fn durable(&self) -> Result<(), PromoError> {
+        let ticket = self.journal.requested.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut rx = self.journal.state.subscribe();
+        self.journal.wake.notify_one();
+        let st = *rx
+            .wait_for(|s| s.completed >= ticket || s.closed)
+            .await
+            .map_err(|_| PromoError::Storage(LedgerError::Unavailable("closing".into())))?;
+        if st.durable >= ticket {
+            Ok(())
+        } else {
+            Err(PromoError::Storage(LedgerError::Unavailable(
+                "the impression counts could not be written yet".into(),
+            )))
+        }
+    }
+
+    /// Writes counts to `promo.redb` until `stop`: at once for callers of
+    /// [`Promo::durable`], and every [`FLUSH_INTERVAL`] for the rest
+    /// (clicks, slot settings).
+    pub async fn run_flusher(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        let mut tick = tokio::time::interval(FLUSH_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.journal.wake.notified() => {}
+                _ = stop.cancelled() => return,
+            }
+            loop {
+                let target = self.journal.requested.load(Ordering::SeqCst);
+                let res = self.run(|p| p.flush()).await;
+                let ok = res.is_ok();
+                self.journal.state.send_modify(|s| {
+                    s.completed = s.completed.max(target);
+                    if ok {
+                        s.durable = s.durable.max(target);
+                    }
+                });
+                if let Err(e) = res {
+                    tracing::warn!(error = %e, "promo flush failed; will retry");
+                    break;
+                }
+                if self.journal.requested.load(Ordering::SeqCst) == target {
+                    break;
+                }
+            }
+        }
     }
 
     /// Whether `promo.redb` can take writes now.
@@ -552,6 +647,34 @@ impl Promo {
             dirty.channels.insert(c.channel.to_string());
             dirty.caps.insert(key);
         }
+    }
+
+    /// Takes back a confirmed claim whose frame could not be written: it
+    /// becomes an unconfirmed claim again (and is released when dropped).
+    pub(crate) fn uncount(&self, c: &mut Claim) {
+        if !c.confirmed {
+            return;
+        }
+        let mut dirty = lock(&self.dirty);
+        c.confirmed = false;
+        let live = &c.campaign;
+        // The reservation first, then the impression: `place` reads
+        // impressions first, so it never sees their sum too low.
+        live.reserved.fetch_add(1, Ordering::SeqCst);
+        live.impressions.fetch_sub(1, Ordering::SeqCst);
+        let key = (live.id.clone(), c.follower.clone());
+        if let Some(mut e) = self.caps.get_mut(&key) {
+            e.ever = e.ever.saturating_sub(1);
+            if e.ever == 0 {
+                live.reach.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        if let Some(ch) = self.channels.get(c.channel.as_str()) {
+            ch.impressions.fetch_sub(1, Ordering::Relaxed);
+        }
+        dirty.campaigns.insert(live.id.clone());
+        dirty.channels.insert(c.channel.to_string());
+        dirty.caps.insert(key);
     }
 
     /// Undoes an unconfirmed claim (from `Claim::drop`).

@@ -38,8 +38,8 @@ use herald_proto::{encode_frame, ErrorCode, FrameError, FrameReader};
 
 use crate::config::Limits;
 use crate::feed::{
-    CatchupSlots, ControlRefused, FeedDeps, FeedError, FeedEvent, FeedStats, FeedWriter, Item,
-    LagPolicy, Outbox, MAX_PENDING_CONTROL,
+    CatchupSlots, ControlRefused, DurableFuture, FeedDeps, FeedError, FeedEvent, FeedStats,
+    FeedWriter, Item, LagPolicy, Outbox, MAX_PENDING_CONTROL,
 };
 use crate::hub::Hub;
 use crate::model::{ChannelId, ClientRequest, FollowRequest};
@@ -132,6 +132,10 @@ impl CatchupSlots for PromoCatchup {
     fn after_catchup(&self, channel: &ChannelId, after_seq: u64) -> Option<Arc<FeedEvent>> {
         self.promo
             .after_catchup(channel, after_seq, self.hub.follower_count(channel))
+    }
+
+    fn durable(&self) -> DurableFuture<'_> {
+        Box::pin(async move { self.promo.durable().await.map_err(|e| e.to_string()) })
     }
 }
 
