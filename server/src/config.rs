@@ -90,6 +90,10 @@ pub struct Limits {
     pub lag_window_secs: u64,
     /// Posts read from the log per catch-up step (bounds memory per catch-up).
     pub catchup_batch: usize,
+    /// Catch-up steps (a read of `catchup_batch` posts and their encoding)
+    /// in progress at once, server-wide; more wait their turn. Bounds the
+    /// memory of followers replaying history all at once.
+    pub max_concurrent_catchups: usize,
     /// Publishes per second per brand API key (token bucket), and the burst.
     /// Over it the API answers 429 with Retry-After. The admin key is not limited.
     pub publish_per_sec: f64,
@@ -142,6 +146,7 @@ impl Default for Limits {
             max_lag_events: 20,
             lag_window_secs: 60,
             catchup_batch: 64,
+            max_concurrent_catchups: 64,
             publish_per_sec: 50.0,
             publish_burst: 100,
             follows_per_sec: 100.0,
@@ -323,8 +328,13 @@ impl Config {
         if l.max_follows_per_connection == 0 || l.max_connections == 0 {
             return bad("limits.max_follows_per_connection and limits.max_connections must be > 0");
         }
-        if l.max_concurrent_handshakes == 0 || l.catchup_batch == 0 {
-            return bad("limits.max_concurrent_handshakes and limits.catchup_batch must be > 0");
+        if l.max_concurrent_handshakes == 0
+            || l.catchup_batch == 0
+            || l.max_concurrent_catchups == 0
+        {
+            return bad(
+                "limits.max_concurrent_handshakes, catchup_batch and max_concurrent_catchups must be > 0",
+            );
         }
         if l.handshake_timeout_secs == 0 || l.max_handshakes_per_address == 0 {
             return bad(

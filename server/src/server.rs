@@ -293,6 +293,7 @@ impl Server {
             verifier: self.verifier.clone(),
             limits: self.config.limits.clone(),
             connections: FollowerConnections::new(self.config.limits.max_connections_per_follower),
+            catchups: crate::feed::CatchupBudget::new(self.config.limits.max_concurrent_catchups),
         });
 
         let api = crate::api::router(crate::api::ApiState {

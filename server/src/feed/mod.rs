@@ -34,7 +34,7 @@ pub use event::{EventKind, FeedEvent};
 pub use promoted::{CatchupSlots, DurableFuture, Impression, NoPromotions, PromotedSlot};
 pub use queue::{ControlRefused, Item, Outbox, MAX_PENDING_CONTROL};
 pub use sink::{FeedSink, MemorySink};
-pub use writer::{FeedDeps, FeedError, FeedStats, FeedWriter, LagPolicy, MAX_DRAIN};
+pub use writer::{CatchupBudget, FeedDeps, FeedError, FeedStats, FeedWriter, LagPolicy, MAX_DRAIN};
 
 #[cfg(test)]
 mod tests;

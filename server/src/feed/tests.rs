@@ -211,6 +211,7 @@ impl Rig {
                     max_events: 1000,
                     window: Duration::from_secs(60),
                 },
+                catchups: crate::feed::CatchupBudget::new(2),
             },
         );
         Rig {

@@ -86,7 +86,11 @@ pub struct Batch {
     pub campaigns: Vec<CampaignRecord>,
     pub channels: Vec<(String, ChannelRecord)>,
     pub caps: Vec<((String, String), CapRecord)>,
+    /// Frequency-cap entries that no longer exist (a claim taken back).
+    pub removed_caps: Vec<(String, String)>,
     pub clicks: Vec<(String, String)>,
+    /// Campaigns whose per-follower entries (caps and clicks) are removed.
+    pub pruned: Vec<String>,
 }
 
 impl Batch {
@@ -94,7 +98,9 @@ impl Batch {
         self.campaigns.is_empty()
             && self.channels.is_empty()
             && self.caps.is_empty()
+            && self.removed_caps.is_empty()
             && self.clicks.is_empty()
+            && self.pruned.is_empty()
     }
 }
 
@@ -270,6 +276,26 @@ pub fn verify(db: &crate::datadir::CheckedDb) -> Result<crate::datadir::FileRepo
     Ok(report)
 }
 
+/// Removes every frequency-cap entry or click of campaign `c` from `t`.
+fn remove_campaign_keys<V: redb::Value + 'static>(
+    t: &mut redb::Table<'_, (&'static str, &'static str), V>,
+    c: &str,
+) -> Result<(), LedgerError> {
+    let mut gone = Vec::new();
+    for e in t.range((c, "")..).map_err(err)? {
+        let (k, _) = e.map_err(err)?;
+        let (kc, f) = k.value();
+        if kc != c {
+            break;
+        }
+        gone.push(f.to_string());
+    }
+    for f in gone {
+        t.remove((c, f.as_str())).map_err(err)?;
+    }
+    Ok(())
+}
+
 /// Writes `batch` in one durable transaction.
 fn write_batch(db: &Database, batch: &Batch) -> Result<(), LedgerError> {
     let txn = db.begin_write().map_err(err)?;
@@ -284,15 +310,22 @@ fn write_batch(db: &Database, batch: &Batch) -> Result<(), LedgerError> {
             let v = serde_json::to_string(r).map_err(err)?;
             t.insert(k.as_str(), v.as_str()).map_err(err)?;
         }
-        let mut t = txn.open_table(CAPS).map_err(err)?;
+        let mut caps = txn.open_table(CAPS).map_err(err)?;
         for ((c, f), r) in &batch.caps {
             let v = serde_json::to_string(r).map_err(err)?;
-            t.insert((c.as_str(), f.as_str()), v.as_str())
+            caps.insert((c.as_str(), f.as_str()), v.as_str())
                 .map_err(err)?;
         }
-        let mut t = txn.open_table(CLICKS).map_err(err)?;
+        for (c, f) in &batch.removed_caps {
+            caps.remove((c.as_str(), f.as_str())).map_err(err)?;
+        }
+        let mut clicks = txn.open_table(CLICKS).map_err(err)?;
         for (c, f) in &batch.clicks {
-            t.insert((c.as_str(), f.as_str()), 1u8).map_err(err)?;
+            clicks.insert((c.as_str(), f.as_str()), 1u8).map_err(err)?;
+        }
+        for c in &batch.pruned {
+            remove_campaign_keys(&mut caps, c)?;
+            remove_campaign_keys(&mut clicks, c)?;
         }
     }
     txn.commit().map_err(err)

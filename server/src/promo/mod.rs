@@ -22,8 +22,12 @@
 //! writes, counts stay in memory (and frames still go out) until it can.
 //!
 //! Memory: a frequency-cap entry exists per (campaign, follower) that holds a
-//! claim or was shown the campaign, so entries are bounded by the sum of
-//! campaign budgets (impressions plus reservations never exceed a budget).
+//! claim or was shown the campaign, and a click entry per (campaign,
+//! follower) that clicked, so entries are bounded by the sum of the budgets
+//! of live campaigns (impressions plus reservations never exceed a budget):
+//! [`FOLLOWER_STATE_GRACE_MS`] after a campaign's flight ends, its entries
+//! are removed from memory and from `promo.redb` ([`Promo::prune_ended`]),
+//! and they are not loaded at start-up either.
 
 pub mod campaign;
 mod ledger;
@@ -51,6 +55,12 @@ use ledger::{Batch, CampaignRecord, CapRecord, ChannelRecord, Ledger};
 
 /// How often counts are flushed to disk.
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(250);
+/// How long after its flight ends a campaign keeps its per-follower entries
+/// (frequency caps, clicks): a click on one of its last impressions still
+/// counts within it. Then they are removed, from memory and from disk.
+pub const FOLLOWER_STATE_GRACE_MS: i64 = 24 * 3600 * 1000;
+/// How often campaigns past that grace are pruned.
+pub const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 /// Default organic posts between two promoted slots.
 pub const DEFAULT_EVERY_POSTS: u32 = 5;
 
@@ -159,6 +169,8 @@ struct Dirty {
     channels: HashSet<String>,
     caps: HashSet<(String, String)>,
     clicks: Vec<(String, String)>,
+    /// Campaigns whose per-follower entries are to be removed from the file.
+    pruned: Vec<String>,
 }
 
 /// Promo errors.
@@ -190,6 +202,8 @@ pub struct Promo {
     flushing: Mutex<()>,
     /// Group commit of impression counts ([`Promo::durable`]).
     journal: Journal,
+    /// Campaigns whose per-follower entries were pruned already.
+    pruned: Mutex<HashSet<String>>,
     /// Blocking work in flight ([`Promo::run`]).
     blocking: TaskTracker,
 }
@@ -204,7 +218,7 @@ impl Promo {
     /// [`OpenError`] naming it.
     pub fn open(data_dir: &Path) -> Result<Arc<Promo>, OpenError> {
         let (ledger, loaded) = Ledger::open(data_dir)?;
-        let campaigns = loaded
+        let campaigns: std::collections::HashMap<String, Arc<CampaignLive>> = loaded
             .campaigns
             .into_iter()
             .map(|r| {
@@ -234,8 +248,21 @@ impl Promo {
                 }),
             );
         }
+        // Per-follower entries of campaigns long over are not loaded (the
+        // first prune removes them from the file too).
+        let over: HashSet<String> = {
+            let campaigns: &std::collections::HashMap<String, Arc<CampaignLive>> = &campaigns;
+            campaigns
+                .values()
+                .filter(|c| c.spec().end_ms.saturating_add(FOLLOWER_STATE_GRACE_MS) < now_ms())
+                .map(|c| c.id.clone())
+                .collect()
+        };
         let caps = DashMap::new();
         for (k, r) in loaded.caps {
+            if over.contains(&k.0) {
+                continue;
+            }
             caps.insert(
                 k,
                 CapEntry {
@@ -246,7 +273,9 @@ impl Promo {
         }
         let clicks = DashMap::new();
         for k in loaded.clicks {
-            clicks.insert(k, ());
+            if !over.contains(&k.0) {
+                clicks.insert(k, ());
+            }
         }
         Ok(Arc::new(Promo {
             campaigns: RwLock::new(campaigns),
@@ -258,6 +287,7 @@ impl Promo {
             ledger,
             flushing: Mutex::new(()),
             journal: Journal::default(),
+            pruned: Mutex::new(HashSet::new()),
             blocking: TaskTracker::new(),
         }))
     }
@@ -309,10 +339,17 @@ impl Promo {
     /// (clicks, slot settings).
     pub async fn run_flusher(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
         let mut tick = tokio::time::interval(FLUSH_INTERVAL);
+        let mut prune = tokio::time::interval(PRUNE_INTERVAL);
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = self.journal.wake.notified() => {}
+                _ = prune.tick() => {
+                    let n = self.prune_ended(now_ms());
+                    if n > 0 {
+                        tracing::info!(entries = n, "pruned per-follower entries of campaigns long over");
+                    }
+                }
                 _ = stop.cancelled() => return,
             }
             loop {
@@ -690,6 +727,45 @@ impl Promo {
             .remove_if(&key, |_, e| e.ever == 0 && e.times.is_empty());
     }
 
+    /// Removes the per-follower entries (frequency caps, clicks) of every
+    /// campaign whose flight ended more than [`FOLLOWER_STATE_GRACE_MS`]
+    /// before `now_ms`, from memory and (with the next flush) from disk.
+    /// Returns how many entries went. A campaign's totals (impressions,
+    /// clicks, reach) stay.
+    pub fn prune_ended(&self, now_ms: i64) -> usize {
+        let over: HashSet<String> = {
+            let pruned = lock(&self.pruned);
+            self.campaigns
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .filter(|c| {
+                    c.spec().end_ms.saturating_add(FOLLOWER_STATE_GRACE_MS) < now_ms
+                        && !pruned.contains(&c.id)
+                })
+                .map(|c| c.id.clone())
+                .collect()
+        };
+        if over.is_empty() {
+            return 0;
+        }
+        let before = self.caps.len() + self.clicks.len();
+        self.caps.retain(|(c, _), _| !over.contains(c));
+        self.clicks.retain(|(c, _), _| !over.contains(c));
+        let removed = before.saturating_sub(self.caps.len() + self.clicks.len());
+        let mut dirty = lock(&self.dirty);
+        dirty.caps.retain(|(c, _)| !over.contains(c));
+        dirty.clicks.retain(|(c, _)| !over.contains(c));
+        dirty.pruned.extend(over.iter().cloned());
+        lock(&self.pruned).extend(over);
+        removed
+    }
+
+    /// Per-follower entries held in memory (frequency caps, clicks).
+    pub fn follower_entries(&self) -> usize {
+        self.caps.len() + self.clicks.len()
+    }
+
     /// Records a click; `Ok(false)` for a repeat or for a follower who was
     /// never shown the campaign.
     pub fn click(&self, follower: &str, campaign_id: &str) -> Result<bool, PromoError> {
@@ -739,16 +815,19 @@ impl Promo {
             ));
         }
         for key in &dirty.caps {
-            if let Some(e) = self.caps.get(key) {
-                batch.caps.push((
+            match self.caps.get(key) {
+                Some(e) => batch.caps.push((
                     key.clone(),
                     CapRecord {
                         times: e.times.iter().copied().collect(),
                         ever: e.ever,
                     },
-                ));
+                )),
+                // Taken back, or pruned: gone from the file too.
+                None => batch.removed_caps.push(key.clone()),
             }
         }
+        batch.pruned = dirty.pruned.clone();
         batch.clicks = dirty.clicks.clone();
         if batch.is_empty() {
             return Ok(());
@@ -760,6 +839,7 @@ impl Promo {
             d.channels.extend(dirty.channels);
             d.caps.extend(dirty.caps);
             d.clicks.extend(dirty.clicks);
+            d.pruned.extend(dirty.pruned);
             return Err(e.into());
         }
         Ok(())

@@ -246,6 +246,37 @@ async fn durable_waits_for_a_write_that_covers_the_counts() {
 }
 
 #[test]
+fn follower_entries_of_campaigns_long_over_are_pruned() {
+    let (dir, p) = setup();
+    let c = paced_out(campaign("c", 1000, 10));
+    let end = c.end_ms;
+    p.create(c).unwrap();
+    p.create(paced_out(campaign("live", 10, 10))).unwrap();
+    let ev = p.after_post(&ch("a"), 5, 2).unwrap();
+    for f in ["x", "y"] {
+        ev.slot.as_ref().unwrap().claim(f).unwrap().confirm();
+    }
+    drop(ev);
+    assert!(p.click("x", "c").unwrap());
+    p.flush().unwrap();
+    assert_eq!(p.follower_entries(), 3);
+    // Within the grace after the flight: kept (a late click still counts).
+    assert_eq!(p.prune_ended(end + 1000), 0);
+    let later = end + FOLLOWER_STATE_GRACE_MS + 1;
+    assert_eq!(p.prune_ended(later), 3);
+    assert_eq!(p.follower_entries(), 0);
+    assert_eq!(p.prune_ended(later), 0, "once");
+    p.flush().unwrap();
+    let s = p.get("c").unwrap().2;
+    assert_eq!((s.impressions, s.clicks, s.reach), (2, 1, 2), "totals stay");
+    drop(p);
+    // Gone from the file too.
+    let again = Promo::open(dir.path()).unwrap();
+    assert_eq!(again.follower_entries(), 0);
+    assert_eq!(again.get("c").unwrap().2.impressions, 2);
+}
+
+#[test]
 fn budget_is_never_overspent_under_concurrent_fanouts() {
     let (_d, p) = setup();
     p.create(paced_out(campaign("b", 1000, 1000))).unwrap();

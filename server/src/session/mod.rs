@@ -58,6 +58,8 @@ pub struct SessionContext {
     pub(crate) limits: Limits,
     /// Connections open per follower id.
     pub(crate) connections: Arc<FollowerConnections>,
+    /// The server-wide bound on catch-up steps in progress.
+    pub(crate) catchups: crate::feed::CatchupBudget,
 }
 
 /// How a session ended.
@@ -273,6 +275,7 @@ impl Session {
                     max_events: limits.max_lag_events,
                     window: limits.lag_window(),
                 },
+                catchups: self.ctx.catchups.clone(),
             },
         );
         let mut writer = AbortOnDropHandle::new(tokio::spawn(writer.run()));

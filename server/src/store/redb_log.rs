@@ -1252,6 +1252,46 @@ mod idempotency_tests {
         );
     }
 
+    #[tokio::test]
+    async fn one_retention_pass_trims_every_channel_and_expires_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = RedbLog::open(dir.path(), Arc::new(|_: &[LogEvent]| {})).unwrap();
+        let post = || NewPost::new("x".into(), vec![]).unwrap();
+        for (name, posts) in [("a", 5u64), ("b", 2), ("c", 0)] {
+            let ch = ChannelId::parse(name).unwrap();
+            log.create_channel(ch.clone(), String::new()).await.unwrap();
+            for i in 0..posts {
+                log.append(ch.clone(), post(), Some(format!("k{i}")))
+                    .await
+                    .unwrap();
+            }
+        }
+        for k in ["k0", "k1"] {
+            age(&log, "a", k, IDEMPOTENCY_TTL_MS + 1000);
+        }
+        age(&log, "b", "k0", IDEMPOTENCY_TTL_MS + 1000);
+        let keep_two = TrimPolicy {
+            older_than_ms: i64::MIN,
+            keep_max: 2,
+        };
+        let r = log.trim_all(keep_two).await.unwrap();
+        assert_eq!(
+            r,
+            TrimReport {
+                posts_removed: 3,
+                keys_expired: 3,
+                channels_trimmed: 1,
+                more: false
+            }
+        );
+        assert_eq!(records(&log), (4, 4));
+        let a = log.channel(&ChannelId::parse("a").unwrap()).unwrap();
+        assert_eq!((a.oldest_seq, a.head_seq), (4, 5));
+        // Nothing is due now: nothing is removed (and nothing written).
+        let r = log.trim_all(keep_two).await.unwrap();
+        assert_eq!(r, TrimReport::default());
+    }
+
     #[test]
     fn record_round_trip_and_corruption() {
         let r = IdemRecord {
