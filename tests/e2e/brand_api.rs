@@ -165,7 +165,7 @@ async fn keys_roles_and_every_refusal_has_a_stable_code() {
         json!({"grants": [{"channel": "globex-news", "role": "analyst"}]}),
     )
     .await
-    .assert_error(400, "invalid_argument");
+    .assert_error(403, "forbidden");
     // A brand key lists only what it may see.
     let r = s.get("/v1/channels", Some(&globex)).await;
     let ids: Vec<&str> = r.body["channels"]

@@ -142,9 +142,9 @@ impl From<TenancyError> for ApiError {
             TenancyError::UnknownBrand(_) | TenancyError::UnknownKey(_) => {
                 (StatusCode::NOT_FOUND, ErrorCode::NotFound)
             }
-            TenancyError::UnknownChannel(_) => {
-                (StatusCode::BAD_REQUEST, ErrorCode::InvalidArgument)
-            }
+            // A channel made without a brand has no settings to change: a
+            // conflict with the channel's state, not a malformed request.
+            TenancyError::UnknownChannel(_) => (StatusCode::CONFLICT, ErrorCode::InvalidArgument),
             TenancyError::Storage(_) => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal),
             TenancyError::Unavailable(why) => return ApiError::storage_unavailable(why),
         };

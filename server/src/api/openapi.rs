@@ -138,6 +138,30 @@ pub async fn openapi_json() {}
     responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
 pub async fn metrics() {}
 
+/// The document as served: utoipa's, plus what its attributes cannot say.
+/// `CreateChannel` takes settings (`description`, `avatar_url`, `verified`,
+/// `promoted_opt_in`) only with a `brand`: stated as an `anyOf`.
+pub fn served_json(doc: &utoipa::openapi::OpenApi) -> Result<String, serde_json::Error> {
+    let mut v = serde_json::to_value(doc)?;
+    if let Some(create) = v.pointer_mut("/components/schemas/CreateChannel") {
+        if let Some(obj) = create.as_object_mut() {
+            obj.insert(
+                "anyOf".into(),
+                serde_json::json!([
+                    {"required": ["brand"]},
+                    {"properties": {
+                        "description": {"const": ""},
+                        "avatar_url": {"const": ""},
+                        "verified": {"const": false},
+                        "promoted_opt_in": {"const": false}
+                    }}
+                ]),
+            );
+        }
+    }
+    serde_json::to_string(&v)
+}
+
 /// Every route the API serves, as (path, methods). The unit test below and
 /// the end-to-end test check the served document against it, so adding a
 /// route without annotating it (or the reverse) fails.
