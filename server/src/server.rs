@@ -277,6 +277,29 @@ impl Server {
         self.hub.clone()
     }
 
+    fn api_state(&self, stopping: CancellationToken) -> crate::api::ApiState {
+        crate::api::ApiState {
+            log: self.log.clone(),
+            hub: self.hub.clone(),
+            promo: self.promo.clone(),
+            admin_key: Arc::from(self.secrets.admin_key.as_str()),
+            tenancy: self.tenancy.clone(),
+            publish_limiter: Arc::new(crate::limits::PublishLimiter::new(
+                self.config.limits.publish_per_sec,
+                self.config.limits.publish_burst,
+            )),
+            metrics: crate::metrics::install(),
+            stopping,
+        }
+    }
+
+    /// The HTTP API on this server's parts, without a listener: requests go
+    /// in with `tower::ServiceExt::oneshot` (for embedding, and for the
+    /// fuzzer of the API's JSON bodies).
+    pub fn api_router(&self) -> axum::Router {
+        crate::api::router(self.api_state(CancellationToken::new()))
+    }
+
     /// Serves until `shutdown` resolves; see the module docs for the order
     /// of shutdown. Returns once every task the server started has ended and
     /// every database is closed.
@@ -296,19 +319,7 @@ impl Server {
             catchups: crate::feed::CatchupBudget::new(self.config.limits.max_concurrent_catchups),
         });
 
-        let api = crate::api::router(crate::api::ApiState {
-            log: self.log.clone(),
-            hub: self.hub.clone(),
-            promo: self.promo.clone(),
-            admin_key: Arc::from(self.secrets.admin_key.as_str()),
-            tenancy: self.tenancy.clone(),
-            publish_limiter: Arc::new(crate::limits::PublishLimiter::new(
-                self.config.limits.publish_per_sec,
-                self.config.limits.publish_burst,
-            )),
-            metrics: crate::metrics::install(),
-            stopping: stop.clone(),
-        });
+        let api = crate::api::router(self.api_state(stop.clone()));
         tasks.spawn(crate::api::serve(
             self.http,
             api,

@@ -15,6 +15,7 @@ mod follower_auth;
 mod http_limits;
 mod lagging;
 mod lifecycle;
+mod netem;
 mod promo;
 mod promo_crash;
 mod quic_flood;
