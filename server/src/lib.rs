@@ -28,6 +28,7 @@
 //! | [`tls`] | the server's certificate (self-signed and renewed, or the operator's) |
 //! | [`udp`] | the QUIC endpoint's UDP socket |
 //! | [`metrics`] | every metric's name, and the Prometheus recorder |
+//! | [`json`] | request JSON read as the OpenAPI document states it (integers written `5.0`, fields that may be absent but not null) |
 //! | [`model`] | the server's domain types (and the protocol's, re-exported) |
 //!
 //! The wire protocol (messages, framing, error codes) is the `herald-proto`
@@ -44,6 +45,7 @@ pub mod config;
 pub mod datadir;
 pub mod feed;
 pub mod hub;
+pub mod json;
 pub mod limits;
 pub mod metrics;
 pub mod model;

@@ -52,7 +52,7 @@ impl From<PromoError> for ApiError {
 pub struct CreateCampaign {
     /// The brand paying (it must exist); required with the admin key, a brand
     /// key may omit it (its own brand).
-    #[serde(default, deserialize_with = "super::lenient::not_null")]
+    #[serde(default, deserialize_with = "crate::json::not_null")]
     #[schema(
         required = true,
         nullable = false,
@@ -66,24 +66,24 @@ pub struct CreateCampaign {
     pub targeting: Targeting,
     /// Impressions bought: 1 to 2^50.
     #[schema(minimum = 1, maximum = 1125899906842624_i64)]
-    #[serde(deserialize_with = "super::lenient::int")]
+    #[serde(deserialize_with = "crate::json::int")]
     pub budget_impressions: u64,
     /// Price per thousand impressions, in millionths: 1 to 2^40.
     #[schema(minimum = 1, maximum = 1099511627776_i64)]
-    #[serde(deserialize_with = "super::lenient::int")]
+    #[serde(deserialize_with = "crate::json::int")]
     pub cpm_bid_micros: u64,
     /// At most this many impressions per follower per period; none: no cap.
     #[serde(default)]
     pub frequency_cap: Option<FrequencyCap>,
     /// Start of the flight, Unix milliseconds (default: now). The flight
     /// must end after it starts and last at most 366 days.
-    #[serde(default, deserialize_with = "super::lenient::opt_int")]
+    #[serde(default, deserialize_with = "crate::json::opt_int")]
     #[schema(minimum = 0, maximum = 253402300800000_i64)]
     pub start_ms: Option<i64>,
     /// End of the flight, Unix milliseconds, exclusive: after `start_ms`, at
     /// most 366 days after it, before the year 10000.
     #[schema(minimum = 1, maximum = 253402300800000_i64)]
-    #[serde(deserialize_with = "super::lenient::int")]
+    #[serde(deserialize_with = "crate::json::int")]
     pub end_ms: i64,
     /// `draft` (default), `active` or `paused`.
     #[serde(default)]
@@ -236,22 +236,22 @@ pub struct UpdateCampaign {
     pub targeting: Option<Targeting>,
     /// 1 to 2^50.
     #[schema(minimum = 1, maximum = 1125899906842624_i64)]
-    #[serde(default, deserialize_with = "super::lenient::opt_int")]
+    #[serde(default, deserialize_with = "crate::json::opt_int")]
     pub budget_impressions: Option<u64>,
     /// 1 to 2^40.
     #[schema(minimum = 1, maximum = 1099511627776_i64)]
-    #[serde(default, deserialize_with = "super::lenient::opt_int")]
+    #[serde(default, deserialize_with = "crate::json::opt_int")]
     pub cpm_bid_micros: Option<u64>,
     /// `null` removes the cap.
     #[serde(default, with = "::serde_with::rust::double_option")]
     pub frequency_cap: Option<Option<FrequencyCap>>,
     /// Unix milliseconds (see `CreateCampaign`).
     #[schema(minimum = 0, maximum = 253402300800000_i64)]
-    #[serde(default, deserialize_with = "super::lenient::opt_int")]
+    #[serde(default, deserialize_with = "crate::json::opt_int")]
     pub start_ms: Option<i64>,
     /// Unix milliseconds (see `CreateCampaign`).
     #[schema(minimum = 1, maximum = 253402300800000_i64)]
-    #[serde(default, deserialize_with = "super::lenient::opt_int")]
+    #[serde(default, deserialize_with = "crate::json::opt_int")]
     pub end_ms: Option<i64>,
 }
 
@@ -352,7 +352,7 @@ pub struct SetChannelPromo {
     pub opt_in: bool,
     /// The slot opens after every this many organic posts: 1 to 10000
     /// (default 5).
-    #[serde(default, deserialize_with = "super::lenient::opt_int")]
+    #[serde(default, deserialize_with = "crate::json::opt_int")]
     #[schema(minimum = 1, maximum = 10000)]
     pub every_posts: Option<u32>,
 }

@@ -32,7 +32,7 @@ pub struct CreateChannel {
     /// The owning brand (it must exist). A brand key may omit it (its own
     /// brand is used); the admin may omit it only for a channel without
     /// settings (`description`, `avatar_url`, `verified`, `promoted_opt_in`).
-    #[serde(default, deserialize_with = "super::lenient::not_null")]
+    #[serde(default, deserialize_with = "crate::json::not_null")]
     #[schema(
         nullable = false,
         pattern = r"^(?:[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}|\.[A-Za-z0-9_-][A-Za-z0-9._-]{0,62}|\.\.[A-Za-z0-9._-]{1,62})$"

@@ -16,7 +16,6 @@ mod channels;
 pub use campaigns::{CampaignView, ChannelPromoView};
 mod error;
 mod extract;
-pub mod lenient;
 pub mod openapi;
 mod posts;
 mod serve;
@@ -25,7 +24,7 @@ pub use brands::{BrandList, CreatedKey, KeyList, KeyView};
 pub use caller::Caller;
 pub use channels::{ChannelList, ChannelStatsView, ChannelView};
 pub use error::{ApiError, ErrorBody, ErrorDetail};
-pub use posts::{History, MediaRef, PostView, Published, IDEMPOTENCY_KEY};
+pub use posts::{History, PostView, Published, IDEMPOTENCY_KEY};
 pub use serve::{serve, HttpLimits};
 
 use std::sync::Arc;

@@ -43,21 +43,8 @@ pub struct PublishBody {
     pub text: String,
     /// Media references, at most 10.
     #[serde(default)]
-    #[schema(value_type = Vec<MediaRef>, max_items = 10)]
+    #[schema(value_type = Vec<crate::json::MediaRef>, max_items = 10)]
     pub media: Vec<Media>,
-}
-
-/// A media reference (the media itself lives elsewhere).
-#[derive(Deserialize, utoipa::ToSchema)]
-#[allow(dead_code)]
-pub struct MediaRef {
-    /// Where the media lives: 1 to 2048 bytes.
-    #[schema(min_length = 1, max_length = 2048)]
-    pub url: String,
-    /// Its MIME type, if known: at most 2048 bytes.
-    #[serde(default)]
-    #[schema(max_length = 2048)]
-    pub mime: String,
 }
 
 /// The answer to a publish: where the post landed.
@@ -86,7 +73,7 @@ pub struct PostView {
     /// The text, 1 to 16384 bytes; empty for a deleted post.
     pub text: String,
     /// Media references, at most 10; empty for a deleted post.
-    #[schema(value_type = Vec<MediaRef>)]
+    #[schema(value_type = Vec<crate::json::MediaRef>)]
     pub media: Vec<Media>,
     /// When the server accepted the post, in Unix milliseconds.
     pub created_at_ms: i64,

@@ -41,7 +41,7 @@ pub struct Creative {
     pub text: String,
     /// An optional picture or video; its URL is 1 to 2048 bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<crate::api::MediaRef>)]
+    #[schema(value_type = Option<crate::json::MediaRef>)]
     pub media: Option<Media>,
     /// Where the call to action leads: an http(s) URL of at most 2048 bytes.
     #[schema(max_length = 2048, pattern = r"^https?://")]
@@ -97,7 +97,7 @@ pub struct Targeting {
     pub channels: Vec<String>,
     /// With `channels` empty: the fewest followers a channel needs to be
     /// targeted (default 0). Ignored when `channels` is given.
-    #[serde(default, deserialize_with = "crate::api::lenient::int")]
+    #[serde(default, deserialize_with = "crate::json::int")]
     #[schema(minimum = 0, maximum = 9223372036854775807_i64)]
     pub min_followers: u64,
     /// Channels never targeted, even when listed in `channels`, at most 1000.
@@ -143,11 +143,11 @@ impl Targeting {
 pub struct FrequencyCap {
     /// Most impressions per follower within the window: 1 to 1000.
     #[schema(minimum = 1, maximum = 1000)]
-    #[serde(deserialize_with = "crate::api::lenient::int")]
+    #[serde(deserialize_with = "crate::json::int")]
     pub impressions: u32,
     /// The sliding window, in seconds: 1 to 31622400 (366 days).
     #[schema(minimum = 1, maximum = 31622400)]
-    #[serde(deserialize_with = "crate::api::lenient::int")]
+    #[serde(deserialize_with = "crate::json::int")]
     pub period_secs: u64,
 }
 

@@ -1,4 +1,5 @@
-//! Request body fields read exactly as the OpenAPI document states them.
+//! Request body fields read exactly as the OpenAPI document states them,
+//! for every module whose types the API takes as JSON (`api`, `promo`).
 //!
 //! Integers in request bodies as JSON Schema (and so the OpenAPI document)
 //! understands them: a number with no fractional part is an integer, so
@@ -8,6 +9,20 @@
 
 use serde::de::Error as _;
 use serde::{Deserialize, Deserializer};
+
+/// A media reference as the document describes it (the server reads it as
+/// `herald_proto::model::Media`).
+#[derive(Deserialize, utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct MediaRef {
+    /// Where the media lives: 1 to 2048 bytes.
+    #[schema(min_length = 1, max_length = 2048)]
+    pub url: String,
+    /// Its MIME type, if known: at most 2048 bytes.
+    #[serde(default)]
+    #[schema(max_length = 2048)]
+    pub mime: String,
+}
 
 /// The integer value of a JSON number, if it has one.
 fn integral(n: &serde_json::Number) -> Option<i128> {
