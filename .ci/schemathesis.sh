@@ -58,7 +58,12 @@ echo "== herald on http://$http"
 seed_args=()
 if [ -n "${SEED:-}" ]; then seed_args=(--seed "$SEED"); fi
 status=0
-"$venv/bin/schemathesis" --config-file .ci/schemathesis.toml run "http://$http/v1/openapi.json" \
+# Run from a directory under target/: schemathesis and hypothesis keep
+# their caches (.schemathesis/, .hypothesis/) in the working directory.
+root=$(pwd)
+mkdir -p target/schemathesis-run
+cd target/schemathesis-run
+"$root/$venv/bin/schemathesis" --config-file "$root/.ci/schemathesis.toml" run "http://$http/v1/openapi.json" \
     --checks all \
     --phases examples,coverage,fuzzing,stateful \
     --header "Authorization: Bearer $key" \
