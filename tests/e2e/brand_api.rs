@@ -318,3 +318,25 @@ async fn openapi_document_is_openapi_3_and_lists_every_route() {
     }
     s.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dot_ids_are_refused_everywhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(dir.path()).await;
+    s.brand("acme").await;
+    for id in [".", ".."] {
+        s.post(
+            "/v1/channels",
+            s.admin(),
+            json!({"id": id, "brand": "acme"}),
+        )
+        .await
+        .assert_error(400, "invalid_argument");
+        s.post("/v1/brands", s.admin(), json!({"id": id}))
+            .await
+            .assert_error(400, "invalid_argument");
+    }
+    // Ids that only start with dots are ids like any other.
+    s.channel("..x", "acme").await;
+    s.stop().await;
+}
