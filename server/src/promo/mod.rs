@@ -336,7 +336,8 @@ impl Promo {
 
     /// Writes counts to `promo.redb` until `stop`: at once for callers of
     /// [`Promo::durable`], and every [`FLUSH_INTERVAL`] for the rest
-    /// (clicks, slot settings).
+    /// (clicks, slot settings). [`Promo::durable`] relies on it: whoever
+    /// runs a `Promo` with sessions runs this too (the server does).
     pub async fn run_flusher(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
         let mut tick = tokio::time::interval(FLUSH_INTERVAL);
         let mut prune = tokio::time::interval(PRUNE_INTERVAL);
@@ -350,7 +351,14 @@ impl Promo {
                         tracing::info!(entries = n, "pruned per-follower entries of campaigns long over");
                     }
                 }
-                _ = stop.cancelled() => return,
+                _ = stop.cancelled() => {
+                    // Shutting down: writers still finishing are told at
+                    // once (their counts stay in memory and go to disk with
+                    // the final flush) rather than waiting for a flush that
+                    // will not come.
+                    self.journal.state.send_modify(|s| s.closed = true);
+                    return;
+                }
             }
             loop {
                 let target = self.journal.requested.load(Ordering::SeqCst);
