@@ -75,6 +75,9 @@ impl Creative {
             if m.url.is_empty() || m.url.len() > MAX_CTA_URL_BYTES {
                 return Err(invalid("creative.media.url must be 1 to 2048 bytes"));
             }
+            if m.mime.len() > MAX_CTA_URL_BYTES {
+                return Err(invalid("creative.media.mime must be at most 2048 bytes"));
+            }
         }
         Ok(())
     }
@@ -316,6 +319,14 @@ mod tests {
         assert!(c.validate().is_err());
         let mut c = campaign();
         c.targeting.channels = vec!["bad id".into()];
+        assert!(c.validate().is_err());
+        // Found by schemathesis: a media MIME type over the documented 2048
+        // bytes was accepted (and then broke the answer's schema).
+        let mut c = campaign();
+        c.creative.media = Some(Media {
+            url: "https://x/y.png".into(),
+            mime: "m".repeat(2049),
+        });
         assert!(c.validate().is_err());
         // Times that would overflow the pacing arithmetic are refused.
         let mut c = campaign();
