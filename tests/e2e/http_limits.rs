@@ -80,7 +80,7 @@ async fn silent_and_trickling_connections_are_timed_out() {
     );
     assert!(answer.contains("request_timeout"), "{answer:?}");
     assert!(
-        started.elapsed() < Duration::from_secs(6),
+        started.elapsed() < Duration::from_secs(8),
         "{:?}",
         started.elapsed()
     );
@@ -142,8 +142,9 @@ async fn idle_connections_at_the_cap_do_not_keep_a_publish_out() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     let r = publish("again").await.unwrap();
     assert_eq!(r.status().as_u16(), 201);
+    // At once (a few fsyncs), not after an idle connection times out.
     assert!(
-        t.elapsed() < Duration::from_secs(2),
+        t.elapsed() < Duration::from_secs(4),
         "publishing took {:?} behind idle connections",
         t.elapsed()
     );
