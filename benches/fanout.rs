@@ -63,6 +63,7 @@ fn fixture(hub: Hub, sessions: usize) -> Fixture {
         created_at_ms: 0,
         edited_at_ms: 0,
         deleted: false,
+        damaged: false,
     };
     let f = Fixture {
         hub,

@@ -30,6 +30,7 @@ fn post(seq: u64) -> Post {
         created_at_ms: 1_764_000_000_000,
         edited_at_ms: 0,
         deleted: false,
+        damaged: false,
     }
 }
 

@@ -84,6 +84,7 @@ impl ClientError {
                     | Some(ErrorCode::LaggingTooOften)
                     | Some(ErrorCode::Overloaded)
                     | Some(ErrorCode::Internal)
+                    | Some(ErrorCode::StorageUnavailable)
             ),
             ClientError::Connect(_) | ClientError::Disconnected => true,
             _ => false,

@@ -577,6 +577,7 @@ impl Driver {
                     created_at_ms: p.created_at_ms,
                     edited_at_ms: p.edited_at_ms,
                     deleted: p.deleted,
+                    damaged: p.damaged,
                 })
             }
             Some(Kind::Edited(e)) => {

@@ -15,6 +15,9 @@ use crate::{LoadError, Target};
 /// Organic posts between two promoted slots in the run's channels.
 pub const EVERY_POSTS: u32 = 5;
 
+/// The brand that pays for the run's campaign.
+pub const ADVERTISER: &str = "herald-loadtest";
+
 /// The accounting check.
 #[derive(Debug, Clone, Serialize)]
 pub struct CampaignReport {
@@ -56,12 +59,27 @@ pub async fn start(
         )
         .await?;
     }
+    // The advertiser must be an existing brand (409: it exists from an
+    // earlier run against the same server, which is fine).
+    let resp = http
+        .post(format!("{}/v1/brands", target.api))
+        .bearer_auth(&target.admin_key)
+        .json(&serde_json::json!({"id": ADVERTISER, "name": "herald-loadtest"}))
+        .send()
+        .await
+        .map_err(|e| LoadError::Target(format!("create the advertiser brand: {e}")))?;
+    if !(resp.status().is_success() || resp.status() == reqwest::StatusCode::CONFLICT) {
+        return Err(LoadError::Target(format!(
+            "create the advertiser brand: {}",
+            resp.status()
+        )));
+    }
     let now = herald_server::model::now_ms();
     let body = call(
         http.post(format!("{}/v1/campaigns", target.api))
             .bearer_auth(&target.admin_key)
             .json(&serde_json::json!({
-                "advertiser": "herald-loadtest",
+                "advertiser": ADVERTISER,
                 "creative": {"title": "Load test", "text": "A promoted post", "cta_url": "https://example.com/"},
                 "targeting": {"channels": channels},
                 // Large enough that neither budget nor pacing limits the run.

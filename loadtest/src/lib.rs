@@ -11,6 +11,10 @@
 //! once and in order within the timeout. The result is a [`Report`]
 //! ([`report`]) whose `verify.ok` says whether the run was clean.
 //!
+//! `--soak MINUTES` runs [`soak`] instead: followers come and go, posts
+//! flow, some followers stall, and the server's memory and CPU are sampled
+//! over time.
+//!
 //! The server is either one this tool started ([`spawn`]; CPU and memory
 //! read from `/proc/<pid>`) or a running one (figures read from its
 //! `/metrics`), described by a [`Target`].
@@ -24,6 +28,7 @@ pub mod probe;
 pub mod publisher;
 pub mod report;
 pub mod run;
+pub mod soak;
 pub mod spawn;
 pub mod target;
 pub mod verify;

@@ -17,6 +17,8 @@ use herald_loadtest::{spawn, Options, Target};
 struct Cli {
     #[command(flatten)]
     opts: Options,
+    #[command(flatten)]
+    soak: herald_loadtest::soak::SoakOptions,
     /// Start the release `herald` binary found next to this one.
     #[arg(long, conflicts_with_all = ["server", "api"])]
     spawn: bool,
@@ -112,6 +114,19 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
         others = nodes.collect();
         (t, None)
     };
+    if cli.soak.soak.is_some() {
+        let report = herald_loadtest::soak::run(&cli.opts, &cli.soak, &target).await;
+        if let Some(s) = spawned {
+            s.stop().await;
+        }
+        let report = report?;
+        println!("{report}");
+        if let Some(path) = &cli.json {
+            let text = serde_json::to_string_pretty(&report)?;
+            std::fs::write(path, text).with_context(|| format!("writing {}", path.display()))?;
+        }
+        return Ok(report.exit_code());
+    }
     let report = herald_loadtest::run_on(&cli.opts, &target, &others).await;
     if let Some(s) = spawned {
         s.stop().await;

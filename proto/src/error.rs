@@ -45,6 +45,15 @@ pub enum ErrorCode {
     TooManyConnections = 17,
     /// The API key was revoked.
     KeyRevoked = 18,
+    /// HTTP: the request (its body, or the answer) took longer than the
+    /// server's request timeout.
+    RequestTimeout = 19,
+    /// The storage cannot take writes right now (say, the disk is full);
+    /// the server recovers by itself once the cause is gone. Retry later.
+    StorageUnavailable = 20,
+    /// The stored record is damaged and cannot be served (reported by
+    /// `herald check`).
+    DataDamaged = 21,
 }
 
 impl ErrorCode {
@@ -74,13 +83,16 @@ impl ErrorCode {
             ErrorCode::Overloaded => "overloaded",
             ErrorCode::TooManyConnections => "too_many_connections",
             ErrorCode::KeyRevoked => "key_revoked",
+            ErrorCode::RequestTimeout => "request_timeout",
+            ErrorCode::StorageUnavailable => "storage_unavailable",
+            ErrorCode::DataDamaged => "data_damaged",
         }
     }
 
     /// Maps a wire number back to a code; `None` for numbers this build does not know.
     pub fn from_u32(n: u32) -> Option<ErrorCode> {
         use ErrorCode::*;
-        const ALL: [ErrorCode; 18] = [
+        const ALL: [ErrorCode; 21] = [
             MalformedFrame,
             FrameTooLarge,
             HelloRequired,
@@ -99,6 +111,9 @@ impl ErrorCode {
             Overloaded,
             TooManyConnections,
             KeyRevoked,
+            RequestTimeout,
+            StorageUnavailable,
+            DataDamaged,
         ];
         ALL.into_iter().find(|c| c.as_u32() == n)
     }
@@ -123,7 +138,7 @@ mod tests {
                 assert!(seen.insert(c.as_str()), "duplicate name {}", c.as_str());
             }
         }
-        assert_eq!(seen.len(), 18);
+        assert_eq!(seen.len(), 21);
         assert_eq!(ErrorCode::from_u32(0), None);
     }
 }

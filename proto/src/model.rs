@@ -104,6 +104,9 @@ pub struct Post {
     pub edited_at_ms: i64,
     /// A tombstone: the post was deleted; text and media are empty.
     pub deleted: bool,
+    /// The server's stored copy is damaged: this is a tombstone standing in
+    /// for it (`deleted` is set too), so delivery goes on past it.
+    pub damaged: bool,
 }
 
 impl Post {
@@ -127,6 +130,7 @@ impl Post {
                 created_at_ms: self.created_at_ms,
                 edited_at_ms: self.edited_at_ms,
                 deleted: self.deleted,
+                damaged: self.damaged,
             })),
         }
     }

@@ -138,6 +138,15 @@ pub struct Limits {
     pub max_connections: usize,
     /// Most handshakes in progress at once (a reconnect storm waits its turn).
     pub max_concurrent_handshakes: usize,
+    /// A handshake (its wait for a slot included) must finish within this
+    /// many seconds, or it is dropped.
+    pub handshake_timeout_secs: u64,
+    /// With this many handshakes in progress, a sender that has not proved
+    /// its address is sent a stateless Retry first (0: always).
+    pub handshake_retry_above: usize,
+    /// Most unvalidated, and most validated, handshakes in progress per IP
+    /// address (over it: Retry, or refused once validated).
+    pub max_handshakes_per_address: usize,
     /// A follower must send Hello within this many seconds of connecting.
     pub hello_timeout_secs: u64,
     /// A connection with no traffic for this long is closed (clients send
@@ -150,6 +159,10 @@ pub struct Limits {
     pub lag_window_secs: u64,
     /// Posts read from the log per catch-up step (bounds memory per catch-up).
     pub catchup_batch: usize,
+    /// Catch-up steps (a read of `catchup_batch` posts and their encoding)
+    /// in progress at once, server-wide; more wait their turn. Bounds the
+    /// memory of followers replaying history all at once.
+    pub max_concurrent_catchups: usize,
     /// Publishes per second per brand API key (token bucket), and the burst.
     /// Over it the API answers 429 with Retry-After. The admin key is not limited.
     pub publish_per_sec: f64,
@@ -172,12 +185,18 @@ pub struct Limits {
     pub rate_limit_strikes: u32,
     /// Most connections open at once with tokens for the same follower id.
     pub max_connections_per_follower: usize,
-    /// Most HTTP connections served at once; more are answered 503 and closed.
+    /// Most HTTP connections open at once. At the cap a new connection takes
+    /// the place of the one idle for longest; when none is idle (every one
+    /// has a request in flight) it is answered 503 and closed.
     pub http_max_connections: usize,
     /// An HTTP request's headers must arrive within this many seconds of the
     /// connection opening or the previous response (an idle keep-alive
     /// connection is closed after it too).
     pub http_header_timeout_secs: u64,
+    /// An HTTP request's body must arrive and its answer be ready within
+    /// this many seconds of its headers, or it is answered 408 and the
+    /// connection closed.
+    pub http_request_timeout_secs: u64,
 }
 
 impl Default for Limits {
@@ -188,11 +207,15 @@ impl Default for Limits {
             max_follows_per_connection: 1024,
             max_connections: 200_000,
             max_concurrent_handshakes: 256,
+            handshake_timeout_secs: 5,
+            handshake_retry_above: 64,
+            max_handshakes_per_address: 32,
             hello_timeout_secs: 10,
             idle_timeout_secs: 60,
             max_lag_events: 20,
             lag_window_secs: 60,
             catchup_batch: 64,
+            max_concurrent_catchups: 64,
             publish_per_sec: 50.0,
             publish_burst: 100,
             follows_per_sec: 100.0,
@@ -203,6 +226,7 @@ impl Default for Limits {
             max_connections_per_follower: 16,
             http_max_connections: 512,
             http_header_timeout_secs: 10,
+            http_request_timeout_secs: 30,
         }
     }
 }
@@ -213,6 +237,17 @@ impl Limits {
         crate::api::HttpLimits {
             max_connections: self.http_max_connections,
             header_timeout: Duration::from_secs(self.http_header_timeout_secs),
+            request_timeout: Duration::from_secs(self.http_request_timeout_secs),
+        }
+    }
+
+    /// The QUIC handshake admission policy.
+    pub fn handshake_policy(&self) -> crate::admission::HandshakePolicy {
+        crate::admission::HandshakePolicy {
+            max_in_progress: self.max_concurrent_handshakes,
+            retry_above: self.handshake_retry_above,
+            per_address: self.max_handshakes_per_address,
+            timeout: Duration::from_secs(self.handshake_timeout_secs),
         }
     }
 
@@ -373,8 +408,18 @@ impl Config {
         if l.max_follows_per_connection == 0 || l.max_connections == 0 {
             return bad("limits.max_follows_per_connection and limits.max_connections must be > 0");
         }
-        if l.max_concurrent_handshakes == 0 || l.catchup_batch == 0 {
-            return bad("limits.max_concurrent_handshakes and limits.catchup_batch must be > 0");
+        if l.max_concurrent_handshakes == 0
+            || l.catchup_batch == 0
+            || l.max_concurrent_catchups == 0
+        {
+            return bad(
+                "limits.max_concurrent_handshakes, catchup_batch and max_concurrent_catchups must be > 0",
+            );
+        }
+        if l.handshake_timeout_secs == 0 || l.max_handshakes_per_address == 0 {
+            return bad(
+                "limits.handshake_timeout_secs and limits.max_handshakes_per_address must be > 0",
+            );
         }
         if l.idle_timeout_secs < 2 || l.hello_timeout_secs == 0 {
             return bad("limits.idle_timeout_secs must be >= 2 and limits.hello_timeout_secs > 0");
@@ -396,6 +441,14 @@ impl Config {
         {
             return bad(
                 "limits bursts, rate_limit_strikes and max_connections_per_follower must be > 0",
+            );
+        }
+        if l.http_max_connections == 0
+            || l.http_header_timeout_secs == 0
+            || l.http_request_timeout_secs == 0
+        {
+            return bad(
+                "limits.http_max_connections, http_header_timeout_secs and http_request_timeout_secs must be > 0",
             );
         }
         if self.retention.interval_secs == 0 {

@@ -11,7 +11,9 @@
 //!
 //! | module | what lives there |
 //! | --- | --- |
+//! | [`admission`] | which QUIC handshakes are taken on: address validation (Retry) under pressure, per-address limits, the handshake timeout |
 //! | [`server`] | [`Server`]: binds the listeners, wires the parts, runs them until shutdown, and returns only once every task has ended and every file is released |
+//! | [`datadir`] | the data directory's databases: opening them (never an empty or damaged file silently), the marker that tells new from lost, reopening after a failed write |
 //! | [`config`] | the configuration (defaults, TOML, flags, environment) and its limits |
 //! | [`api`] | the brand HTTP API (axum), `/metrics`, `/healthz`, the OpenAPI document |
 //! | [`store`] | the channel log: gapless seqs, durable group commit, retention, catch-up reads |
@@ -21,11 +23,13 @@
 //! | [`promo`] | campaigns, the promoted slot's auction, reservations and exact impression counts |
 //! | [`tenancy`] | brands, their API keys and roles, channel ownership |
 //! | [`cluster`] | cluster mode: the NATS JetStream connection the log, tenancy and promo backends share |
+//! | [`check`] | `herald check`: every record of every database read and checked, damage reported |
 //! | [`auth`] | follower tokens (JWT, JWKS) and the data directory's secrets |
 //! | [`limits`] | the per-key publish rate limiter |
 //! | [`tls`] | the server's certificate (self-signed and renewed, or the operator's) |
 //! | [`udp`] | the QUIC endpoint's UDP socket |
 //! | [`metrics`] | every metric's name, and the Prometheus recorder |
+//! | [`json`] | request JSON read as the OpenAPI document states it (integers written `5.0`, fields that may be absent but not null) |
 //! | [`model`] | the server's domain types (and the protocol's, re-exported) |
 //!
 //! The wire protocol (messages, framing, error codes) is the `herald-proto`
@@ -34,12 +38,16 @@
 
 #![warn(missing_docs)]
 
+pub mod admission;
 pub mod api;
 pub mod auth;
+pub mod check;
 pub mod cluster;
 pub mod config;
+pub mod datadir;
 pub mod feed;
 pub mod hub;
+pub mod json;
 pub mod limits;
 pub mod metrics;
 pub mod model;

@@ -21,7 +21,9 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Gauge: QUIC connections accepted and not yet ended.
 pub const CONNECTIONS_OPEN: &str = "herald_connections_open";
-/// Counter: finished handshakes, label `result` = `ok` | `failed`.
+/// Counter: handshakes by how they ended, label `result` = `ok` | `failed` |
+/// `timed_out` | `retry` (sent a stateless Retry to validate the address) |
+/// `refused` (over the per-address limit).
 pub const HANDSHAKES: &str = "herald_handshakes_total";
 /// Counter: sessions that said a valid Hello.
 pub const SESSIONS: &str = "herald_sessions_total";
@@ -49,8 +51,13 @@ pub const CATCHUPS: &str = "herald_catchups_total";
 pub const COMMIT_SECONDS: &str = "herald_store_commit_seconds";
 /// Histogram: operations per committed batch.
 pub const COMMIT_BATCH_SIZE: &str = "herald_store_commit_batch_size";
+/// Counter: stored records found damaged while being read (served as
+/// `damaged` tombstones; run `herald check`).
+pub const DAMAGED_RECORDS: &str = "herald_damaged_records_total";
 /// Counter: HTTP connections answered 503 because the connection cap was reached.
 pub const HTTP_REFUSED: &str = "herald_http_connections_refused_total";
+/// Counter: idle HTTP connections closed to make room for a new one at the cap.
+pub const HTTP_EVICTED: &str = "herald_http_connections_evicted_total";
 /// CPU seconds (user + system) this process has used (from `metrics-process`,
 /// with its other `process_*` figures).
 pub const PROCESS_CPU_SECONDS: &str = "process_cpu_seconds_total";

@@ -21,11 +21,11 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::admission::{Admission, Decision};
 use crate::auth::{Secrets, TokenIssuer, TokenVerifier};
 use crate::config::Config;
 use crate::hub::Hub;
@@ -59,6 +59,10 @@ pub enum ServerError {
     /// The channel log could not be opened.
     #[error("log: {0}")]
     Store(#[from] StoreError),
+    /// A database of the data directory is missing, empty or damaged (the
+    /// message names the file and what to do).
+    #[error(transparent)]
+    Open(#[from] crate::datadir::OpenError),
     /// Another process holds the data directory's lock.
     #[error(
         "another herald is using the data directory {path} (its lock file {lock} is held{holder}); \
@@ -181,7 +185,21 @@ impl Server {
                 })
                 .await??
             }
-            None => (RedbLog::open(&dir, sink)?, Tenancy::open(&dir)?),
+            None => {
+                let log: Arc<dyn ChannelLog> = RedbLog::open(&dir, sink)?;
+                let tenancy: Arc<dyn TenancyStore> = Tenancy::open(&dir)?;
+                // Every database exists now: from here on, one that goes
+                // missing or empty was lost, not new (see `crate::datadir`).
+                crate::datadir::Marker::ensure(
+                    &dir,
+                    &[
+                        crate::store::LOG_FILE,
+                        crate::tenancy::TENANCY_FILE,
+                        crate::promo::PROMO_FILE,
+                    ],
+                )?;
+                (log, tenancy)
+            }
         };
         let mut verifier = TokenVerifier::hs256(secrets.jwt_secret.as_bytes())
             .with_issuer(config.auth.issuer.clone())
@@ -283,6 +301,29 @@ impl Server {
         self.hub.clone()
     }
 
+    fn api_state(&self, stopping: CancellationToken) -> crate::api::ApiState {
+        crate::api::ApiState {
+            log: self.log.clone(),
+            hub: self.hub.clone(),
+            promo: self.promo.clone(),
+            admin_key: Arc::from(self.secrets.admin_key.as_str()),
+            tenancy: self.tenancy.clone(),
+            publish_limiter: Arc::new(crate::limits::PublishLimiter::new(
+                self.config.limits.publish_per_sec,
+                self.config.limits.publish_burst,
+            )),
+            metrics: crate::metrics::install(),
+            stopping,
+        }
+    }
+
+    /// The HTTP API on this server's parts, without a listener: requests go
+    /// in with `tower::ServiceExt::oneshot` (for embedding, and for the
+    /// fuzzer of the API's JSON bodies).
+    pub fn api_router(&self) -> axum::Router {
+        crate::api::router(self.api_state(CancellationToken::new()))
+    }
+
     /// Serves until `shutdown` resolves; see the module docs for the order
     /// of shutdown. Returns once every task the server started has ended and
     /// every database is closed.
@@ -299,20 +340,10 @@ impl Server {
             verifier: self.verifier.clone(),
             limits: self.config.limits.clone(),
             connections: FollowerConnections::new(self.config.limits.max_connections_per_follower),
+            catchups: crate::feed::CatchupBudget::new(self.config.limits.max_concurrent_catchups),
         });
 
-        let api = crate::api::router(crate::api::ApiState {
-            log: self.log.clone(),
-            hub: self.hub.clone(),
-            promo: self.promo.clone(),
-            admin_key: Arc::from(self.secrets.admin_key.as_str()),
-            tenancy: self.tenancy.clone(),
-            publish_limiter: Arc::new(crate::limits::PublishLimiter::new(
-                self.config.limits.publish_per_sec,
-                self.config.limits.publish_burst,
-            )),
-            metrics: crate::metrics::install(),
-        });
+        let api = crate::api::router(self.api_state(stop.clone()));
         tasks.spawn(crate::api::serve(
             self.http,
             api,
@@ -327,7 +358,12 @@ impl Server {
             stop.clone(),
         ));
         tasks.spawn(cert_renewal_loop(self.certs.clone(), stop.clone()));
-        tasks.spawn(promo_flush_loop(self.promo.clone(), stop.clone()));
+        tasks.spawn(self.promo.clone().run_flusher(stop.clone()));
+        tasks.spawn(storage_recovery_loop(
+            self.promo.clone(),
+            self.tenancy.clone(),
+            stop.clone(),
+        ));
         tasks.spawn(metrics_upkeep_loop(stop.clone()));
 
         accept_loop(&self.endpoint, ctx, &tasks, &kill, shutdown).await;
@@ -496,7 +532,8 @@ fn transport(config: &Config) -> Result<quinn::TransportConfig, ServerError> {
 }
 
 /// Accepts connections until `shutdown`, bounding connections and
-/// handshakes; each session is a task on `tasks`, dropped on `kill`.
+/// handshakes by the [`crate::admission`] policy; each session is a task on
+/// `tasks`, dropped on `kill`.
 async fn accept_loop(
     endpoint: &quinn::Endpoint,
     ctx: Arc<SessionContext>,
@@ -504,7 +541,7 @@ async fn accept_loop(
     kill: &CancellationToken,
     shutdown: impl Future<Output = ()>,
 ) {
-    let handshakes = Arc::new(Semaphore::new(ctx.limits.max_concurrent_handshakes));
+    let admission = Admission::new(ctx.limits.handshake_policy());
     let open = Arc::new(AtomicUsize::new(0));
     let next_id = AtomicU64::new(1);
     tokio::pin!(shutdown);
@@ -524,32 +561,64 @@ async fn accept_loop(
             incoming.refuse();
             continue;
         }
+        let peer = incoming.remote_address();
+        let ticket = match admission.decide(
+            peer.ip(),
+            incoming.remote_address_validated(),
+            incoming.may_retry(),
+        ) {
+            Decision::Accept(t) => t,
+            Decision::Retry => {
+                metrics::counter!(crate::metrics::HANDSHAKES, "result" => "retry").increment(1);
+                if let Err(e) = incoming.retry() {
+                    e.into_incoming().refuse();
+                }
+                continue;
+            }
+            Decision::Refuse(why) => {
+                metrics::counter!(crate::metrics::HANDSHAKES, "result" => "refused").increment(1);
+                tracing::debug!(%peer, why, "handshake refused");
+                incoming.refuse();
+                continue;
+            }
+        };
         let guard = OpenGuard::new(open.clone());
         let id = next_id.fetch_add(1, Ordering::Relaxed);
         let ctx = ctx.clone();
-        let handshakes = handshakes.clone();
         let kill = kill.clone();
-        let span = tracing::info_span!("session", id, peer = %incoming.remote_address());
+        let timeout = admission.policy().timeout;
+        let span = tracing::info_span!("session", id, %peer);
         let session = async move {
             let _guard = guard;
-            let conn = {
-                let Ok(_permit) = handshakes.acquire().await else {
-                    return;
-                };
-                match incoming.await {
-                    Ok(c) => {
-                        metrics::counter!(crate::metrics::HANDSHAKES, "result" => "ok")
-                            .increment(1);
-                        c
-                    }
-                    Err(e) => {
-                        metrics::counter!(crate::metrics::HANDSHAKES, "result" => "failed")
-                            .increment(1);
-                        tracing::debug!(error = %e, "handshake failed");
-                        return;
-                    }
+            // The slot, and the handshake itself, within the handshake timeout.
+            let handshake = async {
+                let _slot = ticket.slot().await?;
+                match incoming.accept() {
+                    Ok(connecting) => Some(connecting.await),
+                    Err(e) => Some(Err(e)),
                 }
             };
+            let conn = match tokio::time::timeout(timeout, handshake).await {
+                Ok(Some(Ok(c))) => {
+                    metrics::counter!(crate::metrics::HANDSHAKES, "result" => "ok").increment(1);
+                    c
+                }
+                Ok(Some(Err(e))) => {
+                    metrics::counter!(crate::metrics::HANDSHAKES, "result" => "failed")
+                        .increment(1);
+                    tracing::debug!(error = %e, "handshake failed");
+                    return;
+                }
+                Ok(None) => return,
+                Err(_) => {
+                    // Dropping the handshake closes the connection.
+                    metrics::counter!(crate::metrics::HANDSHAKES, "result" => "timed_out")
+                        .increment(1);
+                    tracing::debug!(?timeout, "handshake timed out");
+                    return;
+                }
+            };
+            drop(ticket);
             match (Session { id, conn, ctx }).run().await {
                 Ok(_) => tracing::debug!("session ended"),
                 Err(SessionError::Closed { code, message }) => {
@@ -611,19 +680,60 @@ async fn retention_loop(
             },
             keep_max: retention.max_posts,
         };
-        for c in log.channels() {
-            loop {
-                match log.trim(c.id.clone(), policy).await {
-                    Ok(n) if n > 0 => {
-                        tracing::info!(channel = %c.id, removed = n, "retention trim")
+        // Passes of bounded size, each one durable write (none when nothing
+        // is due), until nothing is left to remove.
+        loop {
+            match log.trim_all(policy).await {
+                Ok(r) => {
+                    if r.posts_removed > 0 || r.keys_expired > 0 {
+                        tracing::info!(
+                            posts = r.posts_removed,
+                            channels = r.channels_trimmed,
+                            idempotency_keys = r.keys_expired,
+                            "retention trim"
+                        );
                     }
-                    Ok(_) => break,
-                    Err(e) => {
-                        tracing::warn!(channel = %c.id, error = %e, "retention trim failed");
+                    if !r.more || stop.is_cancelled() {
                         break;
                     }
                 }
+                Err(e) => {
+                    tracing::warn!(error = %e, "retention trim failed; will retry");
+                    break;
+                }
             }
+        }
+    }
+}
+
+/// Reopens a database whose write failed once it can take writes again,
+/// for the databases written only now and then (the log's committer
+/// reopens the log itself), so `/readyz` recovers without waiting for the
+/// next write.
+async fn storage_recovery_loop(
+    promo: Arc<Promo>,
+    tenancy: Arc<dyn TenancyStore>,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(crate::datadir::REOPEN_EVERY);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => return,
+        }
+        if promo.health() != crate::datadir::Health::Ok {
+            let _ = promo
+                .run(|p| {
+                    p.recover();
+                    Ok(())
+                })
+                .await;
+        }
+        if tenancy.health() != crate::datadir::Health::Ok {
+            // Reopening may block on the disk: off the runtime's workers,
+            // and awaited here, so shutdown waits for it.
+            let t = tenancy.clone();
+            let _ = tokio::task::spawn_blocking(move || t.recover()).await;
         }
     }
 }
@@ -656,25 +766,6 @@ async fn cert_renewal_loop(certs: Arc<CertStore>, stop: CancellationToken) {
             Ok(Ok(false)) => {}
             Ok(Err(e)) => tracing::warn!(error = %e, "certificate renewal failed"),
             Err(e) => tracing::warn!(error = %e, "certificate renewal task failed"),
-        }
-    }
-}
-
-/// Flushes promo counts in batches (and, in cluster mode, syncs with the
-/// other nodes and tops up impression leases).
-async fn promo_flush_loop(promo: Arc<Promo>, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(crate::promo::FLUSH_INTERVAL);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.cancelled() => return,
-        }
-        if let Err(e) = promo.run(|p| p.flush()).await {
-            tracing::warn!(error = %e, "promo flush failed; will retry");
-        }
-        // Cluster mode: other nodes' changes, and this node's leases.
-        if let Err(e) = promo.run(|p| p.sync()).await {
-            tracing::warn!(error = %e, "promo sync with the cluster failed; will retry");
         }
     }
 }

@@ -52,6 +52,16 @@ pub enum Command {
     /// Manage a brand's API keys.
     #[command(subcommand)]
     Key(KeyCommand),
+    /// Read every record of a stopped server's databases and report damage
+    /// (exit 1 if any, or if a database cannot be read at all).
+    Check {
+        /// The server's data directory.
+        #[arg(long, env = "HERALD_DATA_DIR", default_value = "./herald-data")]
+        data_dir: PathBuf,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the local server's admin key (from its data directory).
     AdminKey {
         /// The server's data directory.
@@ -328,6 +338,27 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }) => {
             let k = common.api_client()?.revoke_key(&brand, &key_id).await?;
             println!("revoked key {}", k.id);
+            Ok(())
+        }
+        Command::Check { data_dir, json } => {
+            let dir = data_dir.clone();
+            let report =
+                tokio::task::spawn_blocking(move || herald_server::check::check_data_dir(&dir))
+                    .await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{report}");
+            }
+            if !report.is_clean() {
+                let damaged: u64 = report.files.iter().map(|f| f.damaged).sum();
+                anyhow::bail!(
+                    "{} damaged records, {} databases unreadable in {}: restore the damaged databases from a backup (a damaged post can also be deleted through the API once the server runs)",
+                    damaged,
+                    report.unreadable.len(),
+                    data_dir.display()
+                );
+            }
             Ok(())
         }
         Command::AdminKey { data_dir } => {

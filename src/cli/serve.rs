@@ -53,7 +53,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             "first start: generated secrets in {}",
             server.config().data_dir.display()
         );
-        println!("admin key: {}", secrets.admin_key);
+        // Shown once, when generated; a key from HERALD_ADMIN_KEY is the
+        // operator's already and is never printed.
+        if secrets.admin_key_generated {
+            println!("admin key: {}", secrets.admin_key);
+        }
     }
     println!(
         "herald listening: quic {} http {}",

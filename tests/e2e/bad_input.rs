@@ -263,18 +263,21 @@ async fn http_errors_are_json_with_stable_codes() {
     )
     .await;
     let key = &server.admin_key;
-    // A body over the limit is refused with a message that names the limit.
-    let resp = http
-        .post(&url)
-        .bearer_auth(key)
-        .json(&serde_json::json!({"text": "x".repeat(100_000)}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status().as_u16(), 413);
-    let answer: serde_json::Value = resp.json().await.unwrap();
-    let msg = answer["error"]["message"].as_str().unwrap_or_default();
-    assert!(msg.contains("64 KiB"), "{answer}");
+    // A post over the text limit, and a body over the body limit, are each
+    // refused with a message that names the limit.
+    for (size, status, limit) in [(100_000, 400, "16384"), (300_000, 413, "256 KiB")] {
+        let resp = http
+            .post(&url)
+            .bearer_auth(key)
+            .json(&serde_json::json!({"text": "x".repeat(size)}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), status, "{size} bytes");
+        let answer: serde_json::Value = resp.json().await.unwrap();
+        let msg = answer["error"]["message"].as_str().unwrap_or_default();
+        assert!(msg.contains(limit), "{answer}");
+    }
     check(
         http.post(format!("http://{}/v1/channels/nope/posts", server.http))
             .bearer_auth(key)

@@ -165,7 +165,7 @@ async fn keys_roles_and_every_refusal_has_a_stable_code() {
         json!({"grants": [{"channel": "globex-news", "role": "analyst"}]}),
     )
     .await
-    .assert_error(400, "invalid_argument");
+    .assert_error(403, "forbidden");
     // A brand key lists only what it may see.
     let r = s.get("/v1/channels", Some(&globex)).await;
     let ids: Vec<&str> = r.body["channels"]
@@ -316,5 +316,27 @@ async fn openapi_document_is_openapi_3_and_lists_every_route() {
         let reply = s.call(method, &url, None, None, &[]).await;
         assert_ne!(reply.code(), "not_found", "{path} is not routed");
     }
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dot_ids_are_refused_everywhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = TestServer::start(dir.path()).await;
+    s.brand("acme").await;
+    for id in [".", ".."] {
+        s.post(
+            "/v1/channels",
+            s.admin(),
+            json!({"id": id, "brand": "acme"}),
+        )
+        .await
+        .assert_error(400, "invalid_argument");
+        s.post("/v1/brands", s.admin(), json!({"id": id}))
+            .await
+            .assert_error(400, "invalid_argument");
+    }
+    // Ids that only start with dots are ids like any other.
+    s.channel("..x", "acme").await;
     s.stop().await;
 }

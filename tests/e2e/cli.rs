@@ -294,3 +294,47 @@ fn serve(data: &Path, quic: &str) -> Command {
         .kill_on_drop(true);
     c
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_key_from_the_environment_is_never_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = "hk_admin_from_the_environment_0123456789";
+    let mut c = serve(dir.path(), "127.0.0.1:0");
+    c.env("HERALD_ADMIN_KEY", key)
+        .env("RUST_LOG", "debug")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = c.spawn().unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut printed = String::new();
+    tokio::time::timeout(WAIT, async {
+        while let Some(l) = out.next_line().await.unwrap() {
+            printed.push_str(&l);
+            printed.push('\n');
+            if l.starts_with("herald listening:") {
+                return;
+            }
+        }
+        panic!("herald exited before listening: {printed}");
+    })
+    .await
+    .expect("herald starts");
+    interrupt(&child).await;
+    let status = tokio::time::timeout(WAIT, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success());
+    while let Ok(Some(l)) = out.next_line().await {
+        printed.push_str(&l);
+    }
+    let mut logged = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut child.stderr.take().unwrap(), &mut logged)
+        .await
+        .unwrap();
+    // Other secrets were generated (so "first start" is said), never the key.
+    assert!(printed.contains("first start"), "{printed}");
+    assert!(!printed.contains(key), "stdout: {printed}");
+    assert!(!logged.contains(key), "log: {logged}");
+    assert!(!dir.path().join("admin.key").exists());
+}

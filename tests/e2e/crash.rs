@@ -5,8 +5,6 @@
 //! exactly every post once, in order.
 
 use std::collections::BTreeMap;
-use std::path::Path;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -14,49 +12,6 @@ use std::time::Duration;
 use crate::harness::*;
 use herald::cli::ApiClient;
 use herald_client::{Client, ClientOptions, Event};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
-
-struct Spawned {
-    child: Child,
-    quic: std::net::SocketAddr,
-    http: std::net::SocketAddr,
-}
-
-/// Starts `herald serve` and waits for its "listening" line.
-async fn spawn_server(dir: &Path, quic: &str, http: &str) -> Spawned {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args(["serve", "--data-dir"])
-        .arg(dir)
-        .args(["--quic-addr", quic, "--http-addr", http])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn herald");
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let line = tokio::time::timeout(WAIT, async {
-        while let Some(l) = lines.next_line().await.unwrap() {
-            if l.starts_with("herald listening:") {
-                return l;
-            }
-        }
-        panic!("herald exited before listening");
-    })
-    .await
-    .expect("herald starts");
-    // Keep draining stdout so the child never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    // "herald listening: quic A http B"
-    let parts: Vec<&str> = line.split_whitespace().collect();
-    Spawned {
-        child,
-        quic: parts[3].parse().unwrap(),
-        http: parts[5].parse().unwrap(),
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_stream_loses_nothing_acknowledged() {

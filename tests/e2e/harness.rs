@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::Stdio;
 use std::time::Duration;
 
 use herald::cli::ApiClient;
@@ -17,6 +18,8 @@ use herald_server::config::Config;
 use herald_server::Server;
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
 use tokio::sync::oneshot;
 
 /// Upper bound on any single wait in a test; a hang fails instead of blocking CI.
@@ -172,6 +175,19 @@ impl TestServer {
         self.call(Method::POST, path, key, Some(body), &[]).await
     }
 
+    /// A GET without a key; (status, body text).
+    pub async fn http_text(&self, path: &str) -> (u16, String) {
+        let resp = tokio::time::timeout(
+            WAIT,
+            self.http_client.get(format!("{}{path}", self.base)).send(),
+        )
+        .await
+        .expect("answer in time")
+        .expect("request sent");
+        let status = resp.status().as_u16();
+        (status, resp.text().await.unwrap())
+    }
+
     pub fn admin(&self) -> Option<&str> {
         Some(&self.admin_key)
     }
@@ -306,4 +322,67 @@ pub fn assert_gapless(seqs: &[u64], first: u64, last: u64) {
         want.as_slice(),
         "posts must be exactly {first}..={last} in order"
     );
+}
+
+/// The real `herald` binary, spawned (`herald serve` on a data directory).
+pub struct Spawned {
+    pub child: Child,
+    pub quic: std::net::SocketAddr,
+    pub http: std::net::SocketAddr,
+}
+
+/// Starts `herald serve` and waits for its "listening" line.
+pub async fn spawn_server(dir: &Path, quic: &str, http: &str) -> Spawned {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["serve", "--data-dir"])
+        .arg(dir)
+        .args(["--quic-addr", quic, "--http-addr", http])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn herald");
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(WAIT, async {
+        while let Some(l) = lines.next_line().await.unwrap() {
+            if l.starts_with("herald listening:") {
+                return l;
+            }
+        }
+        panic!("herald exited before listening");
+    })
+    .await
+    .expect("herald starts");
+    // Keep draining stdout so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    // "herald listening: quic A http B"
+    let parts: Vec<&str> = line.split_whitespace().collect();
+    Spawned {
+        child,
+        quic: parts[3].parse().unwrap(),
+        http: parts[5].parse().unwrap(),
+    }
+}
+
+/// Runs the real `herald` binary with `args` to its end (within [`WAIT`]);
+/// (exit code, stdout, stderr).
+pub async fn run_herald(args: &[&std::ffi::OsStr]) -> (Option<i32>, String, String) {
+    let out = tokio::time::timeout(
+        WAIT,
+        Command::new(env!("CARGO_BIN_EXE_herald"))
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("herald ends in time")
+    .expect("herald runs");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }

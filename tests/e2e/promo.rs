@@ -70,6 +70,7 @@ async fn read_feed(c: &mut Client, posts: usize) -> Vec<String> {
 async fn promoted_slot_end_to_end() {
     let dir = tempfile::tempdir().unwrap();
     let server = TestServer::start(dir.path()).await;
+    server.brand("acme").await;
     server.api.create_channel("news", "").await.unwrap();
     server.api.create_channel("quiet", "").await.unwrap();
     put_json(
@@ -217,12 +218,62 @@ async fn campaign_api_rejects_bad_input() {
     let http = reqwest::Client::new();
     let url = format!("http://{}/v1/campaigns", server.http);
     let now = herald_server::model::now_ms();
+    server.brand("acme").await;
     let good = serde_json::json!({
+        "advertiser": "acme",
         "creative": {"title": "T", "text": "x", "cta_url": "https://a.example"},
-        "budget_impressions": 10, "cpm_bid_micros": 1, "end_ms": now + 1000
+        "budget_impressions": 10, "cpm_bid_micros": 1, "end_ms": now + 60_000
     });
     let r = http.post(&url).json(&good).send().await.unwrap();
     assert_eq!(r.status(), 401);
+    // The good body is good: what follows fails for the field alone.
+    let r = http
+        .post(&url)
+        .bearer_auth(&server.admin_key)
+        .json(&good)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    // The advertiser must be given by the admin, and must exist (a brand
+    // created later with that id must not inherit a campaign).
+    for (advertiser, status) in [
+        (serde_json::Value::Null, 400),
+        (serde_json::json!(""), 404),
+        (serde_json::json!("later"), 404),
+    ] {
+        let mut b = good.clone();
+        if advertiser.is_null() {
+            b.as_object_mut().unwrap().remove("advertiser");
+        } else {
+            b["advertiser"] = advertiser;
+        }
+        let r = http
+            .post(&url)
+            .bearer_auth(&server.admin_key)
+            .json(&b)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), status, "advertiser {}", b["advertiser"]);
+    }
+    // Type and shape errors are 400 like every malformed body (never 422).
+    for bad in [
+        serde_json::json!({"advertiser": "acme", "creative": 5}),
+        serde_json::json!({"advertiser": "acme", "budget_impressions": "ten"}),
+        serde_json::json!([1, 2]),
+    ] {
+        let r = http
+            .post(&url)
+            .bearer_auth(&server.admin_key)
+            .json(&bad)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{bad}");
+        let body: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "invalid_argument");
+    }
     for (field, value) in [
         ("budget_impressions", serde_json::json!(0)),
         ("end_ms", serde_json::json!(0)),

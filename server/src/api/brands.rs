@@ -11,6 +11,7 @@ use super::caller::{role_name, Caller};
 use super::error::{ApiError, ErrorBody};
 use super::extract::{JsonBody, PathParams};
 use super::ApiState;
+use crate::model::ChannelId;
 use crate::tenancy::{
     validate_brand_id, validate_len, Brand, Grant, KeyRecord, Role, ALL_CHANNELS, MAX_GRANTS,
     MAX_NAME_BYTES,
@@ -19,9 +20,14 @@ use crate::tenancy::{
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateBrand {
-    /// Letters, digits, '-', '_', '.'; at most 64 bytes.
+    /// Letters, digits, '-', '_', '.'; 1 to 64 bytes (not `.` or `..`).
+    #[schema(
+        pattern = r"^(?:[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}|\.[A-Za-z0-9_-][A-Za-z0-9._-]{0,62}|\.\.[A-Za-z0-9._-]{1,62})$"
+    )]
     pub id: String,
+    /// A name for people: at most 256 bytes.
     #[serde(default)]
+    #[schema(max_length = 256)]
     pub name: String,
 }
 
@@ -36,8 +42,13 @@ pub struct BrandList {
     request_body = CreateBrand,
     responses(
         (status = 201, body = Brand),
+        (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody, description = "not the admin key"),
         (status = 409, body = ErrorBody),
+        (status = 408, body = ErrorBody, description = "the body did not arrive in time"),
+        (status = 413, body = ErrorBody, description = "the body is over 256 KiB"),
+        (status = 415, body = ErrorBody, description = "not `Content-Type: application/json`"),
+        (status = 503, body = ErrorBody, description = "`storage_unavailable`: nothing was stored; retry"),
     ),
     security(("api_key" = [])))]
 pub async fn create_brand(
@@ -85,10 +96,13 @@ pub async fn get_brand(
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateKey {
-    /// A note for people ("ci publisher").
+    /// A note for people ("ci publisher"): at most 256 bytes.
     #[serde(default)]
+    #[schema(max_length = 256)]
     pub label: String,
-    /// Roles per channel; channel `*` means every channel of the brand.
+    /// Roles per channel, 1 to 256; channel `*` means every channel of the
+    /// brand.
+    #[schema(min_items = 1, max_items = 256)]
     pub grants: Vec<Grant>,
 }
 
@@ -158,13 +172,20 @@ fn check_grants(
     }
     for g in grants {
         g.validate()?;
+        // A channel that exists must be the brand's; one that does not
+        // exist yet may be granted (the brand may create it later; a key
+        // only ever reaches channels its brand owns).
+        let exists = ChannelId::parse(&g.channel)
+            .ok()
+            .is_some_and(|c| state.log.channel(&c).is_some());
         if g.channel != ALL_CHANNELS
+            && exists
             && state
                 .tenancy
                 .channel_meta(&g.channel)
                 .is_none_or(|m| m.brand != brand)
         {
-            return Err(ApiError::bad_request(format!(
+            return Err(ApiError::forbidden(format!(
                 "channel {:?} does not belong to brand {brand:?}",
                 g.channel
             )));
@@ -188,8 +209,12 @@ fn check_grants(
     responses(
         (status = 201, body = CreatedKey, description = "the key is in `key`, shown only now"),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
-        (status = 403, body = ErrorBody, description = "not the admin or an owner of every granted channel"),
+        (status = 403, body = ErrorBody, description = "not the admin or an owner of every granted channel, or a granted channel belongs to another brand"),
         (status = 404, body = ErrorBody),
+        (status = 408, body = ErrorBody, description = "the body did not arrive in time"),
+        (status = 413, body = ErrorBody, description = "the body is over 256 KiB"),
+        (status = 415, body = ErrorBody, description = "not `Content-Type: application/json`"),
+        (status = 503, body = ErrorBody, description = "`storage_unavailable`: nothing was stored; retry"),
     ),
     security(("api_key" = [])))]
 pub async fn create_key(
@@ -249,6 +274,7 @@ pub async fn list_keys(
         (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody, description = "not the admin or an owner of every channel of the key"),
         (status = 404, body = ErrorBody),
+        (status = 503, body = ErrorBody, description = "`storage_unavailable`: nothing was stored; retry"),
     ),
     security(("api_key" = [])))]
 pub async fn revoke_key(

@@ -32,6 +32,9 @@ impl From<PromoError> for ApiError {
                 ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, e.to_string())
             }
             PromoError::Invalid(f) => ApiError::bad_request(f.0),
+            PromoError::Storage(crate::promo::LedgerError::Unavailable(why)) => {
+                ApiError::storage_unavailable(why)
+            }
             PromoError::Storage(_) => {
                 tracing::error!(error = %e, "promo storage error");
                 ApiError::new(
@@ -47,23 +50,66 @@ impl From<PromoError> for ApiError {
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateCampaign {
-    /// The brand paying; a brand key may omit it (its own brand).
-    #[serde(default)]
+    /// The brand paying (it must exist); required with the admin key, a brand
+    /// key may omit it (its own brand).
+    #[serde(default, deserialize_with = "crate::json::not_null")]
+    #[schema(
+        required = true,
+        nullable = false,
+        pattern = r"^(?:[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}|\.[A-Za-z0-9_-][A-Za-z0-9._-]{0,62}|\.\.[A-Za-z0-9._-]{1,62})$"
+    )]
     pub advertiser: Option<String>,
+    /// What followers see.
     pub creative: Creative,
+    /// Which channels the campaign may appear in (default: every opted-in one).
     #[serde(default)]
     pub targeting: Targeting,
+    /// Impressions bought: 1 to 2^50.
+    #[schema(minimum = 1, maximum = 1125899906842624_i64)]
+    #[serde(deserialize_with = "crate::json::int")]
     pub budget_impressions: u64,
+    /// Price per thousand impressions, in millionths: 1 to 2^40.
+    #[schema(minimum = 1, maximum = 1099511627776_i64)]
+    #[serde(deserialize_with = "crate::json::int")]
     pub cpm_bid_micros: u64,
+    /// At most this many impressions per follower per period; none: no cap.
     #[serde(default)]
     pub frequency_cap: Option<FrequencyCap>,
-    /// Default: now.
-    #[serde(default)]
+    /// Start of the flight, Unix milliseconds (default: now). The flight
+    /// must end after it starts and last at most 366 days.
+    #[serde(default, deserialize_with = "crate::json::opt_int")]
+    #[schema(minimum = 0, maximum = 253402300800000_i64)]
     pub start_ms: Option<i64>,
+    /// End of the flight, Unix milliseconds, exclusive: after `start_ms`, at
+    /// most 366 days after it, before the year 10000.
+    #[schema(minimum = 1, maximum = 253402300800000_i64)]
+    #[serde(deserialize_with = "crate::json::int")]
     pub end_ms: i64,
-    /// `draft` (default) or `active`.
+    /// `draft` (default), `active` or `paused`.
     #[serde(default)]
-    pub state: Option<CampaignState>,
+    pub state: Option<SettableState>,
+}
+
+/// The states an owner may set (`finished` and `exhausted` are derived).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SettableState {
+    /// Being prepared: never shown.
+    Draft,
+    /// Shown while in its flight, within its budget and pacing.
+    Active,
+    /// Stopped: not shown until set active again.
+    Paused,
+}
+
+impl From<SettableState> for CampaignState {
+    fn from(s: SettableState) -> Self {
+        match s {
+            SettableState::Draft => CampaignState::Draft,
+            SettableState::Active => CampaignState::Active,
+            SettableState::Paused => CampaignState::Paused,
+        }
+    }
 }
 
 /// A campaign with its derived state and numbers.
@@ -98,9 +144,13 @@ fn view(state: &ApiState, id: &str) -> Result<CampaignView, ApiError> {
     })
 }
 
-#[utoipa::path(post, path = "/v1/campaigns", tag = "campaigns",
+#[utoipa::path(post, path = "/v1/campaigns", tag = "campaigns", operation_id = "create_campaign",
     request_body = CreateCampaign,
-    responses((status = 201, body = CampaignView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody)),
+    responses((status = 201, body = CampaignView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody, description = "the advertiser brand does not exist"),
+        (status = 408, body = ErrorBody, description = "the body did not arrive in time"),
+        (status = 413, body = ErrorBody, description = "the body is over 256 KiB"),
+        (status = 415, body = ErrorBody, description = "not `Content-Type: application/json`"),
+        (status = 503, body = ErrorBody, description = "`storage_unavailable`: nothing was stored; retry"),),
     security(("api_key" = [])))]
 pub async fn create(
     State(state): State<ApiState>,
@@ -108,7 +158,12 @@ pub async fn create(
     JsonBody(b): JsonBody<CreateCampaign>,
 ) -> Result<(StatusCode, Json<CampaignView>), ApiError> {
     let advertiser = match (&caller, b.advertiser) {
-        (Caller::Admin, a) => a.unwrap_or_default(),
+        (Caller::Admin, None) => {
+            return Err(ApiError::bad_request(
+                "advertiser is required with the admin key: the id of an existing brand",
+            ))
+        }
+        (Caller::Admin, Some(a)) => a,
         (Caller::Key(k), a) => {
             let brand = a.unwrap_or_else(|| k.brand.clone());
             if brand != k.brand || !caller.owns_brand(&brand) {
@@ -119,6 +174,13 @@ pub async fn create(
             brand
         }
     };
+    // The advertiser must exist now: a campaign for a brand made later
+    // would be owned by whoever creates a brand with that id.
+    if state.tenancy.brand(&advertiser).is_none() {
+        return Err(ApiError::not_found(format!(
+            "no brand {advertiser:?}: the advertiser must be an existing brand"
+        )));
+    }
     let mut id = [0u8; 8];
     rand::rng().fill_bytes(&mut id);
     let now = now_ms();
@@ -132,15 +194,15 @@ pub async fn create(
         frequency_cap: b.frequency_cap,
         start_ms: b.start_ms.unwrap_or(now),
         end_ms: b.end_ms,
-        status: b.state.unwrap_or(CampaignState::Draft),
+        status: b.state.map_or(CampaignState::Draft, CampaignState::from),
         created_at_ms: now,
     };
     let created = state.promo.run(move |p| p.create(c)).await?;
     Ok((StatusCode::CREATED, Json(view(&state, &created.id)?)))
 }
 
-#[utoipa::path(get, path = "/v1/campaigns/{id}", tag = "campaigns",
-    params(("id" = String, Path)),
+#[utoipa::path(get, path = "/v1/campaigns/{id}", tag = "campaigns", operation_id = "get_campaign",
+    params(("id" = String, Path, description = "campaign id (`cmp_` and 16 hex digits)")),
     responses((status = 200, body = CampaignView), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
     security(("api_key" = [])))]
 pub async fn get(
@@ -151,8 +213,8 @@ pub async fn get(
     Ok(Json(view_for(&state, &caller, &id)?))
 }
 
-#[utoipa::path(get, path = "/v1/campaigns/{id}/stats", tag = "campaigns",
-    params(("id" = String, Path)),
+#[utoipa::path(get, path = "/v1/campaigns/{id}/stats", tag = "campaigns", operation_id = "campaign_stats",
+    params(("id" = String, Path, description = "campaign id (`cmp_` and 16 hex digits)")),
     responses((status = 200, body = CampaignStats), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
     security(("api_key" = [])))]
 pub async fn stats(
@@ -166,22 +228,41 @@ pub async fn stats(
 #[derive(Deserialize, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateCampaign {
-    pub state: Option<CampaignState>,
+    /// `draft`, `active` or `paused`.
+    pub state: Option<SettableState>,
+    /// A new creative.
     pub creative: Option<Creative>,
+    /// A new targeting.
     pub targeting: Option<Targeting>,
+    /// 1 to 2^50.
+    #[schema(minimum = 1, maximum = 1125899906842624_i64)]
+    #[serde(default, deserialize_with = "crate::json::opt_int")]
     pub budget_impressions: Option<u64>,
+    /// 1 to 2^40.
+    #[schema(minimum = 1, maximum = 1099511627776_i64)]
+    #[serde(default, deserialize_with = "crate::json::opt_int")]
     pub cpm_bid_micros: Option<u64>,
     /// `null` removes the cap.
     #[serde(default, with = "::serde_with::rust::double_option")]
     pub frequency_cap: Option<Option<FrequencyCap>>,
+    /// Unix milliseconds (see `CreateCampaign`).
+    #[schema(minimum = 0, maximum = 253402300800000_i64)]
+    #[serde(default, deserialize_with = "crate::json::opt_int")]
     pub start_ms: Option<i64>,
+    /// Unix milliseconds (see `CreateCampaign`).
+    #[schema(minimum = 1, maximum = 253402300800000_i64)]
+    #[serde(default, deserialize_with = "crate::json::opt_int")]
     pub end_ms: Option<i64>,
 }
 
-#[utoipa::path(patch, path = "/v1/campaigns/{id}", tag = "campaigns",
-    params(("id" = String, Path)),
+#[utoipa::path(patch, path = "/v1/campaigns/{id}", tag = "campaigns", operation_id = "update_campaign",
+    params(("id" = String, Path, description = "campaign id (`cmp_` and 16 hex digits)")),
     request_body = UpdateCampaign,
-    responses((status = 200, body = CampaignView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    responses((status = 200, body = CampaignView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 408, body = ErrorBody, description = "the body did not arrive in time"),
+        (status = 413, body = ErrorBody, description = "the body is over 256 KiB"),
+        (status = 415, body = ErrorBody, description = "not `Content-Type: application/json`"),
+        (status = 503, body = ErrorBody, description = "`storage_unavailable`: nothing was stored; retry"),),
     security(("api_key" = [])))]
 pub async fn update(
     State(state): State<ApiState>,
@@ -201,7 +282,7 @@ pub async fn update(
         .run(move |p| {
             p.update(&cid, |c| {
                 if let Some(v) = b.state {
-                    c.status = v;
+                    c.status = v.into();
                 }
                 if let Some(v) = b.creative {
                     c.creative = v;
@@ -251,9 +332,9 @@ fn channel_view(state: &ApiState, id: &str) -> Result<ChannelPromoView, ApiError
     })
 }
 
-#[utoipa::path(get, path = "/v1/channels/{id}/promo", tag = "campaigns",
-    params(("id" = String, Path)),
-    responses((status = 200, body = ChannelPromoView), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+#[utoipa::path(get, path = "/v1/channels/{id}/promo", tag = "campaigns", operation_id = "get_channel_promo",
+    params(("id" = String, Path, description = "channel id: 1 to 64 letters, digits, '-', '_', '.' (not `.` or `..`)", pattern = r"^(?:[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}|\.[A-Za-z0-9_-][A-Za-z0-9._-]{0,62}|\.\.[A-Za-z0-9._-]{1,62})$")),
+    responses((status = 200, body = ChannelPromoView), (status = 400, body = ErrorBody, description = "an invalid channel id"), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
     security(("api_key" = [])))]
 pub async fn get_channel(
     State(state): State<ApiState>,
@@ -267,15 +348,23 @@ pub async fn get_channel(
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SetChannelPromo {
+    /// Whether the channel shows promoted posts.
     pub opt_in: bool,
-    #[serde(default)]
+    /// The slot opens after every this many organic posts: 1 to 10000
+    /// (default 5).
+    #[serde(default, deserialize_with = "crate::json::opt_int")]
+    #[schema(minimum = 1, maximum = 10000)]
     pub every_posts: Option<u32>,
 }
 
-#[utoipa::path(put, path = "/v1/channels/{id}/promo", tag = "campaigns",
-    params(("id" = String, Path)),
+#[utoipa::path(put, path = "/v1/channels/{id}/promo", tag = "campaigns", operation_id = "set_channel_promo",
+    params(("id" = String, Path, description = "channel id: 1 to 64 letters, digits, '-', '_', '.' (not `.` or `..`)", pattern = r"^(?:[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}|\.[A-Za-z0-9_-][A-Za-z0-9._-]{0,62}|\.\.[A-Za-z0-9._-]{1,62})$")),
     request_body = SetChannelPromo,
-    responses((status = 200, body = ChannelPromoView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+    responses((status = 200, body = ChannelPromoView), (status = 400, body = ErrorBody), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 408, body = ErrorBody, description = "the body did not arrive in time"),
+        (status = 413, body = ErrorBody, description = "the body is over 256 KiB"),
+        (status = 415, body = ErrorBody, description = "not `Content-Type: application/json`"),
+        (status = 503, body = ErrorBody, description = "`storage_unavailable`: nothing was stored; retry"),),
     security(("api_key" = [])))]
 pub async fn set_channel(
     State(state): State<ApiState>,

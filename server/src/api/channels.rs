@@ -20,19 +20,36 @@ use crate::tenancy::{validate_len, validate_url, ChannelMeta, Role, MAX_DESCRIPT
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateChannel {
+    /// The channel id: 1 to 64 letters, digits, '-', '_', '.' (not `.` or `..`).
+    #[schema(
+        pattern = r"^(?:[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}|\.[A-Za-z0-9_-][A-Za-z0-9._-]{0,62}|\.\.[A-Za-z0-9._-]{1,62})$"
+    )]
     pub id: String,
+    /// At most 256 bytes.
     #[serde(default)]
+    #[schema(max_length = 256)]
     pub title: String,
-    /// The owning brand. A brand key may omit it (its own brand is used).
-    #[serde(default)]
+    /// The owning brand (it must exist). A brand key may omit it (its own
+    /// brand is used); the admin may omit it only for a channel without
+    /// settings (`description`, `avatar_url`, `verified`, `promoted_opt_in`).
+    #[serde(default, deserialize_with = "crate::json::not_null")]
+    #[schema(
+        nullable = false,
+        pattern = r"^(?:[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}|\.[A-Za-z0-9_-][A-Za-z0-9._-]{0,62}|\.\.[A-Za-z0-9._-]{1,62})$"
+    )]
     pub brand: Option<String>,
+    /// At most 2048 bytes.
     #[serde(default)]
+    #[schema(max_length = 2048)]
     pub description: String,
+    /// An http(s) URL of at most 2048 bytes, or empty.
     #[serde(default)]
+    #[schema(max_length = 2048, pattern = r"^(?:https?://.*)?$")]
     pub avatar_url: String,
     /// Admin only.
     #[serde(default)]
     pub verified: bool,
+    /// Whether the channel shows promoted posts.
     #[serde(default)]
     pub promoted_opt_in: bool,
 }
@@ -113,7 +130,7 @@ async fn set_promo_opt_in(
     Ok(())
 }
 
-#[utoipa::path(post, path = "/v1/channels", tag = "channels",
+#[utoipa::path(post, path = "/v1/channels", tag = "channels", operation_id = "create_channel",
     request_body = CreateChannel,
     responses(
         (status = 201, body = ChannelView),
@@ -121,6 +138,10 @@ async fn set_promo_opt_in(
         (status = 403, body = ErrorBody, description = "not an owner of the brand, another brand, or `verified` without the admin key"),
         (status = 404, body = ErrorBody, description = "no such brand"),
         (status = 409, body = ErrorBody),
+        (status = 408, body = ErrorBody, description = "the body did not arrive in time"),
+        (status = 413, body = ErrorBody, description = "the body is over 256 KiB"),
+        (status = 415, body = ErrorBody, description = "not `Content-Type: application/json`"),
+        (status = 503, body = ErrorBody, description = "`storage_unavailable`: nothing was stored; retry"),
     ),
     security(("api_key" = [])))]
 pub async fn create(
@@ -193,9 +214,9 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(view(&state, info))))
 }
 
-#[utoipa::path(get, path = "/v1/channels/{id}", tag = "channels",
-    params(("id" = String, Path)),
-    responses((status = 200, body = ChannelView), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+#[utoipa::path(get, path = "/v1/channels/{id}", tag = "channels", operation_id = "get_channel",
+    params(("id" = String, Path, description = "channel id: 1 to 64 letters, digits, '-', '_', '.' (not `.` or `..`)", pattern = r"^(?:[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}|\.[A-Za-z0-9_-][A-Za-z0-9._-]{0,62}|\.\.[A-Za-z0-9._-]{1,62})$")),
+    responses((status = 200, body = ChannelView), (status = 400, body = ErrorBody, description = "an invalid channel id"), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
     security(("api_key" = [])))]
 pub async fn get(
     State(state): State<ApiState>,
@@ -215,7 +236,7 @@ pub struct ChannelList {
     pub channels: Vec<ChannelView>,
 }
 
-#[utoipa::path(get, path = "/v1/channels", tag = "channels",
+#[utoipa::path(get, path = "/v1/channels", tag = "channels", operation_id = "list_channels",
     responses((status = 200, body = ChannelList, description = "every channel the caller may see"), (status = 401, body = ErrorBody)),
     security(("api_key" = [])))]
 pub async fn list(State(state): State<ApiState>, caller: Caller) -> Json<ChannelList> {
@@ -238,21 +259,31 @@ pub async fn list(State(state): State<ApiState>, caller: Caller) -> Json<Channel
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpdateChannel {
+    /// At most 2048 bytes.
+    #[schema(max_length = 2048)]
     pub description: Option<String>,
+    /// An http(s) URL of at most 2048 bytes, or empty.
+    #[schema(max_length = 2048, pattern = r"^(?:https?://.*)?$")]
     pub avatar_url: Option<String>,
+    /// Whether the channel shows promoted posts.
     pub promoted_opt_in: Option<bool>,
     /// Admin only.
     pub verified: Option<bool>,
 }
 
-#[utoipa::path(patch, path = "/v1/channels/{id}", tag = "channels",
-    params(("id" = String, Path)),
+#[utoipa::path(patch, path = "/v1/channels/{id}", tag = "channels", operation_id = "update_channel",
+    params(("id" = String, Path, description = "channel id: 1 to 64 letters, digits, '-', '_', '.' (not `.` or `..`)", pattern = r"^(?:[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}|\.[A-Za-z0-9_-][A-Za-z0-9._-]{0,62}|\.\.[A-Za-z0-9._-]{1,62})$")),
     request_body = UpdateChannel,
     responses(
         (status = 200, body = ChannelView),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody, description = "not an owner of the channel, or `verified` without the admin key"),
         (status = 404, body = ErrorBody),
+        (status = 409, body = ErrorBody, description = "the channel was made without a brand, so it has no settings"),
+        (status = 408, body = ErrorBody, description = "the body did not arrive in time"),
+        (status = 413, body = ErrorBody, description = "the body is over 256 KiB"),
+        (status = 415, body = ErrorBody, description = "not `Content-Type: application/json`"),
+        (status = 503, body = ErrorBody, description = "`storage_unavailable`: nothing was stored; retry"),
     ),
     security(("api_key" = [])))]
 pub async fn update(
@@ -321,9 +352,9 @@ pub struct ChannelStatsView {
     pub lag_events: u64,
 }
 
-#[utoipa::path(get, path = "/v1/channels/{id}/stats", tag = "channels",
-    params(("id" = String, Path)),
-    responses((status = 200, body = ChannelStatsView), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
+#[utoipa::path(get, path = "/v1/channels/{id}/stats", tag = "channels", operation_id = "channel_stats",
+    params(("id" = String, Path, description = "channel id: 1 to 64 letters, digits, '-', '_', '.' (not `.` or `..`)", pattern = r"^(?:[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}|\.[A-Za-z0-9_-][A-Za-z0-9._-]{0,62}|\.\.[A-Za-z0-9._-]{1,62})$")),
+    responses((status = 200, body = ChannelStatsView), (status = 400, body = ErrorBody, description = "an invalid channel id"), (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody)),
     security(("api_key" = [])))]
 pub async fn stats(
     State(state): State<ApiState>,

@@ -79,6 +79,19 @@ impl ApiError {
         ApiError::new(StatusCode::NOT_FOUND, ErrorCode::NotFound, message)
     }
 
+    /// 503 `storage_unavailable` with `Retry-After: 1`: a database cannot
+    /// take writes right now and is being reopened; nothing was stored.
+    pub fn storage_unavailable(why: impl std::fmt::Display) -> ApiError {
+        ApiError {
+            retry_after: Some(1),
+            ..ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::StorageUnavailable,
+                format!("nothing was stored: {why}"),
+            )
+        }
+    }
+
     /// 429 with `Retry-After` (whole seconds, at least 1).
     pub fn rate_limited(wait: Duration) -> ApiError {
         let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
@@ -110,6 +123,8 @@ impl From<StoreError> for ApiError {
             StoreError::PostNotFound { .. } => (StatusCode::NOT_FOUND, ErrorCode::NotFound),
             StoreError::Closed => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::ShuttingDown),
             StoreError::Storage(_) => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal),
+            StoreError::Unavailable(why) => return ApiError::storage_unavailable(why),
+            StoreError::Damaged(_) => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::DataDamaged),
         };
         if status == StatusCode::INTERNAL_SERVER_ERROR {
             tracing::error!(error = %e, "storage error answering a request");
@@ -127,10 +142,11 @@ impl From<TenancyError> for ApiError {
             TenancyError::UnknownBrand(_) | TenancyError::UnknownKey(_) => {
                 (StatusCode::NOT_FOUND, ErrorCode::NotFound)
             }
-            TenancyError::UnknownChannel(_) => {
-                (StatusCode::BAD_REQUEST, ErrorCode::InvalidArgument)
-            }
+            // A channel made without a brand has no settings to change: a
+            // conflict with the channel's state, not a malformed request.
+            TenancyError::UnknownChannel(_) => (StatusCode::CONFLICT, ErrorCode::InvalidArgument),
             TenancyError::Storage(_) => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Internal),
+            TenancyError::Unavailable(why) => return ApiError::storage_unavailable(why),
         };
         if status == StatusCode::INTERNAL_SERVER_ERROR {
             tracing::error!(error = %e, "tenancy storage error answering a request");

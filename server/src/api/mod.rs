@@ -1,4 +1,5 @@
-//! The brand HTTP API (axum, JSON), plus `/healthz`, `/v1/openapi.json` and
+//! The brand HTTP API (axum, JSON), plus `/healthz` (liveness), `/readyz`
+//! (can it take writes and followers), `/v1/openapi.json` and
 //! the Prometheus exposition at `/metrics` (see [`crate::metrics`]).
 //!
 //! Every error is a JSON body `{"error": {"code", "message"}}` with the right
@@ -41,8 +42,11 @@ use crate::limits::PublishLimiter;
 use crate::store::ChannelLog;
 use crate::tenancy::TenancyStore;
 
-/// Largest request body accepted, in bytes (a post's text is at most 16 KiB).
-pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// Largest request body accepted, in bytes. Larger than any valid body
+/// (a post's text is at most 16 KiB, but JSON may escape each of its
+/// characters into six bytes), so an over-long field is answered 400 naming
+/// it, and only a body that could never be valid gets 413.
+pub const MAX_BODY_BYTES: usize = 256 * 1024;
 
 /// What handlers share.
 #[derive(Clone)]
@@ -55,6 +59,8 @@ pub struct ApiState {
     pub(crate) publish_limiter: Arc<PublishLimiter>,
     /// Renders `/metrics`.
     pub(crate) metrics: metrics_exporter_prometheus::PrometheusHandle,
+    /// Cancelled when the server starts shutting down (`/readyz` says so).
+    pub(crate) stopping: tokio_util::sync::CancellationToken,
 }
 
 async fn render_metrics(
@@ -96,7 +102,7 @@ pub fn openapi_document() -> utoipa::openapi::OpenApi {
 /// The API's routes.
 pub fn router(state: ApiState) -> Router {
     let (routed, doc) = routes();
-    let json: Arc<str> = match doc.to_json() {
+    let json: Arc<str> = match openapi::served_json(&doc) {
         Ok(j) => Arc::from(j),
         Err(e) => {
             tracing::error!(error = %e, "cannot serialize the OpenAPI document");
@@ -105,6 +111,7 @@ pub fn router(state: ApiState) -> Router {
     };
     routed
         .route("/healthz", get(openapi::healthz))
+        .route("/readyz", get(openapi::readyz))
         .route("/metrics", get(render_metrics))
         .route(
             "/v1/openapi.json",

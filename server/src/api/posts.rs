@@ -25,14 +25,25 @@ pub const MAX_IDEMPOTENCY_KEY: usize = 255;
 
 /// Most posts one history page returns.
 pub const MAX_HISTORY_PAGE: usize = 1000;
+/// Largest seq the API takes (an int64, as the OpenAPI document says).
+pub const MAX_SEQ: u64 = i64::MAX as u64;
+
+fn check_seq(seq: u64) -> Result<(), ApiError> {
+    if seq > MAX_SEQ {
+        return Err(ApiError::bad_request(format!("seq must be 0 to {MAX_SEQ}")));
+    }
+    Ok(())
+}
 
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PublishBody {
+    /// The post's text: 1 to 16384 bytes.
+    #[schema(min_length = 1, max_length = 16384)]
     pub text: String,
-    /// Media references: `{"url": "...", "mime": "..."}`.
+    /// Media references, at most 10.
     #[serde(default)]
-    #[schema(value_type = Vec<Object>)]
+    #[schema(value_type = Vec<crate::json::MediaRef>, max_items = 10)]
     pub media: Vec<Media>,
 }
 
@@ -61,9 +72,8 @@ pub struct PostView {
     pub id: String,
     /// The text, 1 to 16384 bytes; empty for a deleted post.
     pub text: String,
-    /// Media references, `{"url": "...", "mime": "..."}`, at most 10; empty for
-    /// a deleted post.
-    #[schema(value_type = Vec<Object>)]
+    /// Media references, at most 10; empty for a deleted post.
+    #[schema(value_type = Vec<crate::json::MediaRef>)]
     pub media: Vec<Media>,
     /// When the server accepted the post, in Unix milliseconds.
     pub created_at_ms: i64,
@@ -72,6 +82,11 @@ pub struct PostView {
     pub edited_at_ms: i64,
     /// The post was deleted: this is its tombstone, with no text or media.
     pub deleted: bool,
+    /// The server's stored copy of the post is damaged (see `herald check`):
+    /// this tombstone stands in for it (`deleted` is true too). Deleting the
+    /// post replaces the damaged record with a sound tombstone.
+    #[serde(default)]
+    pub damaged: bool,
 }
 
 impl From<Post> for PostView {
@@ -86,6 +101,7 @@ impl From<Post> for PostView {
             created_at_ms: p.created_at_ms,
             edited_at_ms: p.edited_at_ms,
             deleted: p.deleted,
+            damaged: p.damaged,
         }
     }
 }
@@ -106,18 +122,22 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     Ok(Some(s.to_string()))
 }
 
-#[utoipa::path(post, path = "/v1/channels/{id}/posts", tag = "posts",
+#[utoipa::path(post, path = "/v1/channels/{id}/posts", tag = "posts", operation_id = "publish",
     params(
-        ("id" = String, Path),
-        ("Idempotency-Key" = Option<String>, Header, description = "a retry with the same key within 24 h answers the first post and posts nothing"),
+        ("id" = String, Path, description = "channel id: 1 to 64 letters, digits, '-', '_', '.' (not `.` or `..`)", pattern = r"^(?:[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}|\.[A-Za-z0-9_-][A-Za-z0-9._-]{0,62}|\.\.[A-Za-z0-9._-]{1,62})$"),
+        ("Idempotency-Key" = Option<String>, Header, description = "a retry with the same key within 24 h answers the first post and posts nothing: 1 to 255 visible ASCII characters", pattern = r"^[!-~]{1,255}$"),
     ),
     request_body = PublishBody,
     responses(
         (status = 201, body = Published, description = "durable; a retry with the same Idempotency-Key gets the same answer"),
-        (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
+        (status = 400, body = ErrorBody, description = "an invalid field, header, channel id or body"), (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody, description = "no publisher role in this channel"),
         (status = 404, body = ErrorBody),
+        (status = 408, body = ErrorBody, description = "the body did not arrive in time"),
+        (status = 413, body = ErrorBody, description = "the body is over 256 KiB"),
+        (status = 415, body = ErrorBody, description = "not `Content-Type: application/json`"),
         (status = 429, body = ErrorBody, description = "publish rate limit; see Retry-After"),
+        (status = 503, body = ErrorBody, description = "`storage_unavailable`: nothing was stored; retry (with the same Idempotency-Key)"),
     ),
     security(("api_key" = [])))]
 pub async fn publish(
@@ -151,16 +171,21 @@ pub async fn publish(
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EditBody {
+    /// The new text: 1 to 16384 bytes.
+    #[schema(min_length = 1, max_length = 16384)]
     pub text: String,
 }
 
-#[utoipa::path(patch, path = "/v1/channels/{id}/posts/{seq}", tag = "posts",
-    params(("id" = String, Path), ("seq" = u64, Path)),
+#[utoipa::path(patch, path = "/v1/channels/{id}/posts/{seq}", tag = "posts", operation_id = "edit_post",
+    params(("id" = String, Path, description = "channel id: 1 to 64 letters, digits, '-', '_', '.' (not `.` or `..`)", pattern = r"^(?:[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}|\.[A-Za-z0-9_-][A-Za-z0-9._-]{0,62}|\.\.[A-Za-z0-9._-]{1,62})$"), ("seq" = u64, Path, minimum = 0, maximum = 9223372036854775807_i64)),
     request_body = EditBody,
     responses(
         (status = 200, body = PostView),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 408, body = ErrorBody), (status = 413, body = ErrorBody), (status = 415, body = ErrorBody),
+        (status = 500, body = ErrorBody, description = "`data_damaged`: the stored post is damaged (delete it)"),
+        (status = 503, body = ErrorBody, description = "`storage_unavailable`: nothing was stored; retry"),
     ),
     security(("api_key" = [])))]
 pub async fn edit(
@@ -170,16 +195,19 @@ pub async fn edit(
     JsonBody(body): JsonBody<EditBody>,
 ) -> Result<Json<PostView>, ApiError> {
     let channel = ChannelId::parse(&id)?;
+    check_seq(seq)?;
     caller.require_channel(&state, &channel, Role::Publisher)?;
     validate_text(&body.text)?;
     Ok(Json(state.log.edit(channel, seq, body.text).await?.into()))
 }
 
-#[utoipa::path(delete, path = "/v1/channels/{id}/posts/{seq}", tag = "posts",
-    params(("id" = String, Path), ("seq" = u64, Path)),
+#[utoipa::path(delete, path = "/v1/channels/{id}/posts/{seq}", tag = "posts", operation_id = "delete_post",
+    params(("id" = String, Path, description = "channel id: 1 to 64 letters, digits, '-', '_', '.' (not `.` or `..`)", pattern = r"^(?:[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}|\.[A-Za-z0-9_-][A-Za-z0-9._-]{0,62}|\.\.[A-Za-z0-9._-]{1,62})$"), ("seq" = u64, Path, minimum = 0, maximum = 9223372036854775807_i64)),
     responses(
         (status = 200, body = PostView, description = "the tombstone"),
+        (status = 400, body = ErrorBody),
         (status = 401, body = ErrorBody), (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 503, body = ErrorBody, description = "`storage_unavailable`: nothing was stored; retry"),
     ),
     security(("api_key" = [])))]
 pub async fn delete(
@@ -188,6 +216,7 @@ pub async fn delete(
     PathParams((id, seq)): PathParams<(String, u64)>,
 ) -> Result<Json<PostView>, ApiError> {
     let channel = ChannelId::parse(&id)?;
+    check_seq(seq)?;
     caller.require_channel(&state, &channel, Role::Publisher)?;
     Ok(Json(state.log.delete(channel, seq).await?.into()))
 }
@@ -196,9 +225,13 @@ pub async fn delete(
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct HistoryQuery {
+    /// Posts with a seq greater than this (default 0: from the oldest).
     #[serde(default)]
+    #[param(minimum = 0, maximum = 9223372036854775807_i64)]
     pub after_seq: u64,
+    /// At most this many posts: 1 to 1000 (default 100).
     #[serde(default)]
+    #[param(minimum = 1, maximum = 1000)]
     pub limit: Option<usize>,
 }
 
@@ -218,12 +251,13 @@ pub struct History {
     pub epoch: u64,
 }
 
-#[utoipa::path(get, path = "/v1/channels/{id}/posts", tag = "posts",
-    params(("id" = String, Path), HistoryQuery),
+#[utoipa::path(get, path = "/v1/channels/{id}/posts", tag = "posts", operation_id = "history",
+    params(("id" = String, Path, description = "channel id: 1 to 64 letters, digits, '-', '_', '.' (not `.` or `..`)", pattern = r"^(?:[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}|\.[A-Za-z0-9_-][A-Za-z0-9._-]{0,62}|\.\.[A-Za-z0-9._-]{1,62})$"), HistoryQuery),
     responses(
         (status = 200, body = History),
         (status = 400, body = ErrorBody), (status = 401, body = ErrorBody),
         (status = 403, body = ErrorBody), (status = 404, body = ErrorBody),
+        (status = 503, body = ErrorBody, description = "`storage_unavailable`: the log cannot be read right now"),
     ),
     security(("api_key" = [])))]
 pub async fn history(
@@ -234,6 +268,11 @@ pub async fn history(
 ) -> Result<Json<History>, ApiError> {
     let channel = ChannelId::parse(&id)?;
     let info = caller.require_channel(&state, &channel, Role::Analyst)?;
+    if q.after_seq > MAX_SEQ {
+        return Err(ApiError::bad_request(format!(
+            "after_seq must be 0 to {MAX_SEQ}"
+        )));
+    }
     let limit = q.limit.unwrap_or(100);
     if limit == 0 || limit > MAX_HISTORY_PAGE {
         return Err(ApiError::bad_request(format!(

@@ -40,6 +40,9 @@ pub struct Secrets {
     pub reset_key: String,
     /// Files created on this start (to tell the operator once).
     pub created: Vec<PathBuf>,
+    /// Whether the admin key was generated on this start (so it may be shown
+    /// once). Never true when it came from `HERALD_ADMIN_KEY`.
+    pub admin_key_generated: bool,
 }
 
 impl std::fmt::Debug for Secrets {
@@ -57,6 +60,7 @@ impl Secrets {
             Some(v) => v,
             None => file_or_create(&data_dir.join(ADMIN_KEY_FILE), "hk_admin_", &mut created)?,
         };
+        let admin_key_generated = created.iter().any(|p| p.ends_with(ADMIN_KEY_FILE));
         let jwt_secret = match env_nonempty("HERALD_JWT_SECRET") {
             Some(v) => v,
             None => file_or_create(&data_dir.join(JWT_SECRET_FILE), "", &mut created)?,
@@ -67,6 +71,7 @@ impl Secrets {
             jwt_secret,
             reset_key,
             created,
+            admin_key_generated,
         })
     }
 
@@ -86,6 +91,7 @@ impl Secrets {
             jwt_secret: read(JWT_SECRET_FILE, "HERALD_JWT_SECRET")?,
             reset_key: String::new(),
             created: Vec::new(),
+            admin_key_generated: false,
         })
     }
 }

@@ -31,10 +31,10 @@ mod sink;
 pub mod writer;
 
 pub use event::{EventKind, FeedEvent};
-pub use promoted::{CatchupSlots, Impression, NoPromotions, PromotedSlot};
+pub use promoted::{CatchupSlots, DurableFuture, Impression, NoPromotions, PromotedSlot};
 pub use queue::{ControlRefused, Item, Outbox, MAX_PENDING_CONTROL};
 pub use sink::{FeedSink, MemorySink};
-pub use writer::{FeedDeps, FeedError, FeedStats, FeedWriter, LagPolicy, MAX_DRAIN};
+pub use writer::{CatchupBudget, FeedDeps, FeedError, FeedStats, FeedWriter, LagPolicy, MAX_DRAIN};
 
 #[cfg(test)]
 mod tests;

@@ -2,12 +2,15 @@
 //! promo engine: a promoted event carries a [`PromotedSlot`] (the impressions
 //! reserved for its fan-out); each follower's writer claims one
 //! [`Impression`] from it (refused when the follower's frequency cap or the
-//! reservation says no), and confirms the impression once the frame has been
-//! written to the follower. An impression dropped unconfirmed goes back to
-//! the campaign. At the end of a resuming follower's catch-up, the writer asks
+//! reservation says no), counts it and waits until the count is durable
+//! ([`CatchupSlots::durable`]) before the frame is written, and takes the
+//! count back if the write fails. An impression dropped uncounted goes back
+//! to the campaign. At the end of a resuming follower's catch-up, the writer asks
 //! a [`CatchupSlots`] for at most one promoted event.
 
 use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use super::event::FeedEvent;
@@ -29,14 +32,36 @@ pub trait PromotedSlot: Send + Sync + fmt::Debug {
 
 /// One claimed impression.
 pub trait Impression: Send {
-    /// The frame was written: count the impression (exactly once).
-    fn confirm(self: Box<Self>);
+    /// Counts the impression (exactly once, however often called), in
+    /// memory: its frame is about to be written. [`CatchupSlots::durable`]
+    /// makes the count durable before the frame goes out.
+    fn count(&mut self);
+
+    /// Takes back a counted impression whose frame could not be written
+    /// (the follower is gone); it is as if it had never been claimed.
+    fn uncount(&mut self);
+
+    /// Counts the impression for good (its frame was written).
+    fn confirm(mut self: Box<Self>) {
+        self.count();
+    }
 }
 
-/// The promoted post shown at the end of one follower's catch-up.
+/// A boxed future of [`CatchupSlots::durable`].
+pub type DurableFuture<'a> = Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
+
+/// The promoted post shown at the end of one follower's catch-up, and the
+/// durability of impression counts.
 pub trait CatchupSlots: Send + Sync {
     /// A promoted event for `channel` after seq `after_seq`, if one is due.
     fn after_catchup(&self, channel: &ChannelId, after_seq: u64) -> Option<Arc<FeedEvent>>;
+
+    /// Resolves once every impression counted before the call is durable
+    /// (`Err` if it could not be made so; the counts stay in memory and are
+    /// written later).
+    fn durable(&self) -> DurableFuture<'_> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// No promoted posts at all (for embedding and tests).

@@ -82,6 +82,7 @@ impl MemLog {
             created_at_ms: 0,
             edited_at_ms: 0,
             deleted: false,
+            damaged: false,
         };
         posts.insert(p.seq, p.clone());
         LogEvent::Posted(p)
@@ -154,6 +155,14 @@ impl ChannelLog for MemLog {
         unreachable!("not used by the writer")
     }
 
+    fn trim_all(&self, _: TrimPolicy) -> LogFuture<'_, crate::store::TrimReport> {
+        unreachable!("not used by the writer")
+    }
+
+    fn health(&self) -> crate::datadir::Health {
+        crate::datadir::Health::Ok
+    }
+
     fn close(&self) -> LogFuture<'_, ()> {
         Box::pin(async { Ok(()) })
     }
@@ -215,6 +224,7 @@ impl Rig {
                     max_events: 1000,
                     window: Duration::from_secs(60),
                 },
+                catchups: crate::feed::CatchupBudget::new(2),
             },
         );
         Rig {

@@ -117,6 +117,37 @@ pub struct FeedDeps {
     pub catchup_batch: usize,
     /// When to give up on a follower that keeps lagging.
     pub lag_policy: LagPolicy,
+    /// Catch-up steps (a log read and its encoding) in progress server-wide;
+    /// see [`CatchupBudget`].
+    pub catchups: CatchupBudget,
+}
+
+/// The global bound on catch-up memory: every catch-up step (reading up to
+/// `catchup_batch` posts from the log and encoding them) holds one permit
+/// while the decoded posts exist. With `n` permits, at most `n` steps'
+/// worth of decoded posts exist at once, however many followers replay
+/// history at the same time; further steps wait their turn (those followers
+/// get their history later; live delivery is not affected). The encoded
+/// frames are written after the permit is released and are bounded per
+/// session like the live queue (`session_queue_bytes`). A step never holds
+/// a permit while writing to a (possibly slow) follower.
+#[derive(Clone, Debug)]
+pub struct CatchupBudget(Arc<tokio::sync::Semaphore>);
+
+impl CatchupBudget {
+    /// At most `steps` catch-up steps at once (at least 1).
+    pub fn new(steps: usize) -> CatchupBudget {
+        CatchupBudget(Arc::new(tokio::sync::Semaphore::new(steps.max(1))))
+    }
+
+    /// Steps that may start now without waiting.
+    pub fn available(&self) -> usize {
+        self.0.available_permits()
+    }
+
+    async fn step(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        self.0.acquire().await.ok()
+    }
 }
 
 /// See the module docs.
@@ -134,6 +165,7 @@ pub struct FeedWriter<S> {
     slots: Arc<dyn CatchupSlots>,
     follower: String,
     stats: FeedStats,
+    catchups: CatchupBudget,
 }
 
 impl<S: FeedSink> FeedWriter<S> {
@@ -152,6 +184,7 @@ impl<S: FeedSink> FeedWriter<S> {
             recent_lags: VecDeque::new(),
             chunks: Vec::new(),
             stats: FeedStats::default(),
+            catchups: deps.catchups,
         }
     }
 
@@ -280,12 +313,25 @@ impl<S: FeedSink> FeedWriter<S> {
         if !self.chunks.is_empty() {
             let frames = self.chunks.len() as u64;
             let bytes: usize = self.chunks.iter().map(Bytes::len).sum();
-            self.sink.write_all_chunks(&mut self.chunks).await?;
-            self.chunks.clear();
-            // Written: these promoted frames are impressions now.
-            for claim in self.claims.drain(..) {
-                claim.confirm();
+            // Promoted frames in this batch are counted, durably, before
+            // they go out: a crash after the write cannot lose the count.
+            if !self.claims.is_empty() {
+                for claim in self.claims.iter_mut() {
+                    claim.count();
+                }
+                if let Err(e) = self.slots.durable().await {
+                    tracing::warn!(error = %e, "impression counts are not durable yet; they stay in memory and are written later");
+                }
             }
+            if let Err(e) = self.sink.write_all_chunks(&mut self.chunks).await {
+                // Not written: not impressions after all.
+                for mut claim in self.claims.drain(..) {
+                    claim.uncount();
+                }
+                return Err(e.into());
+            }
+            self.chunks.clear();
+            self.claims.clear();
             metrics::counter!(crate::metrics::FRAMES_DELIVERED).increment(frames);
             metrics::counter!(crate::metrics::BYTES_DELIVERED).increment(bytes as u64);
         }
@@ -353,17 +399,23 @@ impl<S: FeedSink> FeedWriter<S> {
                 return self.flush().await;
             }
             let want = ((cur - after) as usize).min(self.catchup_batch);
-            let posts = self.log.read(ch.clone(), after, want).await?;
-            let Some(last) = posts.last().map(|p| p.seq) else {
-                return self.flush().await;
-            };
-            for p in posts.iter().take_while(|p| p.seq <= cur) {
-                if p.deleted {
-                    self.chunks.push(encode_frame(&deleted_frame(p)));
-                } else if p.edited_at_ms > 0 {
-                    self.chunks.push(encode_frame(&edited_frame(p)));
+            let last = {
+                let step = self.catchups.step().await;
+                let posts = self.log.read(ch.clone(), after, want).await?;
+                let Some(last) = posts.last().map(|p| p.seq) else {
+                    drop(step);
+                    return self.flush().await;
+                };
+                for p in posts.iter().take_while(|p| p.seq <= cur) {
+                    if p.deleted {
+                        self.chunks.push(encode_frame(&deleted_frame(p)));
+                    } else if p.edited_at_ms > 0 {
+                        self.chunks.push(encode_frame(&edited_frame(p)));
+                    }
                 }
-            }
+                drop(step);
+                last
+            };
             self.flush().await?;
             after = last;
         }
@@ -382,8 +434,11 @@ impl<S: FeedSink> FeedWriter<S> {
                 return self.flush().await;
             }
             let want = ((upto - cur) as usize).min(self.catchup_batch);
+            // The decoded posts exist only within one step of the budget.
+            let step = self.catchups.step().await;
             let posts = self.log.read(ch.clone(), cur, want).await?;
             let Some(first) = posts.first() else {
+                drop(step);
                 // Everything after the cursor up to `upto` was trimmed while
                 // we were behind: say so (no silent gap), and go on after it.
                 if let Some(info) = self.log.channel(ch) {
@@ -408,6 +463,7 @@ impl<S: FeedSink> FeedWriter<S> {
                 last = Some(p.seq);
             }
             drop(posts);
+            drop(step);
             let mut pending = 0usize;
             for (seq, frame) in frames {
                 pending += frame.len();

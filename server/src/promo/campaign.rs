@@ -34,15 +34,17 @@ fn invalid(m: impl Into<String>) -> InvalidField {
 #[serde(deny_unknown_fields)]
 pub struct Creative {
     /// Headline: 1 to 64 characters.
+    #[schema(min_length = 1, max_length = 64)]
     pub title: String,
     /// Body text: 1 to 160 characters.
+    #[schema(min_length = 1, max_length = 160)]
     pub text: String,
-    /// An optional picture or video, `{"url": "...", "mime": "..."}`; its URL
-    /// is 1 to 2048 bytes.
+    /// An optional picture or video; its URL is 1 to 2048 bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<Object>)]
+    #[schema(value_type = Option<crate::json::MediaRef>)]
     pub media: Option<Media>,
     /// Where the call to action leads: an http(s) URL of at most 2048 bytes.
+    #[schema(max_length = 2048, pattern = r"^https?://")]
     pub cta_url: String,
 }
 
@@ -73,25 +75,37 @@ impl Creative {
             if m.url.is_empty() || m.url.len() > MAX_CTA_URL_BYTES {
                 return Err(invalid("creative.media.url must be 1 to 2048 bytes"));
             }
+            if m.mime.len() > MAX_CTA_URL_BYTES {
+                return Err(invalid("creative.media.mime must be at most 2048 bytes"));
+            }
         }
         Ok(())
     }
 }
 
+/// A channel id: 1 to 64 letters, digits, '-', '_', '.' (not `.` or `..`).
+#[derive(utoipa::ToSchema)]
+#[schema(value_type = String, pattern = r"^(?:[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}|\.[A-Za-z0-9_-][A-Za-z0-9._-]{0,62}|\.\.[A-Za-z0-9._-]{1,62})$")]
+#[allow(dead_code)]
+pub struct ChannelIdSchema(String);
+
 /// Which channels a campaign may appear in.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Targeting {
-    /// These channels (each must have opted in). Empty: every opted-in
-    /// channel with at least `min_followers` followers.
+    /// These channels (each must have opted in), at most 1000. Empty: every
+    /// opted-in channel with at least `min_followers` followers.
     #[serde(default)]
+    #[schema(max_items = 1000, value_type = Vec<ChannelIdSchema>)]
     pub channels: Vec<String>,
     /// With `channels` empty: the fewest followers a channel needs to be
     /// targeted (default 0). Ignored when `channels` is given.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "crate::json::int")]
+    #[schema(minimum = 0, maximum = 9223372036854775807_i64)]
     pub min_followers: u64,
-    /// Channels never targeted, even when listed in `channels`.
+    /// Channels never targeted, even when listed in `channels`, at most 1000.
     #[serde(default)]
+    #[schema(max_items = 1000, value_type = Vec<ChannelIdSchema>)]
     pub exclude: Vec<String>,
 }
 
@@ -106,6 +120,9 @@ impl Targeting {
         }
         for c in self.channels.iter().chain(&self.exclude) {
             ChannelId::parse(c)?;
+        }
+        if self.min_followers > i64::MAX as u64 {
+            return Err(invalid("targeting.min_followers is at most 2^63-1"));
         }
         Ok(())
     }
@@ -128,8 +145,12 @@ impl Targeting {
 #[serde(deny_unknown_fields)]
 pub struct FrequencyCap {
     /// Most impressions per follower within the window: 1 to 1000.
+    #[schema(minimum = 1, maximum = 1000)]
+    #[serde(deserialize_with = "crate::json::int")]
     pub impressions: u32,
     /// The sliding window, in seconds: 1 to 31622400 (366 days).
+    #[schema(minimum = 1, maximum = 31622400)]
+    #[serde(deserialize_with = "crate::json::int")]
     pub period_secs: u64,
 }
 
@@ -298,6 +319,14 @@ mod tests {
         assert!(c.validate().is_err());
         let mut c = campaign();
         c.targeting.channels = vec!["bad id".into()];
+        assert!(c.validate().is_err());
+        // Found by schemathesis: a media MIME type over the documented 2048
+        // bytes was accepted (and then broke the answer's schema).
+        let mut c = campaign();
+        c.creative.media = Some(Media {
+            url: "https://x/y.png".into(),
+            mime: "m".repeat(2049),
+        });
         assert!(c.validate().is_err());
         // Times that would overflow the pacing arithmetic are refused.
         let mut c = campaign();

@@ -48,7 +48,7 @@ use crate::cluster::nats::{is_kv_conflict, Nats, NatsError};
 const BUDGET_ATTEMPTS: usize = 1000;
 
 fn err(e: impl std::fmt::Display) -> LedgerError {
-    LedgerError(e.to_string())
+    LedgerError::Storage(e.to_string())
 }
 
 /// Ids may contain `.`, a KV key token separator: keys use `=` instead.
@@ -207,10 +207,12 @@ impl KvPromo {
                 Err((true, _)) => {
                     tokio::time::sleep(Duration::from_micros(rand::random_range(100..2000))).await;
                 }
-                Err((false, e)) => return Err(LedgerError(e)),
+                Err((false, e)) => return Err(LedgerError::Storage(e)),
             }
         }
-        Err(LedgerError("budget: too many concurrent updates".into()))
+        Err(LedgerError::Storage(
+            "budget: too many concurrent updates".into(),
+        ))
     }
 
     /// The budget record of a campaign, for tests and operators.
@@ -227,7 +229,7 @@ impl PromoStore for KvPromo {
             match self.block_on(kvcache::kv_create(&self.campaigns.store, &k, bytes)) {
                 Ok(rev) => rev,
                 Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
-                    return Err(LedgerError(format!(
+                    return Err(LedgerError::Storage(format!(
                         "campaign {:?} already exists",
                         rec.campaign.id
                     )))

@@ -9,14 +9,25 @@
 //! once and fanned out like a post, but takes no seq and is not history.
 //!
 //! Delivery: each follower's writer asks for a [`Claim`] (refused when the
-//! frequency cap is reached or the reservation is used up), and confirms it
-//! once the frame is written to the feed stream; a confirmed claim is one
-//! impression. Counts live in memory and are flushed to `promo.redb` in
-//! batches ([`Promo::flush`], every [`FLUSH_INTERVAL`] and at shutdown).
+//! frequency cap is reached or the reservation is used up), counts it, and
+//! waits until the count is durable in `promo.redb` ([`Promo::durable`]: one
+//! write, group-committed, serves every writer waiting) before it writes the
+//! frame to the feed stream; if the write fails, the count is taken back. A
+//! counted claim is one impression. So a crash (kill -9) never loses an
+//! impression that reached a follower: a count is on disk before its frame
+//! leaves. The one window left is a crash after the count is durable and
+//! before the frame leaves the process (microseconds), which counts an
+//! impression the follower never got. Clicks and slot settings are flushed
+//! every [`FLUSH_INTERVAL`] and at shutdown. While `promo.redb` cannot take
+//! writes, counts stay in memory (and frames still go out) until it can.
 //!
 //! Memory: a frequency-cap entry exists per (campaign, follower) that holds a
-//! claim or was shown the campaign, so entries are bounded by the sum of
-//! campaign budgets (impressions plus reservations never exceed a budget).
+//! claim or was shown the campaign, and a click entry per (campaign,
+//! follower) that clicked, so entries are bounded by the sum of the budgets
+//! of live campaigns (impressions plus reservations never exceed a budget):
+//! [`FOLLOWER_STATE_GRACE_MS`] after a campaign's flight ends, its entries
+//! are removed from memory and from `promo.redb` ([`Promo::prune_ended`]),
+//! and they are not loaded at start-up either.
 //!
 //! Storage is behind [`store`]'s `PromoStore`: `promo.redb` by default, or,
 //! in cluster mode, JetStream KV buckets shared by every node
@@ -43,7 +54,7 @@ mod slot;
 mod store;
 
 pub use campaign::{Campaign, Creative, FrequencyCap, State, Targeting, PROMOTED_LABEL};
-pub use ledger::{LedgerError, PROMO_FILE};
+pub use ledger::{verify, LedgerError, PROMO_CACHE_BYTES, PROMO_FILE, PROMO_SPEC};
 pub use slot::{Claim, Slot};
 
 use std::collections::{HashSet, VecDeque};
@@ -55,6 +66,7 @@ use std::time::Duration;
 use dashmap::DashMap;
 use tokio_util::task::TaskTracker;
 
+use crate::datadir::{Health, OpenError};
 use crate::feed::{EventKind, FeedEvent};
 use crate::model::{now_ms, ChannelId};
 use herald_proto::encode_frame;
@@ -64,6 +76,12 @@ use store::PromoStore;
 
 /// How often counts are flushed to disk.
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(250);
+/// How long after its flight ends a campaign keeps its per-follower entries
+/// (frequency caps, clicks): a click on one of its last impressions still
+/// counts within it. Then they are removed, from memory and from disk.
+pub const FOLLOWER_STATE_GRACE_MS: i64 = 24 * 3600 * 1000;
+/// How often campaigns past that grace are pruned.
+pub const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 /// Default organic posts between two promoted slots.
 pub const DEFAULT_EVERY_POSTS: u32 = 5;
 /// Cluster mode: the most impressions one lease asks for.
@@ -173,6 +191,37 @@ pub struct CampaignStats {
     pub reserved: u64,
 }
 
+/// Group commit for [`Promo::durable`]: each caller takes a ticket after
+/// counting its impressions; the flusher ([`Promo::run_flusher`]) notes the
+/// newest ticket before it takes the dirty set, writes it, and then marks
+/// every ticket up to that one completed (and durable, if the write
+/// succeeded). One write serves every caller waiting at the time.
+struct Journal {
+    requested: AtomicU64,
+    state: tokio::sync::watch::Sender<JournalState>,
+    wake: tokio::sync::Notify,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct JournalState {
+    /// Tickets up to this one were handled by a write.
+    completed: u64,
+    /// Tickets up to this one are durable.
+    durable: u64,
+    /// No more writes (shutdown): waiters are told at once.
+    closed: bool,
+}
+
+impl Default for Journal {
+    fn default() -> Self {
+        Journal {
+            requested: AtomicU64::new(0),
+            state: tokio::sync::watch::Sender::new(JournalState::default()),
+            wake: tokio::sync::Notify::new(),
+        }
+    }
+}
+
 #[derive(Default)]
 struct CapEntry {
     times: VecDeque<i64>,
@@ -185,6 +234,8 @@ struct Dirty {
     channels: HashSet<String>,
     caps: HashSet<(String, String)>,
     clicks: Vec<(String, String)>,
+    /// Campaigns whose per-follower entries are to be removed from the file.
+    pruned: Vec<String>,
 }
 
 /// Promo errors.
@@ -216,6 +267,10 @@ pub struct Promo {
     leased: bool,
     /// Serializes flushes so an older snapshot never overwrites a newer one.
     flushing: Mutex<()>,
+    /// Group commit of impression counts ([`Promo::durable`]).
+    journal: Journal,
+    /// Campaigns whose per-follower entries were pruned already.
+    pruned: Mutex<HashSet<String>>,
     /// Blocking work in flight ([`Promo::run`]).
     blocking: TaskTracker,
 }
@@ -225,8 +280,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Promo {
-    /// Opens `promo.redb` in `data_dir` and loads everything.
-    pub fn open(data_dir: &Path) -> Result<Arc<Promo>, PromoError> {
+    /// Opens `promo.redb` in `data_dir` and loads everything. A missing,
+    /// empty or damaged file of an existing data directory is an
+    /// [`OpenError`] naming it.
+    pub fn open(data_dir: &Path) -> Result<Arc<Promo>, OpenError> {
         let (ledger, loaded) = Ledger::open(data_dir)?;
         Ok(Promo::with_store(Box::new(ledger), loaded))
     }
@@ -236,7 +293,7 @@ impl Promo {
     pub async fn open_cluster(nats: &crate::cluster::Nats) -> Result<Arc<Promo>, PromoError> {
         let (store, loaded) = cluster_store::KvPromo::open(nats)
             .await
-            .map_err(|e| PromoError::Storage(LedgerError(e.to_string())))?;
+            .map_err(|e| PromoError::Storage(LedgerError::Storage(e.to_string())))?;
         let promo = Promo::with_store(Box::new(store), loaded);
         promo.apply_remote();
         Ok(promo)
@@ -244,7 +301,7 @@ impl Promo {
 
     fn with_store(store: Box<dyn PromoStore>, loaded: ledger::Loaded) -> Arc<Promo> {
         let leased = store.shared().is_some();
-        let campaigns = loaded
+        let campaigns: std::collections::HashMap<String, Arc<CampaignLive>> = loaded
             .campaigns
             .into_iter()
             .map(|r| {
@@ -273,8 +330,21 @@ impl Promo {
                 }),
             );
         }
+        // Per-follower entries of campaigns long over are not loaded (the
+        // first prune removes them from the file too).
+        let over: HashSet<String> = {
+            let campaigns: &std::collections::HashMap<String, Arc<CampaignLive>> = &campaigns;
+            campaigns
+                .values()
+                .filter(|c| c.spec().end_ms.saturating_add(FOLLOWER_STATE_GRACE_MS) < now_ms())
+                .map(|c| c.id.clone())
+                .collect()
+        };
         let caps = DashMap::new();
         for (k, r) in loaded.caps {
+            if over.contains(&k.0) {
+                continue;
+            }
             caps.insert(
                 k,
                 CapEntry {
@@ -285,7 +355,9 @@ impl Promo {
         }
         let clicks = DashMap::new();
         for k in loaded.clicks {
-            clicks.insert(k, ());
+            if !over.contains(&k.0) {
+                clicks.insert(k, ());
+            }
         }
         Arc::new(Promo {
             campaigns: RwLock::new(campaigns),
@@ -297,6 +369,8 @@ impl Promo {
             store,
             leased,
             flushing: Mutex::new(()),
+            journal: Journal::default(),
+            pruned: Mutex::new(HashSet::new()),
             blocking: TaskTracker::new(),
         })
     }
@@ -310,14 +384,102 @@ impl Promo {
         self.blocking
             .spawn_blocking(move || f(&me))
             .await
-            .map_err(|e| PromoError::Storage(LedgerError(e.to_string())))?
+            .map_err(|e| PromoError::Storage(LedgerError::Storage(e.to_string())))?
     }
 
-    /// Waits for the blocking work in flight; called at shutdown, after
-    /// which the last handle can let go of the database.
+    /// Waits for the blocking work in flight, then lets go of the database;
+    /// called at shutdown.
     pub async fn close(&self) {
+        self.journal.state.send_modify(|s| s.closed = true);
         self.blocking.close();
         self.blocking.wait().await;
+        self.store.close();
+    }
+
+    /// Resolves once every impression counted before the call is durable in
+    /// `promo.redb`; many callers share one write (see [`Journal`]). `Err`
+    /// when the write failed (the counts stay in memory and are written by a
+    /// later flush) or the engine is closing.
+    pub async fn durable(&self) -> Result<(), PromoError> {
+        let ticket = self.journal.requested.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut rx = self.journal.state.subscribe();
+        self.journal.wake.notify_one();
+        let st = *rx
+            .wait_for(|s| s.completed >= ticket || s.closed)
+            .await
+            .map_err(|_| PromoError::Storage(LedgerError::Unavailable("closing".into())))?;
+        if st.durable >= ticket {
+            Ok(())
+        } else {
+            Err(PromoError::Storage(LedgerError::Unavailable(
+                "the impression counts could not be written yet".into(),
+            )))
+        }
+    }
+
+    /// Writes counts to `promo.redb` until `stop`: at once for callers of
+    /// [`Promo::durable`], and every [`FLUSH_INTERVAL`] for the rest
+    /// (clicks, slot settings). [`Promo::durable`] relies on it: whoever
+    /// runs a `Promo` with sessions runs this too (the server does).
+    pub async fn run_flusher(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        let mut tick = tokio::time::interval(FLUSH_INTERVAL);
+        let mut prune = tokio::time::interval(PRUNE_INTERVAL);
+        loop {
+            let mut ticked = false;
+            tokio::select! {
+                _ = tick.tick() => ticked = true,
+                _ = self.journal.wake.notified() => {}
+                _ = prune.tick() => {
+                    let n = self.prune_ended(now_ms());
+                    if n > 0 {
+                        tracing::info!(entries = n, "pruned per-follower entries of campaigns long over");
+                    }
+                }
+                _ = stop.cancelled() => {
+                    // Shutting down: writers still finishing are told at
+                    // once (their counts stay in memory and go to disk with
+                    // the final flush) rather than waiting for a flush that
+                    // will not come.
+                    self.journal.state.send_modify(|s| s.closed = true);
+                    return;
+                }
+            }
+            loop {
+                let target = self.journal.requested.load(Ordering::SeqCst);
+                let res = self.run(|p| p.flush()).await;
+                let ok = res.is_ok();
+                self.journal.state.send_modify(|s| {
+                    s.completed = s.completed.max(target);
+                    if ok {
+                        s.durable = s.durable.max(target);
+                    }
+                });
+                if let Err(e) = res {
+                    tracing::warn!(error = %e, "promo flush failed; will retry");
+                    break;
+                }
+                if self.journal.requested.load(Ordering::SeqCst) == target {
+                    break;
+                }
+            }
+            // Cluster mode: other nodes' changes, and this node's leases,
+            // once per interval.
+            if self.leased && ticked {
+                if let Err(e) = self.run(|p| p.sync()).await {
+                    tracing::warn!(error = %e, "promo sync with the cluster failed; will retry");
+                }
+            }
+        }
+    }
+
+    /// Whether `promo.redb` can take writes now.
+    pub fn health(&self) -> Health {
+        self.store.health()
+    }
+
+    /// Tries to reopen `promo.redb` if a write failed (blocking).
+    pub fn recover(&self) {
+        self.store.recover();
     }
 
     fn campaign(&self, id: &str) -> Option<Arc<CampaignLive>> {
@@ -647,6 +809,34 @@ impl Promo {
         }
     }
 
+    /// Takes back a confirmed claim whose frame could not be written: it
+    /// becomes an unconfirmed claim again (and is released when dropped).
+    pub(crate) fn uncount(&self, c: &mut Claim) {
+        if !c.confirmed {
+            return;
+        }
+        let mut dirty = lock(&self.dirty);
+        c.confirmed = false;
+        let live = &c.campaign;
+        // The reservation first, then the impression: `place` reads
+        // impressions first, so it never sees their sum too low.
+        live.reserved.fetch_add(1, Ordering::SeqCst);
+        live.impressions.fetch_sub(1, Ordering::SeqCst);
+        let key = (live.id.clone(), c.follower.clone());
+        if let Some(mut e) = self.caps.get_mut(&key) {
+            e.ever = e.ever.saturating_sub(1);
+            if e.ever == 0 {
+                live.reach.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        if let Some(ch) = self.channels.get(c.channel.as_str()) {
+            ch.impressions.fetch_sub(1, Ordering::Relaxed);
+        }
+        dirty.campaigns.insert(live.id.clone());
+        dirty.channels.insert(c.channel.to_string());
+        dirty.caps.insert(key);
+    }
+
     /// Undoes an unconfirmed claim (from `Claim::drop`).
     fn release(&self, c: &Claim) {
         c.campaign.reserved.fetch_sub(1, Ordering::SeqCst);
@@ -661,6 +851,45 @@ impl Promo {
         }
         self.caps
             .remove_if(&key, |_, e| e.ever == 0 && e.times.is_empty());
+    }
+
+    /// Removes the per-follower entries (frequency caps, clicks) of every
+    /// campaign whose flight ended more than [`FOLLOWER_STATE_GRACE_MS`]
+    /// before `now_ms`, from memory and (with the next flush) from disk.
+    /// Returns how many entries went. A campaign's totals (impressions,
+    /// clicks, reach) stay.
+    pub fn prune_ended(&self, now_ms: i64) -> usize {
+        let over: HashSet<String> = {
+            let pruned = lock(&self.pruned);
+            self.campaigns
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .filter(|c| {
+                    c.spec().end_ms.saturating_add(FOLLOWER_STATE_GRACE_MS) < now_ms
+                        && !pruned.contains(&c.id)
+                })
+                .map(|c| c.id.clone())
+                .collect()
+        };
+        if over.is_empty() {
+            return 0;
+        }
+        let before = self.caps.len() + self.clicks.len();
+        self.caps.retain(|(c, _), _| !over.contains(c));
+        self.clicks.retain(|(c, _), _| !over.contains(c));
+        let removed = before.saturating_sub(self.caps.len() + self.clicks.len());
+        let mut dirty = lock(&self.dirty);
+        dirty.caps.retain(|(c, _)| !over.contains(c));
+        dirty.clicks.retain(|(c, _)| !over.contains(c));
+        dirty.pruned.extend(over.iter().cloned());
+        lock(&self.pruned).extend(over);
+        removed
+    }
+
+    /// Per-follower entries held in memory (frequency caps, clicks).
+    pub fn follower_entries(&self) -> usize {
+        self.caps.len() + self.clicks.len()
     }
 
     /// Records a click; `Ok(false)` for a repeat or for a follower who was
@@ -836,16 +1065,19 @@ impl Promo {
             ));
         }
         for key in &dirty.caps {
-            if let Some(e) = self.caps.get(key) {
-                batch.caps.push((
+            match self.caps.get(key) {
+                Some(e) => batch.caps.push((
                     key.clone(),
                     CapRecord {
                         times: e.times.iter().copied().collect(),
                         ever: e.ever,
                     },
-                ));
+                )),
+                // Taken back, or pruned: gone from the file too.
+                None => batch.removed_caps.push(key.clone()),
             }
         }
+        batch.pruned = dirty.pruned.clone();
         batch.clicks = dirty.clicks.clone();
         if batch.is_empty() {
             return Ok(());
@@ -857,6 +1089,7 @@ impl Promo {
             d.channels.extend(dirty.channels);
             d.caps.extend(dirty.caps);
             d.clicks.extend(dirty.clicks);
+            d.pruned.extend(dirty.pruned);
             return Err(e.into());
         }
         Ok(())

@@ -60,7 +60,8 @@ impl Drop for Slot {
     }
 }
 
-/// One impression claimed for one follower, counted once confirmed.
+/// One impression claimed for one follower, counted once confirmed (and
+/// taken back, as if never claimed, if its frame could not be written).
 pub struct Claim {
     pub(super) promo: Arc<Promo>,
     pub(super) campaign: Arc<CampaignLive>,
@@ -71,9 +72,14 @@ pub struct Claim {
 }
 
 impl Impression for Claim {
-    fn confirm(mut self: Box<Self>) {
+    fn count(&mut self) {
         let promo = self.promo.clone();
-        promo.confirm(&mut self);
+        promo.confirm(self);
+    }
+
+    fn uncount(&mut self) {
+        let promo = self.promo.clone();
+        promo.uncount(self);
     }
 }
 

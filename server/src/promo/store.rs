@@ -17,6 +17,7 @@ use std::collections::HashMap;
 use super::campaign::Campaign;
 use super::ledger::{Batch, CampaignRecord, ChannelRecord, Ledger, LedgerError};
 use super::ChannelSlot;
+use crate::datadir::Health;
 
 /// Promo storage. See the module docs.
 pub(crate) trait PromoStore: Send + Sync + 'static {
@@ -36,6 +37,14 @@ pub(crate) trait PromoStore: Send + Sync + 'static {
     fn shared(&self) -> Option<&dyn SharedPromo> {
         None
     }
+    /// Whether the store can take writes now.
+    fn health(&self) -> Health {
+        Health::Ok
+    }
+    /// Tries to make a store that failed a write usable again (blocking).
+    fn recover(&self) {}
+    /// Lets go of the store's files (at shutdown, once nothing writes).
+    fn close(&self) {}
 }
 
 /// What other nodes did, as far as this node has seen.
@@ -79,5 +88,17 @@ impl PromoStore for Ledger {
 
     fn write(&self, batch: &Batch) -> Result<(), LedgerError> {
         Ledger::write(self, batch)
+    }
+
+    fn health(&self) -> Health {
+        Ledger::health(self)
+    }
+
+    fn recover(&self) {
+        Ledger::recover(self)
+    }
+
+    fn close(&self) {
+        Ledger::close(self)
     }
 }

@@ -197,6 +197,86 @@ fn unconfirmed_claims_release_budget_and_cap() {
 }
 
 #[test]
+fn a_counted_claim_whose_write_failed_is_taken_back() {
+    let (_d, p) = setup();
+    let mut c = paced_out(campaign("c", 1000, 10));
+    c.frequency_cap = Some(FrequencyCap {
+        impressions: 1,
+        period_secs: 3600,
+    });
+    p.create(c).unwrap();
+    let ev = p.after_post(&ch("a"), 5, 1).unwrap();
+    let mut claim = ev.slot.as_ref().unwrap().claim("f").unwrap();
+    claim.count();
+    claim.count();
+    let s = p.get("c").unwrap().2;
+    assert_eq!((s.impressions, s.reach), (1, 1), "counted once");
+    assert_eq!(p.channel("a").1, 1);
+    claim.uncount();
+    drop(claim);
+    drop(ev);
+    let s = p.get("c").unwrap().2;
+    assert_eq!((s.impressions, s.reserved, s.reach), (0, 0, 0));
+    assert_eq!(p.channel("a").1, 0);
+    // Neither the cap nor a click is used up by it.
+    assert!(!p.click("f", "c").unwrap());
+    let ev = p.after_post(&ch("a"), 10, 1).unwrap();
+    assert!(ev.slot.as_ref().unwrap().claim("f").is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn durable_waits_for_a_write_that_covers_the_counts() {
+    let (dir, p) = setup();
+    p.create(paced_out(campaign("c", 1000, 10))).unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let flusher = tokio::spawn(p.clone().run_flusher(stop.clone()));
+    let ev = p.after_post(&ch("a"), 5, 2).unwrap();
+    for f in ["x", "y"] {
+        ev.slot.as_ref().unwrap().claim(f).unwrap().confirm();
+    }
+    p.durable().await.unwrap();
+    // On disk already: a copy of the file opened now shows them.
+    stop.cancel();
+    flusher.await.unwrap();
+    p.close().await;
+    drop(ev);
+    drop(p);
+    let again = Promo::open(dir.path()).unwrap();
+    assert_eq!(again.get("c").unwrap().2.impressions, 2);
+}
+
+#[test]
+fn follower_entries_of_campaigns_long_over_are_pruned() {
+    let (dir, p) = setup();
+    let c = paced_out(campaign("c", 1000, 10));
+    let end = c.end_ms;
+    p.create(c).unwrap();
+    p.create(paced_out(campaign("live", 10, 10))).unwrap();
+    let ev = p.after_post(&ch("a"), 5, 2).unwrap();
+    for f in ["x", "y"] {
+        ev.slot.as_ref().unwrap().claim(f).unwrap().confirm();
+    }
+    drop(ev);
+    assert!(p.click("x", "c").unwrap());
+    p.flush().unwrap();
+    assert_eq!(p.follower_entries(), 3);
+    // Within the grace after the flight: kept (a late click still counts).
+    assert_eq!(p.prune_ended(end + 1000), 0);
+    let later = end + FOLLOWER_STATE_GRACE_MS + 1;
+    assert_eq!(p.prune_ended(later), 3);
+    assert_eq!(p.follower_entries(), 0);
+    assert_eq!(p.prune_ended(later), 0, "once");
+    p.flush().unwrap();
+    let s = p.get("c").unwrap().2;
+    assert_eq!((s.impressions, s.clicks, s.reach), (2, 1, 2), "totals stay");
+    drop(p);
+    // Gone from the file too.
+    let again = Promo::open(dir.path()).unwrap();
+    assert_eq!(again.follower_entries(), 0);
+    assert_eq!(again.get("c").unwrap().2.impressions, 2);
+}
+
+#[test]
 fn budget_is_never_overspent_under_concurrent_fanouts() {
     let (_d, p) = setup();
     p.create(paced_out(campaign("b", 1000, 1000))).unwrap();

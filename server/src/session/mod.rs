@@ -38,8 +38,8 @@ use herald_proto::{encode_frame, ErrorCode, FrameError, FrameReader};
 
 use crate::config::Limits;
 use crate::feed::{
-    CatchupSlots, ControlRefused, FeedDeps, FeedError, FeedEvent, FeedStats, FeedWriter, Item,
-    LagPolicy, Outbox, MAX_PENDING_CONTROL,
+    CatchupSlots, ControlRefused, DurableFuture, FeedDeps, FeedError, FeedEvent, FeedStats,
+    FeedWriter, Item, LagPolicy, Outbox, MAX_PENDING_CONTROL,
 };
 use crate::hub::Hub;
 use crate::model::{ChannelId, ClientRequest, FollowRequest};
@@ -58,6 +58,8 @@ pub struct SessionContext {
     pub(crate) limits: Limits,
     /// Connections open per follower id.
     pub(crate) connections: Arc<FollowerConnections>,
+    /// The server-wide bound on catch-up steps in progress.
+    pub(crate) catchups: crate::feed::CatchupBudget,
 }
 
 /// How a session ended.
@@ -132,6 +134,10 @@ impl CatchupSlots for PromoCatchup {
     fn after_catchup(&self, channel: &ChannelId, after_seq: u64) -> Option<Arc<FeedEvent>> {
         self.promo
             .after_catchup(channel, after_seq, self.hub.follower_count(channel))
+    }
+
+    fn durable(&self) -> DurableFuture<'_> {
+        Box::pin(async move { self.promo.durable().await.map_err(|e| e.to_string()) })
     }
 }
 
@@ -269,6 +275,7 @@ impl Session {
                     max_events: limits.max_lag_events,
                     window: limits.lag_window(),
                 },
+                catchups: self.ctx.catchups.clone(),
             },
         );
         let mut writer = AbortOnDropHandle::new(tokio::spawn(writer.run()));
@@ -358,6 +365,11 @@ impl Session {
                             self.conn.close(quinn::VarInt::from_u32(0), b"feed stream closed");
                             Err(SessionError::Write(e))
                         }
+                        Ok(Err(FeedError::Log(crate::store::StoreError::Unavailable(why)))) => Err(close(
+                            &self.conn,
+                            ErrorCode::StorageUnavailable,
+                            &format!("the log cannot be read right now ({why}); reconnect and resume shortly"),
+                        )),
                         Ok(Err(e)) => Err(close(&self.conn, ErrorCode::Internal, &e.to_string())),
                         Err(e) => Err(close(&self.conn, ErrorCode::Internal, &format!("feed writer failed: {e}"))),
                     };

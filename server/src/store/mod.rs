@@ -14,6 +14,8 @@
 //!   order, before the writer is answered.
 //! - An append with an idempotency key seen in the last 24 h posts nothing
 //!   and answers with the first post.
+//! - A write that is not stored is never answered as stored: a failed commit
+//!   answers [`StoreError::Unavailable`].
 
 pub mod jetstream;
 mod records;
@@ -21,7 +23,10 @@ mod redb_log;
 
 pub use jetstream::JetStreamLog;
 
-pub use redb_log::{RedbLog, IDEMPOTENCY_TTL_MS, LOG_FILE, MAX_BATCH, WRITE_QUEUE};
+pub use redb_log::{
+    verify, RedbLog, IDEMPOTENCY_TTL_MS, LOG_CACHE_BYTES, LOG_FILE, LOG_SPEC, MAX_BATCH,
+    REOPEN_BACKOFF_MAX, TRIM_STEP, WRITE_QUEUE,
+};
 
 use std::future::Future;
 use std::pin::Pin;
@@ -58,6 +63,19 @@ pub struct TrimPolicy {
     pub keep_max: u64,
 }
 
+/// What one retention pass over every channel did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TrimReport {
+    /// Posts removed.
+    pub posts_removed: u64,
+    /// Expired idempotency records removed.
+    pub keys_expired: u64,
+    /// Channels that had posts removed.
+    pub channels_trimmed: u64,
+    /// The pass stopped at its bound ([`TRIM_STEP`] removals): run another.
+    pub more: bool,
+}
+
 /// A log operation failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
@@ -81,6 +99,15 @@ pub enum StoreError {
     /// The storage engine failed; the text says how.
     #[error("storage error: {0}")]
     Storage(String),
+    /// The log cannot take writes right now (a write failed, say on a full
+    /// disk); it reopens itself once it can, and nothing was stored by the
+    /// request. Retry later.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    /// A stored record is damaged (its checksum does not match, or it does
+    /// not decode); `herald check` lists every damaged record.
+    #[error("{0}")]
+    Damaged(String),
 }
 
 /// The channel log interface.
@@ -112,6 +139,13 @@ pub trait ChannelLog: Send + Sync + 'static {
     fn read(&self, channel: ChannelId, after_seq: u64, limit: usize) -> LogFuture<'_, Vec<Post>>;
     /// Removes posts by `policy`; resolves with how many were removed.
     fn trim(&self, channel: ChannelId, policy: TrimPolicy) -> LogFuture<'_, u64>;
+    /// One retention pass over every channel, in one durable write (none if
+    /// nothing is to be removed): removes posts by `policy` and expired
+    /// idempotency records, at most [`TRIM_STEP`] in all; run it again while
+    /// the report says `more`.
+    fn trim_all(&self, policy: TrimPolicy) -> LogFuture<'_, TrimReport>;
+    /// Whether the log can take writes now.
+    fn health(&self) -> crate::datadir::Health;
     /// Finishes the writes already queued, waits for reads in flight, and
     /// releases the log's files. Every later call fails with
     /// [`StoreError::Closed`].

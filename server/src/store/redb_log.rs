@@ -12,6 +12,26 @@
 //! lookup. Reads run on tokio's blocking pool with their own read transaction,
 //! each tracked, so that [`ChannelLog::close`] can wait for them: once it
 //! returns, no thread holds the database and the file can be opened again.
+//!
+//! # A failed commit
+//!
+//! When a commit fails in the storage engine (a full disk, an I/O error),
+//! nothing of its batch is acknowledged: every writer in it is answered
+//! [`StoreError::Unavailable`] (the API's 503 `storage_unavailable`), never a
+//! success. redb then refuses every write until the file is reopened, so the
+//! committer reopens it itself ([`crate::datadir::Db::try_reopen`], which
+//! also proves the file takes a write again), retrying with a backoff of up
+//! to [`REOPEN_BACKOFF_MAX`]; meanwhile new writes are refused at once. After
+//! the reopen the channel metadata is reloaded from the file, since a commit
+//! reported as failed may still have reached the disk: its posts keep their
+//! seqs (an `Idempotency-Key` retry finds them) and are fanned out then.
+//!
+//! # Damaged records
+//!
+//! Every record carries a checksum ([`super::records`]). A post whose record
+//! is damaged (or that redb cannot read) is read as a tombstone marked
+//! `damaged`, so a catch-up goes on past it and the follower is told, and
+//! `herald check` ([`verify`]) reports it.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -23,8 +43,9 @@ use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::task::TaskTracker;
 
-use super::records::{decode_channel, decode_post, encode_channel, encode_post};
-use super::{ChannelLog, EventSink, LogEvent, LogFuture, StoreError, TrimPolicy};
+use super::records::{damaged_post, decode_channel, decode_post, encode_channel, encode_post};
+use super::{ChannelLog, EventSink, LogEvent, LogFuture, StoreError, TrimPolicy, TrimReport};
+use crate::datadir::{Db, DbSpec, DbUnavailable, Health, OpenError};
 use crate::model::{now_ms, ChannelId, ChannelInfo, NewPost, Post};
 
 /// File name of the log inside the data directory.
@@ -33,10 +54,26 @@ pub const LOG_FILE: &str = "herald.redb";
 pub const MAX_BATCH: usize = 4096;
 /// Bound of the queue of operations waiting for the committer.
 pub const WRITE_QUEUE: usize = 16_384;
-/// Most posts one trim operation removes (a large trim runs as several).
-const TRIM_STEP: u64 = 10_000;
+/// Most posts (and expired idempotency records) one trim operation removes
+/// (a large trim runs as several).
+pub const TRIM_STEP: u64 = 10_000;
 /// How long an idempotency key answers with its first post (24 h).
 pub const IDEMPOTENCY_TTL_MS: i64 = 24 * 3600 * 1000;
+/// redb's page cache for the log, in bytes (its default, 1 GiB, would let
+/// memory grow with the log).
+pub const LOG_CACHE_BYTES: usize = 64 * 1024 * 1024;
+/// Longest pause between two attempts to reopen the log after a failed commit.
+pub const REOPEN_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The log's database file.
+pub const LOG_SPEC: DbSpec = DbSpec {
+    file: LOG_FILE,
+    holds: "the channel log (every channel, post and idempotency key)",
+    cache_bytes: LOG_CACHE_BYTES,
+    // The log can be large; it is checked record by record as it is read,
+    // and in full by `herald check`.
+    check_on_open: false,
+};
 
 const CHANNELS: TableDefinition<&str, &[u8]> = TableDefinition::new("channels");
 const POSTS: TableDefinition<(&str, u64), &[u8]> = TableDefinition::new("posts");
@@ -48,6 +85,13 @@ const IDEMPOTENCY_BY_AGE: TableDefinition<(&str, i64, &str), ()> =
 
 fn storage(e: impl std::fmt::Display) -> StoreError {
     StoreError::Storage(e.to_string())
+}
+
+fn unavailable(e: DbUnavailable) -> StoreError {
+    match e {
+        DbUnavailable::Closed => StoreError::Closed,
+        DbUnavailable::Failed(why) => StoreError::Unavailable(why),
+    }
 }
 
 enum OpKind {
@@ -73,6 +117,9 @@ enum OpKind {
         channel: ChannelId,
         policy: TrimPolicy,
     },
+    TrimAll {
+        policy: TrimPolicy,
+    },
     /// Stop after everything queued before it.
     Stop,
 }
@@ -81,6 +128,7 @@ enum Outcome {
     Channel(ChannelInfo),
     Post(Post),
     Trimmed(u64),
+    TrimmedAll(TrimReport),
     Stopped,
 }
 
@@ -91,8 +139,9 @@ struct Op {
 
 /// The redb-backed [`ChannelLog`].
 pub struct RedbLog {
-    /// `None` once closed: no new read can start.
-    db: std::sync::RwLock<Option<Arc<Database>>>,
+    db: Arc<Db>,
+    /// False once closed: no new read can start.
+    open: std::sync::RwLock<bool>,
     /// Reads in flight on the blocking pool.
     reads: TaskTracker,
     channels: Arc<DashMap<ChannelId, ChannelInfo>>,
@@ -121,27 +170,19 @@ impl Drop for RedbLog {
 
 impl RedbLog {
     /// Opens (or creates) the log in `data_dir` and starts its committer.
-    /// Committed events go to `sink`.
-    pub fn open(data_dir: &Path, sink: EventSink) -> Result<Arc<RedbLog>, StoreError> {
-        std::fs::create_dir_all(data_dir).map_err(storage)?;
-        let db = Database::create(data_dir.join(LOG_FILE)).map_err(storage)?;
+    /// Committed events go to `sink`. A missing, empty or damaged log file
+    /// of an existing data directory is an [`OpenError`] naming the file.
+    pub fn open(data_dir: &Path, sink: EventSink) -> Result<Arc<RedbLog>, OpenError> {
+        let db = Arc::new(Db::open(data_dir, LOG_SPEC)?);
+        let damaged = |e: &dyn std::fmt::Display| OpenError::damaged(data_dir, &LOG_SPEC, e);
         let channels = Arc::new(DashMap::new());
         {
-            let txn = db.begin_write().map_err(storage)?;
-            txn.open_table(CHANNELS).map_err(storage)?;
-            txn.open_table(POSTS).map_err(storage)?;
-            txn.open_table(IDEMPOTENCY).map_err(storage)?;
-            txn.open_table(IDEMPOTENCY_BY_AGE).map_err(storage)?;
-            txn.commit().map_err(storage)?;
-            let read = db.begin_read().map_err(storage)?;
-            let table = read.open_table(CHANNELS).map_err(storage)?;
-            for entry in table.iter().map_err(storage)? {
-                let (k, v) = entry.map_err(storage)?;
-                let info = decode_channel(k.value(), v.value())?;
+            let handle = db.get().map_err(|e| damaged(&e))?;
+            create_tables(&handle).map_err(|e| damaged(&e))?;
+            for info in load_channels(&handle).map_err(|e| damaged(&e))? {
                 channels.insert(info.id.clone(), info);
             }
         }
-        let db = Arc::new(db);
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         let committer = Committer {
             db: db.clone(),
@@ -151,9 +192,13 @@ impl RedbLog {
         let handle = std::thread::Builder::new()
             .name("herald-commit".into())
             .spawn(move || committer.run(rx))
-            .map_err(storage)?;
+            .map_err(|source| OpenError::Io {
+                path: data_dir.join(LOG_FILE),
+                source,
+            })?;
         Ok(Arc::new(RedbLog {
-            db: std::sync::RwLock::new(Some(db)),
+            db,
+            open: std::sync::RwLock::new(true),
             reads: TaskTracker::new(),
             channels,
             ops: tx,
@@ -164,14 +209,16 @@ impl RedbLog {
     /// The open database (tests reach into its tables).
     #[cfg(test)]
     fn database(&self) -> Arc<Database> {
-        self.db
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .expect("log is open")
+        self.db.get().expect("log is open")
     }
 
     async fn submit(&self, kind: OpKind) -> Result<Outcome, StoreError> {
+        // Refused at once while the file cannot take writes.
+        if let Health::Unavailable { .. } = self.db.health() {
+            if !matches!(kind, OpKind::Stop) {
+                return Err(StoreError::Unavailable(self.db.health().to_string()));
+            }
+        }
         let (reply, rx) = oneshot::channel();
         self.ops
             .send(Op { kind, reply })
@@ -246,8 +293,11 @@ impl ChannelLog for RedbLog {
             let task = {
                 // Spawned under the guard, so `close` either sees this read
                 // in the tracker or this read sees the log closed.
-                let guard = self.db.read().unwrap_or_else(|p| p.into_inner());
-                let db = guard.as_ref().ok_or(StoreError::Closed)?.clone();
+                let guard = self.open.read().unwrap_or_else(|p| p.into_inner());
+                if !*guard {
+                    return Err(StoreError::Closed);
+                }
+                let db = self.db.get().map_err(unavailable)?;
                 self.reads
                     .spawn_blocking(move || read_range(&db, &info, after_seq, limit))
             };
@@ -266,15 +316,28 @@ impl ChannelLog for RedbLog {
         })
     }
 
+    fn trim_all(&self, policy: TrimPolicy) -> LogFuture<'_, TrimReport> {
+        Box::pin(async move {
+            match self.submit(OpKind::TrimAll { policy }).await? {
+                Outcome::TrimmedAll(r) => Ok(r),
+                _ => Err(StoreError::Storage(
+                    "committer answered with the wrong outcome".into(),
+                )),
+            }
+        })
+    }
+
     fn close(&self) -> LogFuture<'_, ()> {
         Box::pin(async move {
             // No new reads; then wait for the committer to finish what is
             // queued and for the reads in flight.
-            let db = self.db.write().unwrap_or_else(|p| p.into_inner()).take();
-            if db.is_none() {
-                return Ok(());
+            {
+                let mut open = self.open.write().unwrap_or_else(|p| p.into_inner());
+                if !*open {
+                    return Ok(());
+                }
+                *open = false;
             }
-            drop(db);
             let _ = self.submit(OpKind::Stop).await;
             let handle = self
                 .committer
@@ -289,11 +352,136 @@ impl ChannelLog for RedbLog {
             }
             self.reads.close();
             self.reads.wait().await;
+            self.db.close();
             Ok(())
         })
     }
+
+    fn health(&self) -> Health {
+        self.db.health()
+    }
 }
 
+fn create_tables(db: &Database) -> Result<(), redb::Error> {
+    let txn = db.begin_write()?;
+    txn.open_table(CHANNELS)?;
+    txn.open_table(POSTS)?;
+    txn.open_table(IDEMPOTENCY)?;
+    txn.open_table(IDEMPOTENCY_BY_AGE)?;
+    txn.commit()?;
+    Ok(())
+}
+
+/// Every channel's metadata, from the file.
+fn load_channels(db: &Database) -> Result<Vec<ChannelInfo>, StoreError> {
+    let read = db.begin_read().map_err(storage)?;
+    let table = read.open_table(CHANNELS).map_err(storage)?;
+    let mut out = Vec::new();
+    for entry in table.iter().map_err(storage)? {
+        let (k, v) = entry.map_err(storage)?;
+        out.push(decode_channel(k.value(), v.value())?);
+    }
+    Ok(out)
+}
+
+/// Reads every record of the log and reports what is damaged or
+/// inconsistent (`herald check`): each channel record, each post (its
+/// checksum and encoding; a retained seq with no post; a post of no
+/// channel), and each idempotency record.
+pub fn verify(db: &crate::datadir::CheckedDb) -> Result<crate::datadir::FileReport, StoreError> {
+    let mut report = crate::datadir::FileReport {
+        file: LOG_FILE.to_string(),
+        ..Default::default()
+    };
+    let txn = db.begin_read().map_err(storage)?;
+    let mut channels: HashMap<String, Option<ChannelInfo>> = HashMap::new();
+    let table = txn.open_table(CHANNELS).map_err(storage)?;
+    for entry in table.iter().map_err(storage)? {
+        report.records += 1;
+        match entry {
+            Ok((k, v)) => match decode_channel(k.value(), v.value()) {
+                Ok(info) => {
+                    channels.insert(k.value().to_string(), Some(info));
+                }
+                Err(e) => {
+                    report.note_damage(e.to_string());
+                    channels.insert(k.value().to_string(), None);
+                }
+            },
+            Err(e) => report.note_damage(format!("the channels table cannot be read on: {e}")),
+        }
+    }
+    let posts = txn.open_table(POSTS).map_err(storage)?;
+    let (mut post_count, mut expected) = (0u64, HashMap::<String, u64>::new());
+    for entry in posts.iter().map_err(storage)? {
+        report.records += 1;
+        let (k, v) = match entry {
+            Ok(kv) => kv,
+            Err(e) => {
+                report.note_damage(format!("the posts table cannot be read on: {e}"));
+                break;
+            }
+        };
+        let (ch, seq) = k.value();
+        post_count += 1;
+        let Some(slot) = channels.get(ch) else {
+            report.note_damage(format!("post {ch}/{seq} belongs to no channel"));
+            continue;
+        };
+        let Some(info) = slot else {
+            continue;
+        };
+        if seq < info.oldest_seq || seq > info.head_seq {
+            report.note_damage(format!(
+                "post {ch}/{seq} is outside the channel's retained range {}..={}",
+                info.oldest_seq, info.head_seq
+            ));
+        }
+        if let Err(e) = decode_post(&info.id, info.epoch, seq, v.value()) {
+            report.note_damage(e.to_string());
+        }
+        *expected.entry(ch.to_string()).or_default() += 1;
+    }
+    for (id, info) in &channels {
+        let Some(info) = info else { continue };
+        let retained = (info.head_seq + 1).saturating_sub(info.oldest_seq);
+        let found = expected.get(id).copied().unwrap_or(0);
+        if found < retained {
+            report.note_damage(format!(
+                "channel {id} should retain {retained} posts ({}..={}) but has {found}",
+                info.oldest_seq, info.head_seq
+            ));
+        }
+    }
+    let idem = txn.open_table(IDEMPOTENCY).map_err(storage)?;
+    let mut keys = 0u64;
+    for entry in idem.iter().map_err(storage)? {
+        report.records += 1;
+        match entry {
+            Ok((k, v)) => {
+                keys += 1;
+                if IdemRecord::decode(v.value()).is_err() {
+                    let (ch, key) = k.value();
+                    report.note_damage(format!("idempotency record {ch}/{key:?} is damaged"));
+                }
+            }
+            Err(e) => {
+                report.note_damage(format!("the idempotency table cannot be read on: {e}"));
+                break;
+            }
+        }
+    }
+    report.summary = format!(
+        "{} channels, {post_count} posts, {keys} idempotency keys",
+        channels.len()
+    );
+    Ok(report)
+}
+
+/// Retained posts of `info` after `after_seq`, at most `limit`. A post
+/// whose record is damaged is read as a `damaged` tombstone; if redb cannot
+/// iterate the range (a damaged page), the posts are read one by one, and
+/// those it cannot read become `damaged` tombstones too.
 fn read_range(
     db: &Database,
     info: &ChannelInfo,
@@ -308,22 +496,56 @@ fn read_range(
     if start > info.head_seq {
         return Ok(out);
     }
-    for entry in table
-        .range((ch, start)..=(ch, u64::MAX))
-        .map_err(storage)?
-        .take(limit)
-    {
-        let (k, v) = entry.map_err(storage)?;
-        out.push(decode_post(&info.id, info.epoch, k.value().1, v.value())?);
+    let mut next = start;
+    let scanned: Result<(), redb::StorageError> = (|| {
+        for entry in table.range((ch, start)..=(ch, u64::MAX))?.take(limit) {
+            let (k, v) = entry?;
+            let seq = k.value().1;
+            out.push(post_or_damaged(info, seq, v.value()));
+            next = seq.saturating_add(1);
+        }
+        Ok(())
+    })();
+    if let Err(e) = scanned {
+        tracing::error!(channel = %info.id, after = next, error = %e, "cannot read the log's posts in order; reading them one by one");
+        while out.len() < limit && next <= info.head_seq {
+            match table.get((ch, next)) {
+                Ok(Some(v)) => out.push(post_or_damaged(info, next, v.value())),
+                Ok(None) => {}
+                Err(_) => out.push(damaged_post(&info.id, info.epoch, next)),
+            }
+            next += 1;
+        }
     }
     Ok(out)
 }
 
+fn post_or_damaged(info: &ChannelInfo, seq: u64, bytes: &[u8]) -> Post {
+    match decode_post(&info.id, info.epoch, seq, bytes) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::error!(error = %e, "serving a damaged post as a tombstone; run `herald check`");
+            metrics::counter!(crate::metrics::DAMAGED_RECORDS).increment(1);
+            damaged_post(&info.id, info.epoch, seq)
+        }
+    }
+}
+
 /// The thread that owns all writes.
 struct Committer {
-    db: Arc<Database>,
+    db: Arc<Db>,
     channels: Arc<DashMap<ChannelId, ChannelInfo>>,
     sink: EventSink,
+}
+
+/// How [`Committer::recover`] ended.
+enum Recovery {
+    /// The log takes writes again.
+    Reopened,
+    /// A Stop came (answer it and end).
+    Stop(Op),
+    /// The log was dropped (end).
+    Dropped,
 }
 
 /// What one batch produced, before it is known to be durable.
@@ -331,13 +553,29 @@ struct Applied {
     results: Vec<Result<Outcome, StoreError>>,
     events: Vec<LogEvent>,
     changed: HashMap<ChannelId, ChannelInfo>,
+    /// Whether anything was written (a batch that wrote nothing is not
+    /// committed: no fsync for nothing).
+    dirty: bool,
 }
 
 impl Committer {
     fn run(self, mut rx: mpsc::Receiver<Op>) {
         let mut batch: Vec<Op> = Vec::with_capacity(256);
         let mut stop = None;
-        while let Some(first) = rx.blocking_recv() {
+        loop {
+            if self.db.is_failed() {
+                match self.recover(&mut rx) {
+                    Recovery::Reopened => continue,
+                    Recovery::Stop(op) => {
+                        let _ = op.reply.send(Ok(Outcome::Stopped));
+                        return;
+                    }
+                    Recovery::Dropped => return,
+                }
+            }
+            let Some(first) = rx.blocking_recv() else {
+                return;
+            };
             batch.push(first);
             while batch.len() < MAX_BATCH {
                 match rx.try_recv() {
@@ -357,6 +595,89 @@ impl Committer {
             if let Some(op) = stop {
                 let _ = op.reply.send(Ok(Outcome::Stopped));
                 return;
+            }
+        }
+    }
+
+    /// After a failed commit: reopens the file (with a growing pause between
+    /// attempts), answering every operation queued meanwhile with
+    /// `Unavailable`, until it takes writes again, a Stop comes, or the log
+    /// is dropped.
+    fn recover(&self, rx: &mut mpsc::Receiver<Op>) -> Recovery {
+        let mut pause = std::time::Duration::from_millis(50);
+        loop {
+            // Answer what is queued (refused at once; nothing was written).
+            loop {
+                match rx.try_recv() {
+                    Ok(op) if matches!(op.kind, OpKind::Stop) => return Recovery::Stop(op),
+                    Ok(op) => {
+                        let _ = op
+                            .reply
+                            .send(Err(StoreError::Unavailable(self.db.health().to_string())));
+                    }
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => return Recovery::Dropped,
+                }
+            }
+            match self.db.try_reopen() {
+                Ok(()) => {
+                    self.reload();
+                    return Recovery::Reopened;
+                }
+                Err(e) => tracing::debug!(error = %e, "log not reopened yet"),
+            }
+            // Sleep in short steps, so a Stop is not kept waiting.
+            let until = std::time::Instant::now() + pause;
+            while std::time::Instant::now() < until {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                if !rx.is_empty() {
+                    break;
+                }
+            }
+            pause = (pause * 2).min(REOPEN_BACKOFF_MAX);
+        }
+    }
+
+    /// Reloads channel metadata from the reopened file. A commit reported as
+    /// failed may have reached the disk all the same: its posts keep their
+    /// seqs and are fanned out now, so followers get them live.
+    fn reload(&self) {
+        let loaded = match self.db.get().map_err(unavailable).and_then(|db| {
+            let infos = load_channels(&db)?;
+            let mut events = Vec::new();
+            for info in &infos {
+                let cached_head = self.channels.get(&info.id).map_or(0, |c| c.head_seq);
+                if info.head_seq > cached_head {
+                    let lost = (info.head_seq - cached_head) as usize;
+                    for p in read_range(&db, info, cached_head, lost)? {
+                        events.push(LogEvent::Posted(p));
+                    }
+                }
+            }
+            Ok((infos, events))
+        }) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "reloading channels after the reopen failed");
+                self.db.failed(e);
+                return;
+            }
+        };
+        let (infos, events) = loaded;
+        let ids: std::collections::HashSet<ChannelId> =
+            infos.iter().map(|i| i.id.clone()).collect();
+        self.channels.retain(|id, _| ids.contains(id));
+        for info in infos {
+            self.channels.insert(info.id.clone(), info);
+        }
+        if !events.is_empty() {
+            tracing::warn!(
+                posts = events.len(),
+                "posts whose commit was reported as failed reached the disk; fanning them out"
+            );
+            let sink = &self.sink;
+            if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| sink(&events))).is_err() {
+                tracing::error!("fan-out panicked; followers will catch up from the log");
             }
         }
     }
@@ -394,9 +715,15 @@ impl Committer {
                 }
             }
             Err(e) => {
+                // Nothing of this batch is acknowledged; the file is
+                // reopened before the next one (see the module docs).
                 tracing::error!(error = %e, ops = batch.len(), "log commit failed");
+                self.db.failed(&e);
+                let answer = StoreError::Unavailable(format!(
+                    "the log cannot take writes: {e}; nothing of this request was stored or it will be found by an Idempotency-Key retry"
+                ));
                 for op in batch.drain(..) {
-                    let _ = op.reply.send(Err(e.clone()));
+                    let _ = op.reply.send(Err(answer.clone()));
                 }
             }
         }
@@ -404,11 +731,13 @@ impl Committer {
 
     /// Applies a batch in one durable transaction.
     fn apply(&self, ops: &[&OpKind]) -> Result<Applied, StoreError> {
-        let txn = self.db.begin_write().map_err(storage)?;
+        let db = self.db.get().map_err(unavailable)?;
+        let txn = db.begin_write().map_err(storage)?;
         let mut out = Applied {
             results: Vec::with_capacity(ops.len()),
             events: Vec::new(),
             changed: HashMap::new(),
+            dirty: false,
         };
         {
             let mut channels = txn.open_table(CHANNELS).map_err(storage)?;
@@ -434,7 +763,11 @@ impl Committer {
                     .map_err(storage)?;
             }
         }
-        txn.commit().map_err(storage)?;
+        if out.dirty || !out.changed.is_empty() {
+            txn.commit().map_err(storage)?;
+        } else {
+            txn.abort().map_err(storage)?;
+        }
         Ok(out)
     }
 
@@ -499,9 +832,8 @@ impl Committer {
                     if let Some(rec) = found {
                         if rec.created_at_ms >= now - IDEMPOTENCY_TTL_MS {
                             let stored = match posts.get((ch, rec.seq)).map_err(storage)? {
-                                Some(v) => {
-                                    Some(decode_post(channel, rec.epoch, rec.seq, v.value())?)
-                                }
+                                // A damaged first post still has its identity.
+                                Some(v) => decode_post(channel, rec.epoch, rec.seq, v.value()).ok(),
                                 None => None,
                             };
                             return Ok(Outcome::Post(
@@ -527,6 +859,7 @@ impl Committer {
                     created_at_ms: now,
                     edited_at_ms: 0,
                     deleted: false,
+                    damaged: false,
                 };
                 posts
                     .insert((channel.as_str(), seq), encode_post(&p).as_slice())
@@ -553,7 +886,7 @@ impl Committer {
                 Ok(Outcome::Post(p))
             }
             OpKind::Edit { channel, seq, text } => {
-                let p = self.update_post(channel, *seq, posts, out, |p| {
+                let p = self.update_post(channel, *seq, posts, out, false, |p| {
                     p.text = text.clone();
                     p.edited_at_ms = now;
                 })?;
@@ -561,7 +894,7 @@ impl Committer {
                 Ok(Outcome::Post(p))
             }
             OpKind::Delete { channel, seq } => {
-                let p = self.update_post(channel, *seq, posts, out, |p| {
+                let p = self.update_post(channel, *seq, posts, out, true, |p| {
                     p.text.clear();
                     p.media.clear();
                     p.deleted = true;
@@ -571,32 +904,96 @@ impl Committer {
                 Ok(Outcome::Post(p))
             }
             OpKind::Trim { channel, policy } => {
-                let info = self.working(&mut out.changed, channel)?;
-                let mut removed = 0;
-                while info.oldest_seq <= info.head_seq && removed < TRIM_STEP {
-                    let over_count = policy.keep_max > 0
-                        && info.head_seq - info.oldest_seq + 1 > policy.keep_max;
-                    let key = (channel.as_str(), info.oldest_seq);
-                    let too_old = match posts.get(key).map_err(storage)? {
-                        Some(v) => {
-                            decode_post(channel, info.epoch, info.oldest_seq, v.value())?
-                                .created_at_ms
-                                < policy.older_than_ms
-                        }
-                        None => true,
-                    };
-                    if !(over_count || too_old) {
+                let (removed, _) =
+                    self.trim_channel(channel, policy, TRIM_STEP, now, tables, out)?;
+                Ok(Outcome::Trimmed(removed))
+            }
+            OpKind::TrimAll { policy } => {
+                // One transaction for every channel; a channel with nothing
+                // to trim is only looked at (no write, and a pass that
+                // changes nothing commits nothing).
+                let mut report = TrimReport::default();
+                let mut budget = TRIM_STEP;
+                let ids: Vec<ChannelId> = self.channels.iter().map(|c| c.key().clone()).collect();
+                for id in ids {
+                    if budget == 0 {
+                        report.more = true;
                         break;
                     }
-                    posts.remove(key).map_err(storage)?;
-                    info.oldest_seq += 1;
-                    removed += 1;
+                    let (posts_removed, keys_expired) =
+                        self.trim_channel(&id, policy, budget, now, tables, out)?;
+                    report.posts_removed += posts_removed;
+                    report.keys_expired += keys_expired;
+                    if posts_removed > 0 {
+                        report.channels_trimmed += 1;
+                    }
+                    budget = budget.saturating_sub(posts_removed + keys_expired);
                 }
-                expire_idempotency(tables, channel, now - IDEMPOTENCY_TTL_MS)?;
-                Ok(Outcome::Trimmed(removed))
+                report.more |= budget == 0;
+                Ok(Outcome::TrimmedAll(report))
             }
             OpKind::Stop => Err(StoreError::Closed),
         }
+    }
+
+    /// Trims one channel by `policy`, removing at most `budget` posts and
+    /// expired idempotency records; returns (posts, records) removed. Writes
+    /// nothing (and marks nothing changed) when there is nothing to remove.
+    fn trim_channel(
+        &self,
+        channel: &ChannelId,
+        policy: &TrimPolicy,
+        budget: u64,
+        now: i64,
+        tables: &mut Tables<'_>,
+        out: &mut Applied,
+    ) -> Result<(u64, u64), StoreError> {
+        let Some(mut info) = out
+            .changed
+            .get(channel)
+            .cloned()
+            .or_else(|| self.channels.get(channel).map(|c| c.clone()))
+        else {
+            return Err(StoreError::UnknownChannel(channel.clone()));
+        };
+        let mut removed = 0;
+        while info.oldest_seq <= info.head_seq && removed < budget {
+            let over_count =
+                policy.keep_max > 0 && info.head_seq - info.oldest_seq + 1 > policy.keep_max;
+            let too_old = match post_age(&tables.posts, &info, info.oldest_seq)? {
+                Age::Missing => true,
+                Age::At(t) => t < policy.older_than_ms,
+                // A damaged post's age is unknown: seqs grow with time, so
+                // it is as old as the post after it, at least.
+                Age::Damaged => match post_age(&tables.posts, &info, info.oldest_seq + 1)? {
+                    Age::At(t) => t < policy.older_than_ms,
+                    Age::Missing | Age::Damaged => false,
+                },
+            };
+            if !(over_count || too_old) {
+                break;
+            }
+            tables
+                .posts
+                .remove((channel.as_str(), info.oldest_seq))
+                .map_err(storage)?;
+            info.oldest_seq += 1;
+            removed += 1;
+        }
+        if removed > 0 {
+            out.changed.insert(channel.clone(), info);
+            out.dirty = true;
+        }
+        let expired = expire_idempotency(
+            tables,
+            channel,
+            now - IDEMPOTENCY_TTL_MS,
+            budget.saturating_sub(removed),
+        )?;
+        if expired > 0 {
+            out.dirty = true;
+        }
+        Ok((removed, expired))
     }
 
     fn update_post(
@@ -605,6 +1002,7 @@ impl Committer {
         seq: u64,
         posts: &mut redb::Table<'_, (&str, u64), &[u8]>,
         out: &mut Applied,
+        deleting: bool,
         change: impl FnOnce(&mut Post),
     ) -> Result<Post, StoreError> {
         let info = self.working(&mut out.changed, channel)?;
@@ -613,18 +1011,54 @@ impl Committer {
             seq,
         };
         let mut p = match posts.get((channel.as_str(), seq)).map_err(storage)? {
-            Some(v) => decode_post(channel, info.epoch, seq, v.value())?,
+            Some(v) => match decode_post(channel, info.epoch, seq, v.value()) {
+                Ok(p) => p,
+                // Deleting a damaged post replaces it with a sound
+                // tombstone; editing it cannot (its text is lost).
+                Err(StoreError::Damaged(_)) if deleting => {
+                    let mut t = damaged_post(channel, info.epoch, seq);
+                    t.damaged = false;
+                    t.deleted = false;
+                    t
+                }
+                Err(e) => return Err(e),
+            },
             None => return Err(not_found()),
         };
         if p.deleted {
             return Err(not_found());
         }
         change(&mut p);
+        out.dirty = true;
         posts
             .insert((channel.as_str(), seq), encode_post(&p).as_slice())
             .map_err(storage)?;
         Ok(p)
     }
+}
+
+/// How old a post is, as far as its record tells.
+enum Age {
+    /// No such post (trimmed already).
+    Missing,
+    /// Its record is damaged.
+    Damaged,
+    /// Created at this time (Unix milliseconds).
+    At(i64),
+}
+
+fn post_age(
+    posts: &redb::Table<'_, (&'static str, u64), &'static [u8]>,
+    info: &ChannelInfo,
+    seq: u64,
+) -> Result<Age, StoreError> {
+    Ok(match posts.get((info.id.as_str(), seq)).map_err(storage)? {
+        None => Age::Missing,
+        Some(v) => match decode_post(&info.id, info.epoch, seq, v.value()) {
+            Ok(p) => Age::At(p.created_at_ms),
+            Err(_) => Age::Damaged,
+        },
+    })
 }
 
 /// The tables one batch writes.
@@ -634,20 +1068,24 @@ struct Tables<'txn> {
     idem_age: redb::Table<'txn, (&'static str, i64, &'static str), ()>,
 }
 
-/// Removes up to [`TRIM_STEP`] of `channel`'s idempotency records created
-/// before `cutoff_ms`.
+/// Removes up to `budget` of `channel`'s idempotency records created before
+/// `cutoff_ms`.
 fn expire_idempotency(
     tables: &mut Tables<'_>,
     channel: &ChannelId,
     cutoff_ms: i64,
+    budget: u64,
 ) -> Result<u64, StoreError> {
+    if budget == 0 {
+        return Ok(0);
+    }
     let ch = channel.as_str();
     let mut old: Vec<(i64, String)> = Vec::new();
     for entry in tables
         .idem_age
         .range((ch, i64::MIN, "")..(ch, cutoff_ms, ""))
         .map_err(storage)?
-        .take(TRIM_STEP as usize)
+        .take(budget as usize)
     {
         let (k, _) = entry.map_err(storage)?;
         let (_, at, key) = k.value();
@@ -683,7 +1121,11 @@ impl IdemRecord {
     }
 
     fn decode(b: &[u8]) -> Result<IdemRecord, StoreError> {
-        let corrupt = || StoreError::Storage("corrupt idempotency record".into());
+        let corrupt = || {
+            StoreError::Damaged(
+                "this Idempotency-Key's record is damaged; retry with a new key after checking the channel's history".into(),
+            )
+        };
         let word = |i: usize| -> Result<[u8; 8], StoreError> {
             b.get(i * 8..i * 8 + 8)
                 .and_then(|s| s.try_into().ok())
@@ -710,6 +1152,7 @@ impl IdemRecord {
             created_at_ms: self.created_at_ms,
             edited_at_ms: 0,
             deleted: true,
+            damaged: false,
         }
     }
 }
@@ -807,6 +1250,46 @@ mod idempotency_tests {
                 .seq,
             4
         );
+    }
+
+    #[tokio::test]
+    async fn one_retention_pass_trims_every_channel_and_expires_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = RedbLog::open(dir.path(), Arc::new(|_: &[LogEvent]| {})).unwrap();
+        let post = || NewPost::new("x".into(), vec![]).unwrap();
+        for (name, posts) in [("a", 5u64), ("b", 2), ("c", 0)] {
+            let ch = ChannelId::parse(name).unwrap();
+            log.create_channel(ch.clone(), String::new()).await.unwrap();
+            for i in 0..posts {
+                log.append(ch.clone(), post(), Some(format!("k{i}")))
+                    .await
+                    .unwrap();
+            }
+        }
+        for k in ["k0", "k1"] {
+            age(&log, "a", k, IDEMPOTENCY_TTL_MS + 1000);
+        }
+        age(&log, "b", "k0", IDEMPOTENCY_TTL_MS + 1000);
+        let keep_two = TrimPolicy {
+            older_than_ms: i64::MIN,
+            keep_max: 2,
+        };
+        let r = log.trim_all(keep_two).await.unwrap();
+        assert_eq!(
+            r,
+            TrimReport {
+                posts_removed: 3,
+                keys_expired: 3,
+                channels_trimmed: 1,
+                more: false
+            }
+        );
+        assert_eq!(records(&log), (4, 4));
+        let a = log.channel(&ChannelId::parse("a").unwrap()).unwrap();
+        assert_eq!((a.oldest_seq, a.head_seq), (4, 5));
+        // Nothing is due now: nothing is removed (and nothing written).
+        let r = log.trim_all(keep_two).await.unwrap();
+        assert_eq!(r, TrimReport::default());
     }
 
     #[test]

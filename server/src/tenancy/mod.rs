@@ -23,7 +23,7 @@ pub use model::{
     ALL_CHANNELS, MAX_BRAND_ID_LEN, MAX_DESCRIPTION_BYTES, MAX_GRANTS, MAX_NAME_BYTES,
     MAX_URL_BYTES,
 };
-pub use redb_store::{Tenancy, TENANCY_FILE};
+pub use redb_store::{verify, Tenancy, TENANCY_CACHE_BYTES, TENANCY_FILE, TENANCY_SPEC};
 
 use std::future::Future;
 use std::pin::Pin;
@@ -50,6 +50,9 @@ pub enum TenancyError {
     /// Reading or writing the store failed, or a record there is corrupt.
     #[error("tenancy storage error: {0}")]
     Storage(String),
+    /// `brands.redb` cannot take writes right now; it is reopened once it can.
+    #[error("tenancy storage unavailable: {0}")]
+    Unavailable(String),
 }
 
 fn storage(e: impl std::fmt::Display) -> TenancyError {
@@ -119,4 +122,10 @@ pub trait TenancyStore: Send + Sync + 'static {
         -> TenancyFuture<'_, ChannelMeta>;
     /// Waits for writes in flight; called at shutdown.
     fn close(&self) -> Pin<Box<dyn Future<Output = ()> + Send + '_>>;
+    /// Whether the store can take writes now.
+    fn health(&self) -> crate::datadir::Health {
+        crate::datadir::Health::Ok
+    }
+    /// Tries to make a store that failed a write usable again (blocking).
+    fn recover(&self) {}
 }

@@ -62,6 +62,9 @@ impl std::str::FromStr for Role {
 #[serde(deny_unknown_fields)]
 pub struct Grant {
     /// A channel id, or `*` for every channel of the brand.
+    #[schema(
+        pattern = r"^(?:\*|[A-Za-z0-9_-][A-Za-z0-9._-]{0,63}|\.[A-Za-z0-9_-][A-Za-z0-9._-]{0,62}|\.\.[A-Za-z0-9._-]{1,62})$"
+    )]
     pub channel: String,
     /// The role granted there (which includes the roles below it).
     pub role: Role,

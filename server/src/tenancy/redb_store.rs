@@ -6,7 +6,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use dashmap::DashMap;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use subtle::ConstantTimeEq;
@@ -16,10 +16,22 @@ use super::{
     generate_key, hash_key, key_id, storage, Brand, ChannelMeta, Grant, KeyRecord, KeyRefused,
     MetaChange, TenancyError, TenancyFuture, TenancyStore,
 };
+use crate::datadir::{Db, DbSpec, DbUnavailable, Health, OpenError};
 use crate::model::now_ms;
 
 /// File name of the tenancy database inside the data directory.
 pub const TENANCY_FILE: &str = "brands.redb";
+
+/// redb's page cache for `brands.redb`, in bytes.
+pub const TENANCY_CACHE_BYTES: usize = 8 * 1024 * 1024;
+
+/// The tenancy database file.
+pub const TENANCY_SPEC: DbSpec = DbSpec {
+    file: TENANCY_FILE,
+    holds: "the brands database (every brand, API key and channel owner)",
+    cache_bytes: TENANCY_CACHE_BYTES,
+    check_on_open: true,
+};
 
 const BRANDS: TableDefinition<&str, &[u8]> = TableDefinition::new("brands");
 const KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("keys");
@@ -27,7 +39,7 @@ const CHANNEL_META: TableDefinition<&str, &[u8]> = TableDefinition::new("channel
 
 /// The embedded tenancy store. See the module docs.
 pub struct Tenancy {
-    db: Database,
+    db: Db,
     /// Blocking work in flight ([`Tenancy::run`]).
     blocking: TaskTracker,
     brands: DashMap<String, Brand>,
@@ -54,16 +66,55 @@ fn load<T: DeserializeOwned>(
     Ok(())
 }
 
-impl Tenancy {
-    /// Opens (or creates) the tenancy database in `data_dir`.
-    pub fn open(data_dir: &Path) -> Result<Arc<Tenancy>, TenancyError> {
-        std::fs::create_dir_all(data_dir).map_err(storage)?;
-        let db = Database::create(data_dir.join(TENANCY_FILE)).map_err(storage)?;
-        let txn = db.begin_write().map_err(storage)?;
-        for t in [BRANDS, KEYS, CHANNEL_META] {
-            txn.open_table(t).map_err(storage)?;
+/// Reads every record of `brands.redb` and reports what is damaged
+/// (`herald check`).
+pub fn verify(db: &crate::datadir::CheckedDb) -> Result<crate::datadir::FileReport, TenancyError> {
+    let mut report = crate::datadir::FileReport {
+        file: TENANCY_FILE.to_string(),
+        ..Default::default()
+    };
+    let txn = db.begin_read().map_err(storage)?;
+    let mut counts = Vec::new();
+    for (name, table) in [
+        ("brands", BRANDS),
+        ("keys", KEYS),
+        ("channel owners", CHANNEL_META),
+    ] {
+        let t = txn.open_table(table).map_err(storage)?;
+        let mut n = 0u64;
+        for entry in t.iter().map_err(storage)? {
+            report.records += 1;
+            match entry {
+                Ok((k, v)) => {
+                    n += 1;
+                    let ok = match table.name() {
+                        "brands" => serde_json::from_slice::<Brand>(v.value()).is_ok(),
+                        "keys" => serde_json::from_slice::<KeyRecord>(v.value()).is_ok(),
+                        _ => serde_json::from_slice::<ChannelMeta>(v.value()).is_ok(),
+                    };
+                    if !ok {
+                        report.note_damage(format!("{name} record {:?} is damaged", k.value()));
+                    }
+                }
+                Err(e) => {
+                    report.note_damage(format!("the {name} table cannot be read on: {e}"));
+                    break;
+                }
+            }
         }
-        txn.commit().map_err(storage)?;
+        counts.push(format!("{n} {name}"));
+    }
+    report.summary = counts.join(", ");
+    Ok(report)
+}
+
+impl Tenancy {
+    /// Opens (or creates) the tenancy database in `data_dir`. A missing,
+    /// empty or damaged file of an existing data directory is an
+    /// [`OpenError`] naming it.
+    pub fn open(data_dir: &Path) -> Result<Arc<Tenancy>, OpenError> {
+        let db = Db::open(data_dir, TENANCY_SPEC)?;
+        let damaged = |e: TenancyError| OpenError::damaged(data_dir, &TENANCY_SPEC, e);
         let t = Tenancy {
             db,
             blocking: TaskTracker::new(),
@@ -72,18 +123,62 @@ impl Tenancy {
             meta: DashMap::new(),
             me: std::sync::OnceLock::new(),
         };
-        load(&t.db, BRANDS, |k, v| {
-            t.brands.insert(k, v);
-        })?;
-        load(&t.db, KEYS, |k, v| {
-            t.keys.insert(k, Arc::new(v));
-        })?;
-        load(&t.db, CHANNEL_META, |k, v| {
-            t.meta.insert(k, v);
-        })?;
+        {
+            let handle = t.db.get().map_err(|e| damaged(storage(e)))?;
+            let txn = handle.begin_write().map_err(|e| damaged(storage(e)))?;
+            for table in [BRANDS, KEYS, CHANNEL_META] {
+                txn.open_table(table).map_err(|e| damaged(storage(e)))?;
+            }
+            txn.commit().map_err(|e| damaged(storage(e)))?;
+            load(&handle, BRANDS, |k, v| {
+                t.brands.insert(k, v);
+            })
+            .map_err(damaged)?;
+            load(&handle, KEYS, |k, v| {
+                t.keys.insert(k, Arc::new(v));
+            })
+            .map_err(damaged)?;
+            load(&handle, CHANNEL_META, |k, v| {
+                t.meta.insert(k, v);
+            })
+            .map_err(damaged)?;
+        }
         let t = Arc::new(t);
         let _ = t.me.set(Arc::downgrade(&t));
         Ok(t)
+    }
+
+    /// Whether `brands.redb` can take writes now.
+    pub fn health(&self) -> Health {
+        self.db.health()
+    }
+
+    /// Tries to reopen `brands.redb` if a write failed (blocking).
+    pub fn recover(&self) {
+        let _ = self.db.for_write();
+    }
+
+    /// The database for one write transaction; a failed commit marks it for
+    /// reopening ([`crate::datadir`]).
+    fn write<T>(
+        &self,
+        f: impl FnOnce(&redb::WriteTransaction) -> Result<T, TenancyError>,
+    ) -> Result<T, TenancyError> {
+        let db = self.db.for_write().map_err(|e| match e {
+            DbUnavailable::Failed(why) => TenancyError::Unavailable(why),
+            closed => storage(closed),
+        })?;
+        // A write that fails in the engine stored nothing and leaves the
+        // file refusing writes until it is reopened: unavailable, not an
+        // internal error.
+        let engine = |e: &dyn std::fmt::Display| {
+            self.db.failed(e);
+            TenancyError::Unavailable(format!("brands.redb cannot take writes: {e}"))
+        };
+        let txn = db.begin_write().map_err(|e| engine(&e))?;
+        let out = f(&txn)?;
+        txn.commit().map_err(|e| engine(&e))?;
+        Ok(out)
     }
 
     /// [`Tenancy::run`] from `&self`.
@@ -116,6 +211,7 @@ impl Tenancy {
     pub async fn close_blocking(&self) {
         self.blocking.close();
         self.blocking.wait().await;
+        self.db.close();
     }
 
     /// Writes one record in its own durable transaction.
@@ -127,15 +223,14 @@ impl Tenancy {
         must_be_new: impl FnOnce() -> TenancyError,
     ) -> Result<(), TenancyError> {
         let bytes = serde_json::to_vec(value).map_err(storage)?;
-        let txn = self.db.begin_write().map_err(storage)?;
-        {
+        self.write(|txn| {
             let mut t = txn.open_table(table).map_err(storage)?;
             if t.insert(key, bytes.as_slice()).map_err(storage)?.is_some() {
                 // Dropping the transaction aborts it.
                 return Err(must_be_new());
             }
-        }
-        txn.commit().map_err(storage)
+            Ok(())
+        })
     }
 
     fn overwrite<T: Serialize>(
@@ -145,12 +240,11 @@ impl Tenancy {
         value: &T,
     ) -> Result<(), TenancyError> {
         let bytes = serde_json::to_vec(value).map_err(storage)?;
-        let txn = self.db.begin_write().map_err(storage)?;
-        {
+        self.write(|txn| {
             let mut t = txn.open_table(table).map_err(storage)?;
             t.insert(key, bytes.as_slice()).map_err(storage)?;
-        }
-        txn.commit().map_err(storage)
+            Ok(())
+        })
     }
 
     /// Creates a brand.
@@ -270,12 +364,11 @@ impl Tenancy {
 
     /// Undoes [`Tenancy::claim_channel`] (when creating the channel failed).
     pub fn release_channel(&self, channel: &str) -> Result<(), TenancyError> {
-        let txn = self.db.begin_write().map_err(storage)?;
-        {
+        self.write(|txn| {
             let mut t = txn.open_table(CHANNEL_META).map_err(storage)?;
             t.remove(channel).map_err(storage)?;
-        }
-        txn.commit().map_err(storage)?;
+            Ok(())
+        })?;
         self.meta.remove(channel);
         Ok(())
     }
@@ -344,6 +437,12 @@ impl TenancyStore for Tenancy {
     }
     fn close(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + '_>> {
         Box::pin(self.close_blocking())
+    }
+    fn health(&self) -> Health {
+        Tenancy::health(self)
+    }
+    fn recover(&self) {
+        Tenancy::recover(self)
     }
 }
 

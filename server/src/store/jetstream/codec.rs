@@ -127,6 +127,9 @@ impl StoredPost {
             created_at_ms: self.created_at_ms,
             edited_at_ms: self.edited_at_ms,
             deleted: self.deleted,
+            // JetStream checks every message itself; a post read back is
+            // whole or not read at all.
+            damaged: false,
         }
     }
 }
