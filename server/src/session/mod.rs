@@ -45,6 +45,7 @@ use crate::hub::Hub;
 use crate::model::{ChannelId, ClientRequest, FollowRequest};
 use crate::promo::Promo;
 use crate::store::ChannelLog;
+use crate::transport::{CloseReason, Connection, VarInt};
 
 /// Buffer a session's control-stream reader keeps while idle, in bytes.
 pub const CONTROL_IDLE_BUFFER: usize = 256;
@@ -65,7 +66,7 @@ pub struct SessionContext {
 pub enum SessionError {
     /// The QUIC connection ended: lost, timed out, or closed by the follower.
     #[error("connection lost: {0}")]
-    Connection(#[from] quinn::ConnectionError),
+    Connection(#[from] CloseReason),
     /// The server closed the connection (see [`close`]).
     #[error("closed by server: {code}: {message}")]
     Closed {
@@ -80,8 +81,8 @@ pub enum SessionError {
 }
 
 /// Closes `conn` with `code` and `message` as the close reason.
-pub fn close(conn: &quinn::Connection, code: ErrorCode, message: &str) -> SessionError {
-    conn.close(quinn::VarInt::from_u32(code.as_u32()), message.as_bytes());
+pub fn close(conn: &Connection, code: ErrorCode, message: &str) -> SessionError {
+    conn.close(VarInt::from_u32(code.as_u32()), message.as_bytes());
     SessionError::Closed {
         code,
         message: message.to_string(),
@@ -138,7 +139,7 @@ impl CatchupSlots for PromoCatchup {
 /// A connected follower. See the module docs.
 pub struct Session {
     pub(crate) id: u64,
-    pub(crate) conn: quinn::Connection,
+    pub(crate) conn: Connection,
     pub(crate) ctx: Arc<SessionContext>,
 }
 
@@ -171,19 +172,18 @@ impl Session {
         let limits = &self.ctx.limits;
         // One deadline for the control stream and the Hello on it.
         let hello_by = Instant::now() + limits.hello_timeout();
-        let (mut ctl_send, ctl_recv) =
-            match tokio::time::timeout_at(hello_by, self.conn.accept_bi()).await {
-                Ok(r) => r?,
-                Err(_) => {
-                    return Err(close(
-                        &self.conn,
-                        ErrorCode::HelloRequired,
-                        "no control stream opened in time",
-                    ))
-                }
-            };
+        match tokio::time::timeout_at(hello_by, self.conn.control_opened()).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(close(
+                    &self.conn,
+                    ErrorCode::HelloRequired,
+                    "no control stream opened in time",
+                ))
+            }
+        }
         // Control frames are rare and small: keep little buffer per idle session.
-        let mut reader = FrameReader::new(ctl_recv, limits.max_frame_bytes)
+        let mut reader = FrameReader::new(self.conn.control_reader(), limits.max_frame_bytes)
             .with_idle_capacity(CONTROL_IDLE_BUFFER);
 
         // Hello.
@@ -240,7 +240,7 @@ impl Session {
         let _active = ActiveSession::new();
 
         // Feed stream and writer.
-        let feed = match timeout(limits.hello_timeout(), self.conn.open_uni()).await {
+        match timeout(limits.hello_timeout(), self.conn.feed_opened()).await {
             Ok(r) => r?,
             Err(_) => {
                 return Err(close(
@@ -249,13 +249,13 @@ impl Session {
                     "could not open the feed stream in time",
                 ))
             }
-        };
+        }
         let outbox = Arc::new(Outbox::with_control_bound(
             limits.session_queue_bytes,
             limits.max_follows_per_connection + MAX_PENDING_CONTROL,
         ));
         let writer = FeedWriter::new(
-            feed_stream::QuicFeed(feed),
+            feed_stream::QuicFeed(self.conn.feed()),
             outbox.clone(),
             FeedDeps {
                 log: self.ctx.log.clone(),
@@ -288,10 +288,10 @@ impl Session {
                 queue_bytes: limits.session_queue_bytes as u32,
             })),
         };
-        ctl_send
-            .write_all(&encode_frame(&welcome))
+        self.conn
+            .send_control(encode_frame(&welcome))
             .await
-            .map_err(std::io::Error::from)?;
+            .map_err(control_closed)?;
 
         loop {
             let expiry = token_deadline(&follower);
@@ -301,7 +301,7 @@ impl Session {
                         Ok(Some(f)) => f,
                         Ok(None) => {
                             // The follower finished its control stream: it is leaving.
-                            self.conn.close(quinn::VarInt::from_u32(0), b"bye");
+                            self.conn.close(VarInt::from_u32(0), b"bye");
                             return Ok(FeedStats::default());
                         }
                         Err(FrameError::Io(e)) => {
@@ -310,7 +310,7 @@ impl Session {
                             // cannot be managed (no Refresh, no expiry
                             // check), so it ends here, whatever the
                             // connection does.
-                            self.conn.close(quinn::VarInt::from_u32(0), b"control stream closed");
+                            self.conn.close(VarInt::from_u32(0), b"control stream closed");
                             return Err(SessionError::Write(e));
                         }
                         Err(e) => return Err(close(&self.conn, frame_error_code(&e), &e.to_string())),
@@ -337,8 +337,8 @@ impl Session {
                     };
                     // A follower that does not read its replies holds this
                     // write; it may do so until its token expires, no longer.
-                    match tokio::time::timeout_at(expiry, ctl_send.write_all(&encode_frame(&reply))).await {
-                        Ok(r) => r.map_err(std::io::Error::from)?,
+                    match tokio::time::timeout_at(expiry, self.conn.send_control(encode_frame(&reply))).await {
+                        Ok(r) => r.map_err(control_closed)?,
                         Err(_) => {
                             return Err(close(&self.conn, ErrorCode::TokenExpired, "token expired; send Refresh before it does"))
                         }
@@ -355,7 +355,7 @@ impl Session {
                         Ok(Err(FeedError::Write(e))) => {
                             // The feed stream was stopped (or the connection
                             // lost): a session without its feed ends.
-                            self.conn.close(quinn::VarInt::from_u32(0), b"feed stream closed");
+                            self.conn.close(VarInt::from_u32(0), b"feed stream closed");
                             Err(SessionError::Write(e))
                         }
                         Ok(Err(e)) => Err(close(&self.conn, ErrorCode::Internal, &e.to_string())),
@@ -512,6 +512,14 @@ impl Session {
             epoch: info.epoch,
         })
     }
+}
+
+/// A control reply could not be queued: the connection is gone.
+fn control_closed(_: crate::transport::Closed) -> SessionError {
+    SessionError::Write(std::io::Error::new(
+        std::io::ErrorKind::BrokenPipe,
+        "control stream closed",
+    ))
 }
 
 /// When the follower's token runs out.

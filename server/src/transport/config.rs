@@ -1,0 +1,92 @@
+//! The transport's settings: what QUIC runs with, and every bound on what the
+//! event loops hold for the application and for peers.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// When to answer a new client with a stateless Retry (address validation)
+/// before spending a handshake on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RetryPolicy {
+    /// Never: every Initial is handled directly (the behaviour of a plain
+    /// quinn endpoint).
+    Never,
+    /// Always, for clients whose address is not validated yet.
+    Always,
+    /// Once this many handshakes are in flight on a loop.
+    WhenHandshakesAbove(usize),
+}
+
+/// Settings of a [`Transport`](super::Transport). Every queue the loops keep
+/// is bounded by one of these.
+#[derive(Clone)]
+pub struct TransportConfig {
+    /// QUIC and TLS settings for accepted connections (TLS 1.3 and ALPN are
+    /// in its crypto config).
+    pub server: Arc<quinn_proto::ServerConfig>,
+    /// Endpoint settings: the stateless-reset key and the connection-id
+    /// generator.
+    pub endpoint: Arc<quinn_proto::EndpointConfig>,
+    /// The UDP address to bind.
+    pub listen: SocketAddr,
+    /// Event loops (one thread, endpoint and socket each) on the same port
+    /// (`SO_REUSEPORT`). See the module docs before raising it above 1.
+    pub loops: usize,
+    /// Bytes of feed frames a connection may have queued for its feed stream
+    /// and not yet taken by QUIC; a writer past it waits for room.
+    pub feed_queue_bytes: usize,
+    /// Bytes of the peer's control stream held for the application; when
+    /// full the loop stops reading, and QUIC flow control pushes back.
+    pub control_in_bytes: usize,
+    /// Bytes of control replies queued and not yet taken by QUIC; a sender
+    /// past it waits for room.
+    pub control_out_bytes: usize,
+    /// Established connections waiting for [`Transport::accept`](super::Transport::accept);
+    /// beyond it new connections are closed with [`BUSY`](super::BUSY).
+    pub accept_backlog: usize,
+    /// Connections (handshaking or established) at once over all loops;
+    /// further connection attempts are refused.
+    pub max_connections: usize,
+    /// Handshakes in flight at once over all loops (split evenly between
+    /// them); further attempts wait their turn in a queue.
+    pub max_handshakes: usize,
+    /// Connection attempts waiting for a handshake slot, per loop; beyond it
+    /// they are refused.
+    pub handshake_queue: usize,
+    /// A connection attempt that waited this long for a handshake slot is
+    /// dropped (the client has given up or will retry).
+    pub handshake_queue_timeout: std::time::Duration,
+    /// Stateless Retry before handshakes.
+    pub retry: RetryPolicy,
+    /// Most GSO segments per transmit (1 disables GSO).
+    pub gso_segments: usize,
+    /// Kernel socket buffer size requested each way.
+    pub udp_buffer_bytes: usize,
+}
+
+impl TransportConfig {
+    /// Defaults around `server` and `endpoint`, listening on `listen`.
+    pub fn new(
+        server: quinn_proto::ServerConfig,
+        endpoint: quinn_proto::EndpointConfig,
+        listen: SocketAddr,
+    ) -> TransportConfig {
+        TransportConfig {
+            server: Arc::new(server),
+            endpoint: Arc::new(endpoint),
+            listen,
+            loops: 1,
+            feed_queue_bytes: 64 * 1024,
+            control_in_bytes: 16 * 1024,
+            control_out_bytes: 64 * 1024,
+            accept_backlog: 1024,
+            max_connections: 1_000_000,
+            max_handshakes: 4096,
+            handshake_queue: 4096,
+            handshake_queue_timeout: std::time::Duration::from_secs(10),
+            retry: RetryPolicy::Never,
+            gso_segments: 10,
+            udp_buffer_bytes: super::socket::UDP_BUFFER_BYTES,
+        }
+    }
+}
