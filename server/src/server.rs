@@ -199,6 +199,7 @@ impl Server {
             TransportConfig::new(server_config, endpoint_config, config.quic_addr);
         transport_config.max_connections = config.limits.max_connections;
         transport_config.max_handshakes = config.limits.max_concurrent_handshakes;
+        transport_config.turn_hook = Some(Arc::new(crate::feed::flush_live_metrics));
         let transport = Transport::start(transport_config, udp).map_err(bind_err)?;
         let quic_addr = transport.local_addr();
         Ok(Server {

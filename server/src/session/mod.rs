@@ -254,7 +254,7 @@ impl Session {
             limits.session_queue_bytes,
             limits.max_follows_per_connection + MAX_PENDING_CONTROL,
         ));
-        let writer = FeedWriter::new(
+        let mut writer = FeedWriter::new(
             feed_stream::QuicFeed(self.conn.feed()),
             outbox.clone(),
             FeedDeps {
@@ -271,6 +271,12 @@ impl Session {
                 },
             },
         );
+        // The live path: while the writer is idle, the transport's loop
+        // drains live posts itself, woken by the fan-out.
+        self.conn
+            .set_feed_source(Arc::new(feed_stream::LivePull::new(&writer.live())));
+        let waker = self.conn.feed_waker();
+        outbox.set_live_waker(Box::new(move || waker.wake()));
         let mut writer = AbortOnDropHandle::new(tokio::spawn(writer.run()));
         let mut subs = Subscriptions {
             hub: self.ctx.hub.clone(),

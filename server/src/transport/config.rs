@@ -62,6 +62,10 @@ pub struct TransportConfig {
     pub gso_segments: usize,
     /// Kernel socket buffer size requested each way.
     pub udp_buffer_bytes: usize,
+    /// Called on each loop's thread at the end of every turn (the server
+    /// adds what the live feed path counted on that thread to its metrics,
+    /// once per turn instead of once per delivery).
+    pub turn_hook: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
 impl TransportConfig {
@@ -87,6 +91,7 @@ impl TransportConfig {
             retry: RetryPolicy::Never,
             gso_segments: 10,
             udp_buffer_bytes: super::socket::UDP_BUFFER_BYTES,
+            turn_hook: None,
         }
     }
 }

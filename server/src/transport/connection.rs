@@ -20,7 +20,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll, Waker};
 
 use bytes::{Buf, Bytes};
@@ -68,6 +68,16 @@ impl std::error::Error for CloseReason {}
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("the connection or its stream is closed")]
 pub struct Closed;
+
+/// Frames the loop pulls straight from the application, on its own thread,
+/// when the feed stream can take them (the live fast path): no task is
+/// woken per delivery. The application makes the loop pull with
+/// [`FeedWaker::wake`].
+pub trait FeedSource: Send + Sync {
+    /// Moves up to about `room` bytes of frames into `out`; returns whether
+    /// more may be waiting. Must not block.
+    fn pull(&self, room: usize, out: &mut Vec<Bytes>) -> bool;
+}
 
 /// How the peer's control stream ended.
 #[derive(Clone, Copy, Debug)]
@@ -126,6 +136,8 @@ pub(super) struct ConnShared {
     pub(super) feed_cap: usize,
     pub(super) ctl_in_cap: usize,
     pub(super) ctl_out_cap: usize,
+    /// Where the loop pulls live frames from, once set.
+    pub(super) source: OnceLock<Arc<dyn FeedSource>>,
 }
 
 impl ConnShared {
@@ -169,6 +181,7 @@ impl ConnShared {
             feed_cap: cfg.feed_queue_bytes.max(1),
             ctl_in_cap: cfg.control_in_bytes.max(1),
             ctl_out_cap: cfg.control_out_bytes.max(1),
+            source: OnceLock::new(),
         }
     }
 
@@ -281,6 +294,21 @@ impl Connection {
         }
     }
 
+    /// Lets the loop pull feed frames from `source` whenever the feed queue
+    /// is empty and the stream can take more (set once). Frames queued with
+    /// [`FeedStream::write_all`] always go first.
+    pub fn set_feed_source(&self, source: Arc<dyn FeedSource>) {
+        let _ = self.shared.source.set(source);
+        self.shared.schedule();
+    }
+
+    /// A handle that makes the loop pull from the feed source.
+    pub fn feed_waker(&self) -> FeedWaker {
+        FeedWaker {
+            shared: self.shared.clone(),
+        }
+    }
+
     /// Closes with an application error code and reason (sent in
     /// CONNECTION_CLOSE). Queued feed frames and control replies are dropped.
     pub fn close(&self, code: VarInt, reason: &[u8]) {
@@ -310,6 +338,21 @@ impl Connection {
 impl Drop for Connection {
     fn drop(&mut self) {
         self.close(GOING_AWAY, b"");
+    }
+}
+
+/// Makes a connection's loop pull from its [`FeedSource`]: the first wake
+/// of a loop turn writes its eventfd, later ones only add the connection to
+/// the loop's list.
+#[derive(Clone)]
+pub struct FeedWaker {
+    shared: Arc<ConnShared>,
+}
+
+impl FeedWaker {
+    /// Schedules the connection on its loop.
+    pub fn wake(&self) {
+        self.shared.schedule();
     }
 }
 

@@ -14,10 +14,15 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::Bytes;
 use quinn_proto::{ReadError, StreamId, VarInt, WriteError};
 
 use super::connection::{CloseReason, ConnShared, InEnd};
 use super::wake::lock;
+
+/// Pulls from the feed source per `write_feed` call at most; beyond it the
+/// connection is scheduled again for the next turn.
+const MAX_PULLS: usize = 8;
 
 pub(super) struct Entry {
     pub(super) conn: quinn_proto::Connection,
@@ -79,7 +84,7 @@ impl Entry {
     }
 
     /// Closes the connection locally and tells the application.
-    pub(super) fn close(&mut self, now: Instant, code: VarInt, reason: bytes::Bytes) {
+    pub(super) fn close(&mut self, now: Instant, code: VarInt, reason: Bytes) {
         self.conn.close(now, code, reason.clone());
         self.mark_closed(CloseReason::Local { code, reason });
     }
@@ -101,7 +106,7 @@ impl Entry {
     }
 
     /// Opens the feed stream if the peer allows it now.
-    pub(super) fn open_feed(&mut self) {
+    pub(super) fn open_feed(&mut self, scratch: &mut Vec<Bytes>) {
         if self.feed.is_some() || self.lost {
             return;
         }
@@ -109,7 +114,7 @@ impl Entry {
         if self.feed.is_some() {
             lock(&self.shared.feed).opened = true;
             self.shared.changed.notify_waiters();
-            self.write_feed();
+            self.write_feed(scratch);
         }
     }
 
@@ -216,45 +221,98 @@ impl Entry {
         }
     }
 
-    /// Writes queued feed frames into the feed stream, as many as QUIC takes.
-    pub(super) fn write_feed(&mut self) {
+    /// Writes queued feed frames into the feed stream, as many as QUIC
+    /// takes; once the queue is empty, pulls live frames from the feed
+    /// source (if any) and writes them too, keeping what QUIC does not take
+    /// yet at the front of the (then empty) queue. So frames leave in the
+    /// order they were queued or pulled, and the queue stays within its
+    /// bound: a pull asks for at most `feed_cap` bytes, and only into an
+    /// empty queue. `scratch` is the loop's, reused.
+    pub(super) fn write_feed(&mut self, scratch: &mut Vec<Bytes>) {
         let Some(id) = self.feed else { return };
-        let wake = {
-            let mut q = lock(&self.shared.feed);
-            if q.closed {
-                return;
-            }
-            if !q.frames.is_empty() {
-                let chunks = q.frames.make_contiguous();
-                match self.conn.send_stream(id).write_chunks(chunks) {
-                    Ok(w) => {
-                        q.frames.drain(..w.chunks);
-                        q.bytes -= w.bytes;
-                    }
-                    Err(WriteError::Blocked) => {}
-                    Err(_) => {
-                        q.closed = true;
-                        q.frames = VecDeque::new();
-                        q.bytes = 0;
+        let mut pulls = 0;
+        loop {
+            let wake = {
+                let mut q = lock(&self.shared.feed);
+                if q.closed {
+                    return;
+                }
+                if !q.frames.is_empty() {
+                    let chunks = q.frames.make_contiguous();
+                    match self.conn.send_stream(id).write_chunks(chunks) {
+                        Ok(w) => {
+                            q.frames.drain(..w.chunks);
+                            q.bytes -= w.bytes;
+                        }
+                        Err(WriteError::Blocked) => {}
+                        Err(_) => {
+                            q.closed = true;
+                            q.frames = VecDeque::new();
+                            q.bytes = 0;
+                        }
                     }
                 }
-            }
-            if q.frames.is_empty() && q.finish && !q.closed {
-                let _ = self.conn.send_stream(id).finish();
-                q.closed = true;
-            }
-            // An idle follower should not keep a burst's worth of queue.
-            if q.frames.is_empty() && q.frames.capacity() > 16 {
-                q.frames = VecDeque::new();
-            }
-            let wake = q.waiting && (q.closed || q.bytes <= self.shared.feed_cap / 2);
+                if q.frames.is_empty() && q.finish && !q.closed {
+                    let _ = self.conn.send_stream(id).finish();
+                    q.closed = true;
+                }
+                // An idle follower should not keep a burst's worth of queue.
+                if q.frames.is_empty() && q.frames.capacity() > 16 {
+                    q.frames = VecDeque::new();
+                }
+                let wake = q.waiting && (q.closed || q.bytes <= self.shared.feed_cap / 2);
+                if wake {
+                    q.waiting = false;
+                }
+                if !q.frames.is_empty() || q.closed {
+                    drop(q);
+                    if wake {
+                        self.shared.feed_room.notify_waiters();
+                    }
+                    return;
+                }
+                wake
+            };
             if wake {
-                q.waiting = false;
+                self.shared.feed_room.notify_waiters();
             }
-            wake
-        };
-        if wake {
-            self.shared.feed_room.notify_waiters();
+            // The queue is empty: pull live frames.
+            let Some(source) = self.shared.source.get() else {
+                return;
+            };
+            // Bounded per call, so one busy follower cannot hold the loop.
+            if pulls == MAX_PULLS {
+                self.shared.schedule();
+                return;
+            }
+            pulls += 1;
+            scratch.clear();
+            let more = source.pull(self.shared.feed_cap, scratch);
+            if scratch.is_empty() {
+                return;
+            }
+            let written = match self.conn.send_stream(id).write_chunks(scratch) {
+                Ok(w) => w.chunks,
+                Err(WriteError::Blocked) => 0,
+                Err(_) => {
+                    scratch.clear();
+                    self.feed_stopped();
+                    return;
+                }
+            };
+            if written < scratch.len() {
+                let mut q = lock(&self.shared.feed);
+                for f in scratch.drain(written..) {
+                    q.bytes += f.len();
+                    q.frames.push_back(f);
+                }
+                scratch.clear();
+                return;
+            }
+            scratch.clear();
+            if !more {
+                return;
+            }
         }
     }
 

@@ -90,6 +90,8 @@ pub(super) struct Loop {
     meta: Vec<quinn::udp::RecvMeta>,
     scratch: Vec<u8>,
     dirty_scratch: Vec<(usize, u64)>,
+    /// Frames pulled from a feed source, reused.
+    frames_scratch: Vec<Bytes>,
     datagrams_in: u64,
     shutting_down: Option<Instant>,
     open_gauge: metrics::Gauge,
@@ -136,6 +138,7 @@ impl Loop {
             meta: vec![quinn::udp::RecvMeta::default(); batch],
             scratch: Vec::new(),
             dirty_scratch: Vec::new(),
+            frames_scratch: Vec::new(),
             datagrams_in: 0,
             shutting_down: None,
             open_gauge: metrics::gauge!(crate::metrics::CONNECTIONS_OPEN),
@@ -158,6 +161,9 @@ impl Loop {
             self.drive_touched(now);
             self.flush();
             self.publish_stats();
+            if let Some(hook) = &self.cfg.turn_hook {
+                hook();
+            }
             self.wait();
         }
         self.flush();
@@ -445,7 +451,7 @@ impl Loop {
             } else {
                 e.resume_control();
                 e.write_control();
-                e.write_feed();
+                e.write_feed(&mut self.frames_scratch);
             }
             if !e.touched {
                 e.touched = true;
@@ -526,7 +532,7 @@ impl Loop {
                     self.handshaking = self.handshaking.saturating_sub(1);
                     e.established = true;
                     metrics::counter!(crate::metrics::HANDSHAKES, "result" => "ok").increment(1);
-                    e.open_feed();
+                    e.open_feed(&mut self.frames_scratch);
                     let app = Connection {
                         shared: e.shared.clone(),
                     };
@@ -562,14 +568,14 @@ impl Loop {
                 }
                 Event::Stream(StreamEvent::Writable { id }) => {
                     if e.feed == Some(id) {
-                        e.write_feed();
+                        e.write_feed(&mut self.frames_scratch);
                     } else if e.control == Some(id) {
                         e.write_control();
                     }
                 }
                 Event::Stream(StreamEvent::Available { dir: Dir::Uni }) => {
                     if e.established {
-                        e.open_feed();
+                        e.open_feed(&mut self.frames_scratch);
                     }
                 }
                 Event::Stream(StreamEvent::Stopped { id, .. }) => {

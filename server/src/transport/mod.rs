@@ -74,7 +74,9 @@ mod tx_batch;
 mod wake;
 
 pub use config::{RetryPolicy, TransportConfig};
-pub use connection::{CloseReason, Closed, Connection, ControlReader, FeedStream, GOING_AWAY};
+pub use connection::{
+    CloseReason, Closed, Connection, ControlReader, FeedSource, FeedStream, FeedWaker, GOING_AWAY,
+};
 pub use endpoint::{LoopStats, Transport};
 pub use event_loop::TX_BATCH;
 pub use quinn_proto::{ConnectionError, VarInt};
