@@ -27,7 +27,7 @@ use tracing::Instrument;
 
 use crate::auth::{Secrets, TokenIssuer, TokenVerifier};
 use crate::config::Config;
-use crate::hub::Hub;
+use crate::hub::{FanoutStage, Hub};
 use crate::promo::{Promo, PromoError};
 use crate::session::{FollowerConnections, Session, SessionContext, SessionError};
 use crate::store::{ChannelLog, EventSink, RedbLog, StoreError, TrimPolicy};
@@ -101,6 +101,9 @@ pub enum ServerError {
     /// The tenancy database (`brands.redb`) could not be opened.
     #[error("tenancy: {0}")]
     Tenancy(#[from] crate::tenancy::TenancyError),
+    /// The fan-out thread could not be started.
+    #[error("cannot start the fan-out thread: {0}")]
+    Fanout(String),
 }
 
 /// A bound, not yet running server.
@@ -112,6 +115,8 @@ pub struct Server {
     http: tokio::net::TcpListener,
     hub: Arc<Hub>,
     log: Arc<dyn ChannelLog>,
+    /// Fans committed events out off the log's commit thread.
+    fanout: Arc<FanoutStage>,
     promo: Arc<Promo>,
     certs: Arc<CertStore>,
     secrets: Secrets,
@@ -159,13 +164,14 @@ impl Server {
 
         let hub = Arc::new(Hub::default());
         let promo = Promo::open(&dir)?;
-        let (sink_hub, sink_promo) = (hub.clone(), promo.clone());
-        let sink: EventSink = Arc::new(move |events| {
-            // After an organic post, the channel's promoted slot may open.
-            sink_hub.publish_log_with(events, |p, followers| {
-                sink_promo.after_post(&p.channel, p.seq, followers)
-            });
-        });
+        let stage_promo = promo.clone();
+        // After an organic post, the channel's promoted slot may open.
+        let fanout = FanoutStage::start(hub.clone(), move |p, followers| {
+            stage_promo.after_post(&p.channel, p.seq, followers)
+        })
+        .map_err(|e| ServerError::Fanout(e.to_string()))?;
+        let stage = fanout.clone();
+        let sink: EventSink = Arc::new(move |events| stage.submit(events));
         let log: Arc<dyn ChannelLog> = RedbLog::open(&dir, sink)?;
         let tenancy = Tenancy::open(&dir)?;
         let mut verifier = TokenVerifier::hs256(secrets.jwt_secret.as_bytes())
@@ -209,6 +215,7 @@ impl Server {
             http,
             hub,
             log,
+            fanout,
             promo,
             certs,
             secrets,
@@ -349,6 +356,11 @@ impl Server {
         self.promo.close().await;
         if let Err(e) = self.log.close().await {
             tracing::error!(error = %e, "closing the log failed");
+        }
+        // The log hands it nothing more: finish the queued fan-outs and stop.
+        let fanout = self.fanout.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || fanout.close()).await {
+            tracing::error!(error = %e, "stopping the fan-out failed");
         }
         drop(self.lock);
     }

@@ -312,6 +312,11 @@ impl Outbox {
         self.notify.notify_one();
     }
 
+    /// Whether the queue is closed (its session is ending).
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+
     /// Items (events and control) queued now.
     pub fn queued_items(&self) -> usize {
         self.lock().items.len()

@@ -99,10 +99,12 @@ struct Subscriptions {
 
 impl Drop for Subscriptions {
     fn drop(&mut self) {
-        for ch in self.channels.drain() {
-            self.hub.unfollow(&ch, self.session);
-        }
+        // Closed first: a bucket busy with a fan-out is not waited for (this
+        // may run on a runtime worker); that fan-out drops the closed outbox.
         self.outbox.close();
+        for ch in self.channels.drain() {
+            self.hub.unfollow_nowait(&ch, self.session);
+        }
     }
 }
 
@@ -330,7 +332,7 @@ impl Session {
                         verdict = rate.follow();
                     }
                     let reply = match verdict {
-                        Verdict::Allow => self.handle(request_id, req, &mut subs, &mut follower)?,
+                        Verdict::Allow => self.handle(request_id, req, &mut subs, &mut follower).await?,
                         Verdict::Refuse(wait) => error_frame(
                             request_id,
                             ErrorCode::RateLimited,
@@ -376,7 +378,7 @@ impl Session {
     }
 
     /// Answers one control request.
-    fn handle(
+    async fn handle(
         &self,
         request_id: u64,
         req: ClientRequest,
@@ -395,13 +397,13 @@ impl Session {
                 "Hello was already received".into(),
                 "",
             ),
-            ClientRequest::Follow(f) => match self.follow(f, subs, follower) {
+            ClientRequest::Follow(f) => match self.follow(f, subs, follower).await {
                 Ok(followed) => reply(Kind::Followed(followed)),
                 Err((code, msg, ch)) => error_frame(request_id, code, msg, &ch),
             },
             ClientRequest::Unfollow(ch) => {
                 if subs.channels.remove(&ch) {
-                    self.ctx.hub.unfollow(&ch, self.id);
+                    self.ctx.hub.unfollow_async(&ch, self.id).await;
                     // If the queue of control items is full the cursor stays,
                     // but no event of this channel is queued any more.
                     let _ = subs.outbox.push_control(Item::Unfollow(ch.clone()));
@@ -449,7 +451,7 @@ impl Session {
         })
     }
 
-    fn follow(
+    async fn follow(
         &self,
         f: FollowRequest,
         subs: &mut Subscriptions,
@@ -495,7 +497,8 @@ impl Session {
         match self
             .ctx
             .hub
-            .follow(&channel, self.id, &subs.outbox, Item::Follow(resolved))
+            .follow_async(&channel, self.id, &subs.outbox, Item::Follow(resolved))
+            .await
         {
             Ok(_) => {
                 metrics::counter!(crate::metrics::FOLLOWS).increment(1);
