@@ -209,11 +209,19 @@ impl Outbox {
     }
 
     /// For the live drainer: takes the first `n` items off (those it
-    /// handled). Returns the bytes of events taken off, and whether the task
-    /// is needed: `stopped` (the drainer met an item it cannot handle), or
-    /// something only the task can do is waiting (a lag, the close). With
-    /// `hand_over`, a needed task is given the queue at once.
-    pub(super) fn live_commit(&self, n: usize, stopped: bool, hand_over: bool) -> (usize, bool) {
+    /// handled). Returns the bytes of events taken off; whether the task is
+    /// needed: `stopped` (the drainer met an item it cannot handle), or
+    /// something only the task can do is waiting (a lag, the close); and
+    /// whether items are left (an item pushed from here on finds the queue
+    /// as this says, so a drainer that stops when none are left is woken
+    /// for the next). With `hand_over`, a needed task is given the queue at
+    /// once.
+    pub(super) fn live_commit(
+        &self,
+        n: usize,
+        stopped: bool,
+        hand_over: bool,
+    ) -> (usize, bool, bool) {
         let mut guard = self.lock();
         let s = &mut *guard;
         let before = s.bytes;
@@ -225,6 +233,7 @@ impl Outbox {
         }
         let drained = before - s.bytes;
         let needed = s.live && (stopped || !s.lagged.is_empty() || s.closed);
+        let left = !s.items.is_empty();
         let back = needed && hand_over;
         if back {
             s.live = false;
@@ -233,7 +242,7 @@ impl Outbox {
         if back {
             self.notify.notify_one();
         }
-        (drained, needed)
+        (drained, needed, left)
     }
 
     /// Queues a control item.

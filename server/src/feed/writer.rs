@@ -60,7 +60,7 @@
 //! the transport pulls only when everything the task wrote has gone into the
 //! stream.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -256,6 +256,9 @@ thread_local! {
     /// Frames and bytes written, and queue bytes drained, by the live path
     /// on this thread since the last [`flush_live_metrics`].
     static LIVE_COUNTS: Cell<(u64, u64, u64)> = const { Cell::new((0, 0, 0)) };
+    /// The items a pull peeked (reused by every pull on this thread; empty
+    /// between pulls).
+    static PEEKED: RefCell<Vec<Item>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Adds what the live path counted on this thread to the metrics, once (the
@@ -306,13 +309,23 @@ impl LiveFeed {
             self.outbox.live_commit(0, true, true);
             return false;
         }
-        let mut items = Vec::new();
-        if self.outbox.live_peek(room, &mut items).is_none() {
+        PEEKED.with_borrow_mut(|items| self.pull_peeked(core, room, items, out))
+    }
+
+    fn pull_peeked(
+        &self,
+        core: &mut Core,
+        room: usize,
+        items: &mut Vec<Item>,
+        out: &mut Vec<Bytes>,
+    ) -> bool {
+        items.clear();
+        if self.outbox.live_peek(room, items).is_none() {
             return false;
         }
         let mut handled = 0;
         let mut stopped = false;
-        for item in &items {
+        for item in items.iter() {
             match core.handle(item) {
                 Step::Done => handled += 1,
                 Step::Gap { .. } | Step::Follow(_) => {
@@ -326,16 +339,18 @@ impl LiveFeed {
         out.append(&mut core.chunks);
         // The transport takes every frame handed to it.
         core.written();
-        let (drained, needed) = self.outbox.live_commit(handled, stopped, frames == 0);
+        let (drained, needed, left) = self.outbox.live_commit(handled, stopped, frames == 0);
         LIVE_COUNTS.with(|c| {
             let (f, b, d) = c.get();
             c.set((f + frames, b + bytes as u64, d + drained as u64));
         });
+        // Let go of the peeked events (and their frames) at once.
+        items.clear();
         if needed && frames > 0 {
             core.hand_over_due = true;
             return true;
         }
-        !needed && handled == items.len() && handled > 0
+        !needed && left
     }
 }
 

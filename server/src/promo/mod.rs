@@ -17,6 +17,18 @@
 //! Memory: a frequency-cap entry exists per (campaign, follower) that holds a
 //! claim or was shown the campaign, so entries are bounded by the sum of
 //! campaign budgets (impressions plus reservations never exceed a budget).
+//! Its window of recent impressions is kept only when the campaign has a
+//! frequency cap; otherwise the entry is just the "shown" mark that reach and
+//! click checks need.
+//!
+//! Contention: claiming and confirming an impression (once per follower a
+//! promoted post reaches) take no lock shared by all followers: the cap is
+//! read from the slot, counts are atomics, the (campaign, follower) entry is
+//! in a sharded map, and what the next flush must write is marked on the
+//! campaign, the channel and the entry themselves (plus the entry's key in
+//! one of [`DIRTY_SHARDS`] lists). Placement needs no global lock either:
+//! it reads each candidate's spec in place and reserves with a
+//! compare-and-swap against the campaign's allowance.
 
 pub mod campaign;
 mod ledger;
@@ -26,9 +38,10 @@ pub use campaign::{Campaign, Creative, FrequencyCap, State, Targeting, PROMOTED_
 pub use ledger::{LedgerError, PROMO_FILE};
 pub use slot::{Claim, Slot};
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
+use std::hash::BuildHasher;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
@@ -45,6 +58,9 @@ use ledger::{Batch, CampaignRecord, CapRecord, ChannelRecord, Ledger};
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(250);
 /// Default organic posts between two promoted slots.
 pub const DEFAULT_EVERY_POSTS: u32 = 5;
+/// Lists of (campaign, follower) entries changed since the last flush; a
+/// confirm locks only the one its follower hashes to.
+pub const DIRTY_SHARDS: usize = 16;
 
 /// A campaign in memory: its spec and live counters.
 pub(crate) struct CampaignLive {
@@ -56,6 +72,8 @@ pub(crate) struct CampaignLive {
     reserved: AtomicU64,
     clicks: AtomicU64,
     reach: AtomicU64,
+    /// Changed since the last flush.
+    dirty: AtomicBool,
 }
 
 impl CampaignLive {
@@ -86,6 +104,8 @@ impl Default for ChannelSlot {
 struct ChannelLive {
     settings: RwLock<ChannelSlot>,
     impressions: AtomicU64,
+    /// Changed since the last flush.
+    dirty: AtomicBool,
 }
 
 /// A campaign's numbers.
@@ -110,17 +130,15 @@ pub struct CampaignStats {
 
 #[derive(Default)]
 struct CapEntry {
+    /// Recent impressions (only for a campaign with a frequency cap).
     times: VecDeque<i64>,
     ever: u64,
+    /// Changed since the last flush (its key is in a dirty list).
+    dirty: bool,
 }
 
-#[derive(Default)]
-struct Dirty {
-    campaigns: HashSet<String>,
-    channels: HashSet<String>,
-    caps: HashSet<(String, String)>,
-    clicks: Vec<(String, String)>,
-}
+/// A (campaign, follower) key.
+type CapKey = (String, String);
 
 /// Promo errors.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -140,12 +158,14 @@ pub enum PromoError {
 /// The promo engine. See the module docs.
 pub struct Promo {
     campaigns: RwLock<std::collections::HashMap<String, Arc<CampaignLive>>>,
-    /// Serializes reservations so concurrent slots never over-reserve.
-    auction: Mutex<()>,
     channels: DashMap<String, Arc<ChannelLive>>,
-    caps: DashMap<(String, String), CapEntry>,
-    clicks: DashMap<(String, String), ()>,
-    dirty: Mutex<Dirty>,
+    caps: DashMap<CapKey, CapEntry>,
+    clicks: DashMap<CapKey, ()>,
+    /// Keys of cap entries changed since the last flush, by follower hash.
+    dirty_caps: Box<[Mutex<Vec<CapKey>>]>,
+    /// Clicks not yet flushed (control path, rare).
+    dirty_clicks: Mutex<Vec<CapKey>>,
+    hasher: std::collections::hash_map::RandomState,
     ledger: Ledger,
     /// Serializes flushes so an older snapshot never overwrites a newer one.
     flushing: Mutex<()>,
@@ -174,6 +194,7 @@ impl Promo {
                         reserved: AtomicU64::new(0),
                         clicks: AtomicU64::new(r.clicks),
                         reach: AtomicU64::new(r.reach),
+                        dirty: AtomicBool::new(false),
                     }),
                 )
             })
@@ -188,6 +209,7 @@ impl Promo {
                         every_posts: r.every_posts,
                     }),
                     impressions: AtomicU64::new(r.impressions),
+                    dirty: AtomicBool::new(false),
                 }),
             );
         }
@@ -198,6 +220,7 @@ impl Promo {
                 CapEntry {
                     times: r.times.into(),
                     ever: r.ever,
+                    dirty: false,
                 },
             );
         }
@@ -207,11 +230,12 @@ impl Promo {
         }
         Ok(Arc::new(Promo {
             campaigns: RwLock::new(campaigns),
-            auction: Mutex::new(()),
             channels,
             caps,
             clicks,
-            dirty: Mutex::new(Dirty::default()),
+            dirty_caps: (0..DIRTY_SHARDS).map(|_| Mutex::new(Vec::new())).collect(),
+            dirty_clicks: Mutex::new(Vec::new()),
+            hasher: std::collections::hash_map::RandomState::new(),
             ledger,
             flushing: Mutex::new(()),
             blocking: TaskTracker::new(),
@@ -268,6 +292,7 @@ impl Promo {
             reserved: AtomicU64::new(0),
             clicks: AtomicU64::new(0),
             reach: AtomicU64::new(0),
+            dirty: AtomicBool::new(false),
         });
         self.campaigns
             .write()
@@ -301,10 +326,7 @@ impl Promo {
             }],
             ..Batch::default()
         })?;
-        {
-            let _auction = lock(&self.auction);
-            *live.spec.write().unwrap_or_else(|p| p.into_inner()) = next.clone();
-        }
+        *live.spec.write().unwrap_or_else(|p| p.into_inner()) = next.clone();
         Ok(next)
     }
 
@@ -349,11 +371,12 @@ impl Promo {
                 Arc::new(ChannelLive {
                     settings: RwLock::new(ChannelSlot::default()),
                     impressions: AtomicU64::new(0),
+                    dirty: AtomicBool::new(false),
                 })
             })
             .clone();
         *c.settings.write().unwrap_or_else(|p| p.into_inner()) = s;
-        lock(&self.dirty).channels.insert(channel.to_string());
+        c.dirty.store(true, Ordering::Release);
         self.flush()?;
         Ok(())
     }
@@ -402,15 +425,16 @@ impl Promo {
         want: u64,
     ) -> Option<Arc<FeedEvent>> {
         let now = now_ms();
-        let _auction = lock(&self.auction);
-        let mut best: Option<(Arc<CampaignLive>, Campaign, u64)> = None;
+        // (campaign, bid, created, allowance) of the best so far; specs are
+        // read in place, not cloned.
+        let mut best: Option<(Arc<CampaignLive>, u64, i64, u64)> = None;
         for live in self
             .campaigns
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .values()
         {
-            let spec = live.spec();
+            let spec = live.spec.read().unwrap_or_else(|p| p.into_inner());
             if spec.status != State::Active
                 || now < spec.start_ms
                 || now >= spec.end_ms
@@ -418,29 +442,47 @@ impl Promo {
             {
                 continue;
             }
-            let reserved = live.reserved.load(Ordering::SeqCst);
-            let used = live.impressions.load(Ordering::SeqCst) + reserved;
             let limit = spec.paced_allowance(now).min(spec.budget_impressions);
-            if used >= limit {
+            // Reservation first, then impressions: a confirm moves one from
+            // the first to the second in the opposite order, so the sum read
+            // is never too low.
+            let reserved = live.reserved.load(Ordering::SeqCst);
+            if live.impressions.load(Ordering::SeqCst) + reserved >= limit {
                 continue;
             }
             let better = match &best {
                 None => true,
-                Some((_, b, _)) => {
+                Some((_, bid, created, _)) => {
                     (spec.cpm_bid_micros, std::cmp::Reverse(spec.created_at_ms))
-                        > (b.cpm_bid_micros, std::cmp::Reverse(b.created_at_ms))
+                        > (*bid, std::cmp::Reverse(*created))
                 }
             };
             if better {
-                best = Some((live.clone(), spec, limit - used));
+                best = Some((live.clone(), spec.cpm_bid_micros, spec.created_at_ms, limit));
             }
         }
-        let (live, spec, room) = best?;
-        let n = want.min(room);
-        if n == 0 {
-            return None;
-        }
-        live.reserved.fetch_add(n, Ordering::SeqCst);
+        let (live, _, _, limit) = best?;
+        // Reserve without a lock: the compare-and-swap fails if another
+        // placement or a confirm changed the reservation meanwhile.
+        let n = loop {
+            let reserved = live.reserved.load(Ordering::SeqCst);
+            let used = live.impressions.load(Ordering::SeqCst) + reserved;
+            if used >= limit {
+                return None;
+            }
+            let n = want.min(limit - used);
+            if n == 0 {
+                return None;
+            }
+            if live
+                .reserved
+                .compare_exchange(reserved, reserved + n, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+            {
+                break n;
+            }
+        };
+        let spec = live.spec();
         let frame = encode_frame(&pb::FeedFrame {
             kind: Some(pb::feed_frame::Kind::Promoted(pb::Promoted {
                 channel: channel.to_string(),
@@ -464,6 +506,7 @@ impl Promo {
             slot: Some(Arc::new(Slot {
                 promo: self.clone(),
                 campaign: live,
+                cap: spec.frequency_cap,
                 channel: channel.clone(),
                 remaining: AtomicU64::new(n),
             })),
@@ -475,7 +518,7 @@ impl Promo {
     /// Claims one impression of `slot` for `follower`, if the frequency cap
     /// and the reservation allow.
     pub fn claim(self: &Arc<Self>, slot: &Slot, follower: &str) -> Option<Claim> {
-        let cap = slot.campaign.spec().frequency_cap;
+        let cap = slot.cap;
         let now = now_ms();
         let mut entry = self
             .caps
@@ -516,28 +559,36 @@ impl Promo {
         if c.confirmed {
             return;
         }
-        let mut dirty = lock(&self.dirty);
-        {
-            c.confirmed = true;
-            let live = &c.campaign;
-            // Impressions first, then the reservation: `place` reads them in
-            // the opposite order, so it never sees their sum too low.
-            live.impressions.fetch_add(1, Ordering::SeqCst);
-            live.reserved.fetch_sub(1, Ordering::SeqCst);
-            let key = (live.id.clone(), c.follower.clone());
-            if let Some(mut e) = self.caps.get_mut(&key) {
-                e.ever += 1;
-                if e.ever == 1 {
-                    live.reach.fetch_add(1, Ordering::Relaxed);
-                }
+        c.confirmed = true;
+        let live = &c.campaign;
+        // Impressions first, then the reservation: `place` reads them in
+        // the opposite order, so it never sees their sum too low.
+        live.impressions.fetch_add(1, Ordering::SeqCst);
+        live.reserved.fetch_sub(1, Ordering::SeqCst);
+        live.dirty.store(true, Ordering::Release);
+        let key = (live.id.clone(), c.follower.clone());
+        let mut newly_dirty = false;
+        if let Some(mut e) = self.caps.get_mut(&key) {
+            e.ever += 1;
+            if e.ever == 1 {
+                live.reach.fetch_add(1, Ordering::Relaxed);
             }
-            if let Some(ch) = self.channels.get(c.channel.as_str()) {
-                ch.impressions.fetch_add(1, Ordering::Relaxed);
-            }
-            dirty.campaigns.insert(live.id.clone());
-            dirty.channels.insert(c.channel.to_string());
-            dirty.caps.insert(key);
+            newly_dirty = !e.dirty;
+            e.dirty = true;
         }
+        if newly_dirty {
+            self.mark_cap(key);
+        }
+        if let Some(ch) = self.channels.get(c.channel.as_str()) {
+            ch.impressions.fetch_add(1, Ordering::Relaxed);
+            ch.dirty.store(true, Ordering::Release);
+        }
+    }
+
+    /// Lists a changed cap entry for the next flush (its shard only).
+    fn mark_cap(&self, key: CapKey) {
+        let shard = (self.hasher.hash_one(&key.1) % self.dirty_caps.len() as u64) as usize;
+        lock(&self.dirty_caps[shard]).push(key);
     }
 
     /// Undoes an unconfirmed claim (from `Claim::drop`).
@@ -567,9 +618,8 @@ impl Promo {
             return Ok(false);
         }
         live.clicks.fetch_add(1, Ordering::Relaxed);
-        let mut dirty = lock(&self.dirty);
-        dirty.campaigns.insert(campaign_id.to_string());
-        dirty.clicks.push(key);
+        live.dirty.store(true, Ordering::Release);
+        lock(&self.dirty_clicks).push(key);
         Ok(true)
     }
 
@@ -578,31 +628,48 @@ impl Promo {
     /// Writes everything changed since the last flush, in one transaction.
     pub fn flush(&self) -> Result<(), PromoError> {
         let _one_at_a_time = lock(&self.flushing);
-        let dirty = std::mem::take(&mut *lock(&self.dirty));
         let mut batch = Batch::default();
-        for id in &dirty.campaigns {
-            if let Some(live) = self.campaign(id) {
-                batch.campaigns.push(CampaignRecord {
-                    campaign: live.spec(),
-                    impressions: live.impressions.load(Ordering::Relaxed),
-                    clicks: live.clicks.load(Ordering::Relaxed),
-                    reach: live.reach.load(Ordering::Relaxed),
-                });
+        // Each mark is taken (cleared) as its record is read: a change made
+        // after that marks it again for the next flush.
+        let campaigns: Vec<Arc<CampaignLive>> = self
+            .campaigns
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .filter(|c| c.dirty.swap(false, Ordering::AcqRel))
+            .cloned()
+            .collect();
+        for live in &campaigns {
+            batch.campaigns.push(CampaignRecord {
+                campaign: live.spec(),
+                impressions: live.impressions.load(Ordering::Relaxed),
+                clicks: live.clicks.load(Ordering::Relaxed),
+                reach: live.reach.load(Ordering::Relaxed),
+            });
+        }
+        let mut channels = Vec::new();
+        for entry in self.channels.iter() {
+            let c = entry.value();
+            if c.dirty.swap(false, Ordering::AcqRel) {
+                let s = *c.settings.read().unwrap_or_else(|p| p.into_inner());
+                batch.channels.push((
+                    entry.key().clone(),
+                    ChannelRecord {
+                        opt_in: s.opt_in,
+                        every_posts: s.every_posts,
+                        impressions: c.impressions.load(Ordering::Relaxed),
+                    },
+                ));
+                channels.push(c.clone());
             }
         }
-        for ch in &dirty.channels {
-            let (s, impressions) = self.channel(ch);
-            batch.channels.push((
-                ch.clone(),
-                ChannelRecord {
-                    opt_in: s.opt_in,
-                    every_posts: s.every_posts,
-                    impressions,
-                },
-            ));
+        let mut keys = Vec::new();
+        for shard in self.dirty_caps.iter() {
+            keys.append(&mut lock(shard));
         }
-        for key in &dirty.caps {
-            if let Some(e) = self.caps.get(key) {
+        for key in &keys {
+            if let Some(mut e) = self.caps.get_mut(key) {
+                e.dirty = false;
                 batch.caps.push((
                     key.clone(),
                     CapRecord {
@@ -612,17 +679,31 @@ impl Promo {
                 ));
             }
         }
-        batch.clicks = dirty.clicks.clone();
+        batch.clicks = std::mem::take(&mut *lock(&self.dirty_clicks));
         if batch.is_empty() {
             return Ok(());
         }
         if let Err(e) = self.ledger.write(&batch) {
-            // Keep what was not written for the next flush.
-            let mut d = lock(&self.dirty);
-            d.campaigns.extend(dirty.campaigns);
-            d.channels.extend(dirty.channels);
-            d.caps.extend(dirty.caps);
-            d.clicks.extend(dirty.clicks);
+            // Mark again what was not written, for the next flush.
+            for c in campaigns {
+                c.dirty.store(true, Ordering::Release);
+            }
+            for c in channels {
+                c.dirty.store(true, Ordering::Release);
+            }
+            for key in keys {
+                let relist = match self.caps.get_mut(&key) {
+                    Some(mut e) if !e.dirty => {
+                        e.dirty = true;
+                        true
+                    }
+                    _ => false,
+                };
+                if relist {
+                    self.mark_cap(key);
+                }
+            }
+            lock(&self.dirty_clicks).extend(batch.clicks);
             return Err(e.into());
         }
         Ok(())

@@ -18,6 +18,9 @@ use crate::model::ChannelId;
 pub struct Slot {
     pub(super) promo: Arc<Promo>,
     pub(super) campaign: Arc<CampaignLive>,
+    /// The campaign's frequency cap when the slot opened (read once here,
+    /// not per claim).
+    pub(super) cap: Option<super::FrequencyCap>,
     pub(super) channel: ChannelId,
     pub(super) remaining: AtomicU64,
 }
