@@ -311,6 +311,11 @@ pub async fn run(opts: &Options, target: &Target) -> Result<Report, LoadError> {
             ok: published.ok,
             failed: published.failed,
             wall_secs: published.wall.as_secs_f64(),
+            latency_ms: published
+                .latency_us
+                .as_ref()
+                .map(Percentiles::from_us)
+                .unwrap_or_default(),
         },
         delivery: DeliveryReport {
             expected,
