@@ -61,7 +61,11 @@ def publish_run(target, a, tmp, tag):
     t1 = time.time()
     r = json.load(open(path))
     pub = r["publish"]
-    return {"tag": tag, "start": t0, "end": t1, "ok": p.returncode == 0 and r["verify"]["ok"],
+    v = r["verify"]
+    if not v["ok"]:
+        bad = {k: x for k, x in v.items() if x and k not in ("ok", "examples")}
+        print(f"{tag}: verify failed: {bad} {v['examples'][:3]}", file=sys.stderr)
+    return {"tag": tag, "start": t0, "end": t1, "ok": p.returncode == 0 and v["ok"],
             "p50_ms": pub["latency_ms"]["p50"], "p99_ms": pub["latency_ms"]["p99"],
             "max_ms": pub["latency_ms"]["max"], "posts_per_s": pub["ok"] / max(pub["wall_secs"], 1e-9)}
 

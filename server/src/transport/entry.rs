@@ -24,6 +24,35 @@ use super::wake::lock;
 /// connection is scheduled again for the next turn.
 const MAX_PULLS: usize = 8;
 
+/// Writes `chunks` into stream `id` until all are taken or quinn refuses
+/// more, and returns how many whole chunks it took (a chunk taken in part is
+/// left, shortened, at that index) and their bytes.
+///
+/// A write that quinn cuts short (the connection's flow-control window or
+/// our send window ran out mid-way) is followed by another, which quinn then
+/// refuses with `Blocked`: only a refused write puts the stream on quinn's
+/// list of streams to wake with `Writable` when the window opens again. A
+/// partial write alone would leave the rest of the queue waiting forever.
+fn write_until_blocked(
+    conn: &mut quinn_proto::Connection,
+    id: StreamId,
+    chunks: &mut [Bytes],
+) -> Result<(usize, usize), WriteError> {
+    let (mut taken, mut bytes) = (0, 0);
+    while taken < chunks.len() {
+        match conn.send_stream(id).write_chunks(&mut chunks[taken..]) {
+            Ok(w) if w.chunks == 0 && w.bytes == 0 => break,
+            Ok(w) => {
+                taken += w.chunks;
+                bytes += w.bytes;
+            }
+            Err(WriteError::Blocked) => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((taken, bytes))
+}
+
 pub(super) struct Entry {
     pub(super) conn: quinn_proto::Connection,
     pub(super) shared: Arc<ConnShared>,
@@ -199,12 +228,11 @@ impl Entry {
                 return;
             }
             let chunks = st.outbound.make_contiguous();
-            match self.conn.send_stream(id).write_chunks(chunks) {
-                Ok(w) => {
-                    st.outbound.drain(..w.chunks);
-                    st.out_bytes -= w.bytes;
+            match write_until_blocked(&mut self.conn, id, chunks) {
+                Ok((taken, bytes)) => {
+                    st.outbound.drain(..taken);
+                    st.out_bytes -= bytes;
                 }
-                Err(WriteError::Blocked) => {}
                 Err(_) => {
                     st.outbound = VecDeque::new();
                     st.out_bytes = 0;
@@ -239,12 +267,11 @@ impl Entry {
                 }
                 if !q.frames.is_empty() {
                     let chunks = q.frames.make_contiguous();
-                    match self.conn.send_stream(id).write_chunks(chunks) {
-                        Ok(w) => {
-                            q.frames.drain(..w.chunks);
-                            q.bytes -= w.bytes;
+                    match write_until_blocked(&mut self.conn, id, chunks) {
+                        Ok((taken, bytes)) => {
+                            q.frames.drain(..taken);
+                            q.bytes -= bytes;
                         }
-                        Err(WriteError::Blocked) => {}
                         Err(_) => {
                             q.closed = true;
                             q.frames = VecDeque::new();
@@ -291,9 +318,8 @@ impl Entry {
             if scratch.is_empty() {
                 return;
             }
-            let written = match self.conn.send_stream(id).write_chunks(scratch) {
-                Ok(w) => w.chunks,
-                Err(WriteError::Blocked) => 0,
+            let written = match write_until_blocked(&mut self.conn, id, scratch) {
+                Ok((taken, _)) => taken,
                 Err(_) => {
                     scratch.clear();
                     self.feed_stopped();

@@ -34,6 +34,14 @@ fn cert() -> Cert {
 }
 
 fn server(tweak: impl FnOnce(&mut TransportConfig), idle: Duration) -> (Transport, Cert) {
+    server_with(tweak, |_| {}, idle)
+}
+
+fn server_with(
+    tweak: impl FnOnce(&mut TransportConfig),
+    quic: impl FnOnce(&mut quinn_proto::TransportConfig),
+    idle: Duration,
+) -> (Transport, Cert) {
     let c = cert();
     let mut tls = rustls::ServerConfig::builder_with_provider(crate::tls::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -48,6 +56,7 @@ fn server(tweak: impl FnOnce(&mut TransportConfig), idle: Duration) -> (Transpor
     t.max_concurrent_bidi_streams(1u32.into());
     t.max_concurrent_uni_streams(0u32.into());
     t.max_idle_timeout(Some(idle.try_into().unwrap()));
+    quic(&mut t);
     sc.transport_config(Arc::new(t));
     let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
     let mut cfg = TransportConfig::new(sc, quinn_proto::EndpointConfig::default(), addr);
@@ -418,4 +427,47 @@ async fn stateless_retry_and_two_loops_on_one_port() {
     let st = tr.stats();
     assert_eq!(st.len(), 2);
     assert_eq!(st[0].connections + st[1].connections, 12, "{st:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_cut_short_by_the_send_window_resumes_when_acks_free_it() {
+    // A 16 KiB send window: every large write is cut short by it (a partial
+    // write, not a refusal), and must go on once ACKs free the window.
+    const POSTS: u64 = 8000; // 512 KB
+    let (mut tr, c) = server_with(
+        |c| c.feed_queue_bytes = 64 * 1024,
+        |t| {
+            t.send_window(16 * 1024);
+        },
+        WAIT,
+    );
+    let addr = tr.local_addr();
+    let ep = client(&c, |_| {});
+    let reader = {
+        let ep = ep.clone();
+        tokio::spawn(async move {
+            let (conn, _s, _r) = follow(&ep, addr).await;
+            let uni = conn.accept_uni().await.map_err(|e| e.to_string())?;
+            read_frames(uni, POSTS).await?;
+            Ok::<_, String>(conn)
+        })
+    };
+    let conns = accept_n(&mut tr, 1).await;
+    let mut feed = conns[0].feed();
+    let mut batch: Vec<Bytes> = Vec::new();
+    for seq in 0..POSTS {
+        batch.push(frame(seq));
+        if batch.len() == 500 {
+            tokio::time::timeout(WAIT, feed.write_all(&mut batch))
+                .await
+                .expect("the writer gets room again")
+                .unwrap();
+            batch.clear();
+        }
+    }
+    tokio::time::timeout(WAIT, reader)
+        .await
+        .expect("every frame arrives")
+        .unwrap()
+        .expect("in order");
 }
