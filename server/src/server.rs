@@ -132,7 +132,7 @@ impl Server {
     pub async fn bind(config: Config) -> Result<Server, ServerError> {
         let udp = crate::transport::socket::bind(
             config.quic_addr,
-            false,
+            config.quic_loops > 1,
             crate::transport::socket::UDP_BUFFER_BYTES,
         )
         .map_err(|source| ServerError::BindQuic {
@@ -204,6 +204,8 @@ impl Server {
         let mut transport_config =
             TransportConfig::new(server_config, endpoint_config, config.quic_addr);
         transport_config.max_connections = config.limits.max_connections;
+        transport_config.loops = config.quic_loops;
+        transport_config.cid_key = cid_key;
         transport_config.max_handshakes = config.limits.max_concurrent_handshakes;
         transport_config.turn_hook = Some(Arc::new(crate::feed::flush_live_metrics));
         let transport = Transport::start(transport_config, udp).map_err(bind_err)?;

@@ -30,8 +30,12 @@ pub struct TransportConfig {
     /// The UDP address to bind.
     pub listen: SocketAddr,
     /// Event loops (one thread, endpoint and socket each) on the same port
-    /// (`SO_REUSEPORT`). See the module docs before raising it above 1.
+    /// (`SO_REUSEPORT`, packets steered by connection ID: see `steering`).
     pub loops: usize,
+    /// Key of the connection IDs the loops issue when there are several
+    /// (with one loop, `endpoint`'s own generator is used). Keep it across
+    /// restarts, as `endpoint`'s, so old connections get stateless resets.
+    pub cid_key: u64,
     /// Bytes of feed frames a connection may have queued for its feed stream
     /// and not yet taken by QUIC; a writer past it waits for room.
     pub feed_queue_bytes: usize,
@@ -80,6 +84,7 @@ impl TransportConfig {
             endpoint: Arc::new(endpoint),
             listen,
             loops: 1,
+            cid_key: rand::random(),
             feed_queue_bytes: 64 * 1024,
             control_in_bytes: 16 * 1024,
             control_out_bytes: 64 * 1024,

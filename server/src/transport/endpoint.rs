@@ -48,13 +48,17 @@ impl Transport {
     /// with `reuse_port` when `cfg.loops > 1`; further loops bind the same
     /// port). Needs no runtime; [`Transport::accept`] is async.
     pub fn start(cfg: TransportConfig, socket: UdpSocket) -> std::io::Result<Transport> {
-        let loops_n = cfg.loops.max(1);
+        let loops_n = cfg.loops.clamp(1, super::steering::MAX_LOOPS);
         let (accept_tx, accept_rx) = mpsc::channel(cfg.accept_backlog.max(1));
         let local_addr = socket.local_addr()?;
         socket.set_nonblocking(true)?;
         let mut sockets = vec![socket];
         for _ in 1..loops_n {
             sockets.push(super::socket::bind(local_addr, true, cfg.udp_buffer_bytes)?);
+        }
+        if loops_n > 1 {
+            use std::os::fd::AsRawFd;
+            super::steering::attach(sockets[0].as_raw_fd(), loops_n)?;
         }
         let cfg = Arc::new(cfg);
         let global = Arc::new(Global::default());
@@ -66,8 +70,18 @@ impl Transport {
         };
         for (i, sock) in sockets.into_iter().enumerate() {
             let shared = Arc::new(LoopShared::new()?);
+            let endpoint = if loops_n > 1 {
+                // This loop's connection IDs steer packets to it.
+                let mut e = (*cfg.endpoint).clone();
+                let key = cfg.cid_key;
+                e.cid_generator(move || Box::new(super::steering::LoopCids::new(key, i, loops_n)));
+                Arc::new(e)
+            } else {
+                cfg.endpoint.clone()
+            };
             let lp = Loop::new(
                 cfg.clone(),
+                endpoint,
                 sock,
                 shared.clone(),
                 global.clone(),

@@ -100,6 +100,7 @@ pub(super) struct Loop {
 impl Loop {
     pub(super) fn new(
         cfg: Arc<TransportConfig>,
+        endpoint: Arc<quinn_proto::EndpointConfig>,
         sock: UdpSocket,
         shared: Arc<LoopShared>,
         global: Arc<Global>,
@@ -109,7 +110,7 @@ impl Loop {
         let gso = cfg.gso_segments.clamp(1, udp.max_gso_segments().max(1));
         let batch = quinn::udp::BATCH_SIZE.min(32);
         let ep = quinn_proto::Endpoint::new(
-            cfg.endpoint.clone(),
+            endpoint,
             Some(cfg.server.clone()),
             !udp.may_fragment(),
             None,

@@ -39,6 +39,7 @@
 //! | `wake` | how the application wakes a loop without losing a wake-up |
 //! | `timers` | the loop's timer heap |
 //! | `tx_batch` | `sendmmsg` + GSO batches |
+//! | `steering` | several loops on one port: packets steered by connection ID |
 //!
 //! # Bounds
 //!
@@ -54,11 +55,9 @@
 //!
 //! # Known gaps
 //!
-//! - `loops > 1` shares a port with `SO_REUSEPORT`; the kernel steers by
-//!   4-tuple, not by connection ID, so a follower whose address changes (NAT
-//!   rebinding, migration) lands on a loop that does not know its connection
-//!   and is reset. Connection-ID steering needs a reuseport eBPF program.
-//!   The server runs one loop.
+//! - With `loops > 1`, a handshake whose client changes address before it
+//!   completes lands on another loop (long-header packets are steered by
+//!   address; see `steering`) and fails; the client connects again.
 //! - ECN marks and the source address of outgoing packets (`IP_PKTINFO`) are
 //!   not set: bind a specific address, not a wildcard, on multi-homed hosts.
 //! - Timers have 1 ms resolution (`poll(2)`); pacing delays are rounded up.
@@ -69,6 +68,7 @@ mod endpoint;
 mod entry;
 mod event_loop;
 pub mod socket;
+mod steering;
 mod timers;
 mod tx_batch;
 mod wake;

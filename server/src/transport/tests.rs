@@ -471,3 +471,48 @@ async fn a_write_cut_short_by_the_send_window_resumes_when_acks_free_it() {
         .unwrap()
         .expect("in order");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_two_loops_a_follower_that_changes_address_keeps_its_connection() {
+    // NAT rebinding: the follower's packets come from a new port. With two
+    // loops the kernel's address hash would often pick the other loop, which
+    // does not know the connection; steering by connection ID must not.
+    let (mut tr, c) = server(|c| c.loops = 2, WAIT);
+    let addr = tr.local_addr();
+    let ep = client(&c, |t| {
+        t.keep_alive_interval(Some(Duration::from_millis(50)));
+    });
+    let (conn, _s, _r) = follow(&ep, addr).await;
+    let conns = accept_n(&mut tr, 1).await;
+    let mut feed = conns[0].feed();
+    let mut uni = None;
+    let mut seq = 0;
+    for round in 0..8 {
+        for _ in 0..20 {
+            feed.write_all(&mut [frame(seq)]).await.unwrap();
+            seq += 1;
+        }
+        if uni.is_none() {
+            uni = Some(conn.accept_uni().await.unwrap());
+        }
+        let Some(u) = uni.as_mut() else {
+            unreachable!()
+        };
+        let mut buf = [0u8; FRAME];
+        for expect in (seq - 20)..seq {
+            tokio::time::timeout(WAIT, u.read_exact(&mut buf))
+                .await
+                .unwrap_or_else(|_| panic!("round {round}: frame {expect} in time"))
+                .unwrap_or_else(|e| panic!("round {round}: frame {expect}: {e}"));
+            assert_eq!(buf[..], frame(expect)[..]);
+        }
+        // A new source port for everything the follower sends from now on.
+        ep.rebind(std::net::UdpSocket::bind("127.0.0.1:0").unwrap())
+            .unwrap();
+    }
+    assert!(
+        conns[0].close_reason().is_none(),
+        "{:?}",
+        conns[0].close_reason()
+    );
+}
