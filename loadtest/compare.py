@@ -29,6 +29,7 @@ import argparse
 import datetime
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -67,6 +68,23 @@ def build(systems):
         sh(["cargo", "build", "--release", "--locked", "--manifest-path",
             os.path.join(ROOT, "loadtest", "peers", "Cargo.toml"),
             "--target-dir", os.path.join(TARGET, "peers")], cwd=ROOT)
+
+
+def raise_open_files(followers):
+    """Every connection is a descriptor on both sides (root may raise the hard limit)."""
+    want = 2 * followers + 4096
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= want:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(hard, want)))
+    except (ValueError, OSError):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass
+        print(f"open-files limit {hard} is below the {want} this run needs: raise it (ulimit -n)",
+              file=sys.stderr)
 
 
 def loadavg():
@@ -205,6 +223,7 @@ def main():
             sys.exit(f"unknown system {s}; choose from {SYSTEMS}")
     if any(s != "herald" for s in systems):
         ensure_servers()
+    raise_open_files(a.followers)
     if not a.no_build:
         build(systems)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")

@@ -16,6 +16,7 @@
 //! `/metrics`), described by a [`Target`].
 
 pub mod campaign;
+pub mod endpoints;
 pub mod follower;
 pub mod options;
 pub mod plan;
