@@ -12,11 +12,24 @@
 //! A producer first changes the connection's shared state, then sets the
 //! connection's `scheduled` flag and, if it was clear, appends the connection
 //! to the dirty list and then sets the loop's `wake_pending` flag, writing the
-//! eventfd only if that flag was clear. The loop clears `wake_pending`
-//! *before* it takes the dirty list, and clears a connection's `scheduled`
-//! *before* it reads that connection's state. Any change made after the loop
-//! read the state therefore either finds the flags clear (and wakes the loop
-//! again) or was made before the read (and is seen by it).
+//! eventfd only if that flag was clear. The loop, only when `poll(2)` says
+//! the eventfd is readable, first drains the eventfd, *then* clears
+//! `wake_pending`, *then* takes the dirty list; and it clears a connection's
+//! `scheduled` *before* it reads that connection's state. So:
+//!
+//! - a producer that found `wake_pending` set (and wrote nothing) appended
+//!   its entry before the loop cleared the flag, hence before the loop took
+//!   the list: the entry is taken in this turn;
+//! - a producer that found it clear wrote the eventfd after setting it; if
+//!   that write came after the loop drained, the eventfd stays readable and
+//!   the next `poll(2)` returns at once;
+//! - any change to a connection made after the loop read its state finds
+//!   `scheduled` clear and schedules it again.
+//!
+//! (Clearing the flag *before* draining would lose a wake-up: a producer
+//! could set the flag and write between the two, the drain would swallow
+//! that write, and every later producer would see the flag set and write
+//! nothing, leaving their entries on the list until some other event.)
 //!
 //! Bound: the dirty list holds each connection at most once (its `scheduled`
 //! flag), so it never exceeds the loop's connections.
