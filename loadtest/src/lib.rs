@@ -20,6 +20,7 @@
 //! `/metrics`), described by a [`Target`].
 
 pub mod campaign;
+pub mod endpoints;
 pub mod follower;
 pub mod options;
 pub mod plan;

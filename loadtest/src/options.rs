@@ -16,6 +16,11 @@ pub struct Options {
     /// Client endpoints (UDP sockets) the followers are spread over.
     #[arg(long, default_value_t = 4)]
     pub endpoints: usize,
+    /// Receive and send buffer of each client endpoint, in MiB (forced past
+    /// the kernel's cap when run as root): it must hold a fan-out round
+    /// until the load generator reads it.
+    #[arg(long, default_value_t = 16)]
+    pub client_buffer_mib: usize,
     /// New connections per second (0: as fast as `connect_concurrency` allows).
     #[arg(long, default_value_t = 2000)]
     pub connect_rate: u32,
@@ -70,6 +75,7 @@ impl Options {
         Options {
             followers,
             endpoints: 2,
+            client_buffer_mib: 4,
             connect_rate: 0,
             connect_concurrency: 64,
             channels,

@@ -3,13 +3,17 @@
 //! Each post's text carries its send time ([`crate::post_text`]); followers
 //! read it back to measure publish-to-delivery latency. Paced runs publish one
 //! post per `1 / rate` seconds; a burst (rate 0) publishes them all at once.
-//! Either way at most `publish_concurrency` requests are in flight.
+//! Either way at most `publish_concurrency` requests are in flight. Each
+//! request's time from sending to its answer (the post is durable by then) is
+//! recorded: publish latency.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use herald::cli::ApiClient;
 use tokio::sync::Semaphore;
+
+use hdrhistogram::Histogram;
 
 use crate::follower::Shared;
 use crate::plan::Plan;
@@ -26,6 +30,8 @@ pub struct Published {
     pub heads: Vec<u64>,
     /// From the first request sent to the last answer received.
     pub wall: Duration,
+    /// Per acknowledged request, send to answer, in microseconds.
+    pub latency_us: Option<Histogram<u64>>,
 }
 
 /// Publishes every planned post.
@@ -60,18 +66,24 @@ pub async fn publish_all(
             let sent = SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_micros() as u64);
-            (ch, api.publish(&name, &post_text(sent, i, size)).await)
+            let t0 = Instant::now();
+            let r = api.publish(&name, &post_text(sent, i, size)).await;
+            (ch, r.map(|p| (p, t0.elapsed())))
         }));
     }
     let mut out = Published {
         heads: vec![0; channels.len()],
+        latency_us: Some(crate::report::us_histogram()),
         ..Published::default()
     };
     for t in tasks {
         match t.await {
-            Ok((ch, Ok(p))) => {
+            Ok((ch, Ok((p, took)))) => {
                 out.ok += 1;
                 out.heads[ch] = out.heads[ch].max(p.seq);
+                if let Some(h) = out.latency_us.as_mut() {
+                    h.saturating_record(took.as_micros() as u64);
+                }
             }
             Ok((ch, Err(e))) => {
                 out.failed += 1;

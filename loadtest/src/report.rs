@@ -52,6 +52,8 @@ pub struct PublishReport {
     pub ok: u64,
     pub failed: u64,
     pub wall_secs: f64,
+    /// Send to answer (durable) per acknowledged post.
+    pub latency_ms: Percentiles,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -180,6 +182,7 @@ impl fmt::Display for Report {
                 "{} ok, {} failed in {:.2} s",
                 self.publish.ok, self.publish.failed, self.publish.wall_secs
             )),
+            ("publish latency ms", pct(&self.publish.latency_ms)),
             ("delivered", format!(
                 "{} of {} in {:.3} s = {:.0}/s{}",
                 self.delivery.delivered, self.delivery.expected, self.delivery.wall_secs,

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use herald::cli::ApiClient;
-use herald_client::{shared_endpoint, ClientOptions};
+use herald_client::ClientOptions;
 use herald_server::auth::TokenIssuer;
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::sync::{watch, Semaphore};
@@ -106,9 +106,11 @@ pub async fn run_on(
     // Connect and follow.
     let mut base = ClientOptions::new(target.quic, target.trust.clone(), String::new());
     base.client_name = "herald-loadtest".into();
-    let endpoints = (0..opts.endpoints)
-        .map(|_| shared_endpoint(&base))
-        .collect::<Result<Vec<_>, _>>()?;
+    let endpoints = crate::endpoints::open(
+        &base,
+        opts.endpoints,
+        opts.client_buffer_mib.saturating_mul(1 << 20),
+    )?;
     let issuer = TokenIssuer::hs256(target.jwt_secret.as_bytes());
     let handshakes = Arc::new(Semaphore::new(opts.connect_concurrency));
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -357,6 +359,11 @@ pub async fn run_on(
             ok: published.ok,
             failed: published.failed,
             wall_secs: published.wall.as_secs_f64(),
+            latency_ms: published
+                .latency_us
+                .as_ref()
+                .map(Percentiles::from_us)
+                .unwrap_or_default(),
         },
         delivery: DeliveryReport {
             expected,

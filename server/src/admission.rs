@@ -17,19 +17,21 @@
 //!   address. Over the unvalidated limit a sender is asked to validate
 //!   (Retry); over the validated one it is refused. Counted separately, so an
 //!   address's unvalidated flood never keeps its validated clients out.
-//! - **A short handshake timeout.** A handshake (waiting for a slot
-//!   included) that has not finished within [`HandshakePolicy::timeout`]
-//!   (seconds, not the minute-long idle timeout) is dropped.
-//! - **A hard cap** of [`HandshakePolicy::max_in_progress`] handshakes: a
-//!   validated one waits for a slot (within its timeout); an unvalidated one
-//!   is asked to validate first.
+//! - **A short handshake timeout.** A handshake that has not finished
+//!   within [`HandshakePolicy::timeout`] of its start (seconds, not the
+//!   minute-long idle timeout) is dropped, and so is an attempt that waited
+//!   that long for a slot.
+//! - **A hard cap** of [`HandshakePolicy::max_in_progress`] handshakes: an
+//!   unvalidated sender is asked to validate first; a validated one waits
+//!   for a slot (within its timeout) in the transport's bounded queue.
 //!
 //! Established connections are never touched by any of this.
 //!
-//! The policy decides; the accept loop (`crate::server`) carries the
-//! decision out with quinn's `Incoming::{accept, retry, refuse}`. It lives
-//! apart from the endpoint so it can move with whatever drives the QUIC
-//! endpoint. Memory: one map entry per IP address with a handshake in
+//! The policy decides; the transport's event loops (`crate::transport`)
+//! carry the decision out with quinn-proto's `Endpoint::{accept, retry,
+//! refuse}`, hold each handshake's [`Ticket`] until it ends, and enforce
+//! the slots and the timeout. It lives apart from the endpoint so it can be
+//! unit-tested alone and shared by every loop. Memory: one map entry per IP address with a handshake in
 //! progress (removed when its last one ends), so bounded by the handshakes
 //! in progress.
 
@@ -38,8 +40,6 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// The numbers of the policy (from `[limits]`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,7 +78,6 @@ struct PerAddress {
 #[derive(Debug)]
 pub struct Admission {
     policy: HandshakePolicy,
-    slots: Arc<Semaphore>,
     in_progress: AtomicUsize,
     per_address: Mutex<HashMap<IpAddr, PerAddress>>,
 }
@@ -88,7 +87,6 @@ impl Admission {
     pub fn new(policy: HandshakePolicy) -> Arc<Admission> {
         Arc::new(Admission {
             policy,
-            slots: Arc::new(Semaphore::new(policy.max_in_progress.max(1))),
             in_progress: AtomicUsize::new(0),
             per_address: Mutex::new(HashMap::new()),
         })
@@ -146,13 +144,6 @@ pub struct Ticket {
     admission: Arc<Admission>,
     ip: IpAddr,
     validated: bool,
-}
-
-impl Ticket {
-    /// Waits for one of the [`HandshakePolicy::max_in_progress`] slots.
-    pub async fn slot(&self) -> Option<OwnedSemaphorePermit> {
-        self.admission.slots.clone().acquire_owned().await.ok()
-    }
 }
 
 impl Drop for Ticket {
@@ -233,24 +224,5 @@ mod tests {
         });
         assert!(matches!(a.decide(ip(1), false, true), Decision::Retry));
         accept(a.decide(ip(1), true, false));
-    }
-
-    #[tokio::test]
-    async fn slots_bound_handshakes_in_progress() {
-        let a = Admission::new(HandshakePolicy {
-            max_in_progress: 1,
-            ..policy()
-        });
-        let t = accept(a.decide(ip(1), true, false));
-        let slot = t.slot().await.unwrap();
-        let t2 = accept(a.decide(ip(2), true, false));
-        assert!(
-            tokio::time::timeout(Duration::from_millis(50), t2.slot())
-                .await
-                .is_err(),
-            "the second waits for the first"
-        );
-        drop(slot);
-        assert!(t2.slot().await.is_some());
     }
 }

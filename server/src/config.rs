@@ -16,6 +16,10 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// UDP address of the QUIC endpoint (port 0 picks a free port).
     pub quic_addr: SocketAddr,
+    /// QUIC event loops (threads, each with its own socket on `quic_addr`);
+    /// packets are steered to the loop of their connection by connection ID.
+    /// 1 to 64.
+    pub quic_loops: usize,
     /// TCP address of the HTTP API (port 0 picks a free port).
     pub http_addr: SocketAddr,
     /// The QUIC endpoint's certificate (`[tls]`).
@@ -296,6 +300,7 @@ impl Default for Config {
         Config {
             data_dir: PathBuf::from("./herald-data"),
             quic_addr: SocketAddr::from(([127, 0, 0, 1], 4433)),
+            quic_loops: 1,
             http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             tls: TlsConfig::default(),
             limits: Limits::default(),
@@ -340,6 +345,8 @@ pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     /// Replaces [`Config::quic_addr`] when set.
     pub quic_addr: Option<SocketAddr>,
+    /// Replaces [`Config::quic_loops`] when set.
+    pub quic_loops: Option<usize>,
     /// Replaces [`Config::http_addr`] when set.
     pub http_addr: Option<SocketAddr>,
     /// Replaces `cluster.urls` when set (`--cluster nats://a,nats://b`).
@@ -381,6 +388,9 @@ impl Config {
         if let Some(v) = o.quic_addr {
             self.quic_addr = v;
         }
+        if let Some(v) = o.quic_loops {
+            self.quic_loops = v;
+        }
         if let Some(v) = o.http_addr {
             self.http_addr = v;
         }
@@ -398,6 +408,9 @@ impl Config {
         let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
         if self.tls.cert.is_some() != self.tls.key.is_some() {
             return bad("tls.cert and tls.key must be given together");
+        }
+        if !(1..=64).contains(&self.quic_loops) {
+            return bad("quic_loops must be 1 to 64");
         }
         if l.max_frame_bytes < 1024 {
             return bad("limits.max_frame_bytes must be at least 1024");

@@ -4,8 +4,8 @@
 //! A post's path, top-down (imports follow it; nothing imports back up):
 //!
 //! ```text
-//!  brand ─HTTP─▶ api ──▶ store ──(committed, in order)──▶ hub ──▶ feed ──▶ session ──▶ follower
-//!                 │        ▲                               ▲        │        (QUIC)
+//!  brand ─HTTP─▶ api ──▶ store ──(committed, in order)──▶ hub ──▶ feed ──▶ session ──▶ transport ──▶ follower
+//!                 │        ▲                               ▲        │                      (QUIC)
 //!                 └─▶ promo┘ (campaigns, the slot) ────────┘        └── catch-up reads the store
 //! ```
 //!
@@ -27,7 +27,7 @@
 //! | [`auth`] | follower tokens (JWT, JWKS) and the data directory's secrets |
 //! | [`limits`] | the per-key publish rate limiter |
 //! | [`tls`] | the server's certificate (self-signed and renewed, or the operator's) |
-//! | [`udp`] | the QUIC endpoint's UDP socket |
+//! | [`transport`] | QUIC on quinn-proto: per-thread event loops that own the endpoint, the connections, their timers and the UDP socket, with batched sends |
 //! | [`metrics`] | every metric's name, and the Prometheus recorder |
 //! | [`json`] | request JSON read as the OpenAPI document states it (integers written `5.0`, fields that may be absent but not null) |
 //! | [`model`] | the server's domain types (and the protocol's, re-exported) |
@@ -57,6 +57,6 @@ pub mod session;
 pub mod store;
 pub mod tenancy;
 pub mod tls;
-pub mod udp;
+pub mod transport;
 
 pub use server::Server;

@@ -17,7 +17,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -25,15 +25,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::admission::{Admission, Decision};
 use crate::auth::{Secrets, TokenIssuer, TokenVerifier};
 use crate::config::Config;
-use crate::hub::Hub;
+use crate::hub::{FanoutStage, Hub};
 use crate::promo::{Promo, PromoError};
 use crate::session::{FollowerConnections, Session, SessionContext, SessionError};
 use crate::store::{ChannelLog, EventSink, JetStreamLog, RedbLog, StoreError, TrimPolicy};
 use crate::tenancy::{KvTenancy, Tenancy, TenancyStore};
 use crate::tls::{CertStore, TlsError};
+use crate::transport::{Transport, TransportConfig, VarInt};
 use herald_proto::ErrorCode;
 
 /// How long shutdown waits for connections to close and HTTP requests to finish.
@@ -109,6 +109,9 @@ pub enum ServerError {
     /// cluster could not be reached in time.
     #[error("cluster: {0}")]
     Cluster(String),
+    /// The fan-out thread could not be started.
+    #[error("cannot start the fan-out thread: {0}")]
+    Fanout(String),
 }
 
 /// A bound, not yet running server.
@@ -116,10 +119,12 @@ pub struct Server {
     /// Held until the databases are closed: one server per data directory.
     lock: DataDirLock,
     config: Config,
-    endpoint: quinn::Endpoint,
+    transport: Transport,
     http: tokio::net::TcpListener,
     hub: Arc<Hub>,
     log: Arc<dyn ChannelLog>,
+    /// Fans committed events out off the log's commit thread.
+    fanout: Arc<FanoutStage>,
     promo: Arc<Promo>,
     certs: Arc<CertStore>,
     secrets: Secrets,
@@ -133,7 +138,12 @@ impl Server {
     /// Binds both listeners, then prepares the data directory (so a start
     /// that cannot bind writes nothing, and no generated secret goes unseen).
     pub async fn bind(config: Config) -> Result<Server, ServerError> {
-        let udp = crate::udp::bind(config.quic_addr).map_err(|source| ServerError::BindQuic {
+        let udp = crate::transport::socket::bind(
+            config.quic_addr,
+            config.quic_loops > 1,
+            crate::transport::socket::UDP_BUFFER_BYTES,
+        )
+        .map_err(|source| ServerError::BindQuic {
             addr: config.quic_addr,
             source,
         })?;
@@ -169,13 +179,14 @@ impl Server {
             Some(nats) => with_cluster_timeout(&config, Promo::open_cluster(nats)).await??,
             None => Promo::open(&dir)?,
         };
-        let (sink_hub, sink_promo) = (hub.clone(), promo.clone());
-        let sink: EventSink = Arc::new(move |events| {
-            // After an organic post, the channel's promoted slot may open.
-            sink_hub.publish_log_with(events, |p, followers| {
-                sink_promo.after_post(&p.channel, p.seq, followers)
-            });
-        });
+        let stage_promo = promo.clone();
+        // After an organic post, the channel's promoted slot may open.
+        let fanout = FanoutStage::start(hub.clone(), move |p, followers| {
+            stage_promo.after_post(&p.channel, p.seq, followers)
+        })
+        .map_err(|e| ServerError::Fanout(e.to_string()))?;
+        let stage = fanout.clone();
+        let sink: EventSink = Arc::new(move |events| stage.submit(events));
         let (log, tenancy): (Arc<dyn ChannelLog>, Arc<dyn TenancyStore>) = match nats {
             Some(nats) => {
                 with_cluster_timeout(&config, async {
@@ -208,8 +219,9 @@ impl Server {
             verifier = verifier.with_public_keys(crate::auth::jwks::load(path)?);
         }
 
-        let mut server_config =
-            quinn::ServerConfig::with_crypto(Arc::new(crate::tls::server_crypto(certs.clone())?));
+        let mut server_config = quinn_proto::ServerConfig::with_crypto(Arc::new(
+            crate::tls::server_crypto(certs.clone())?,
+        ));
         server_config.transport_config(Arc::new(transport(&config)?));
         let bind_err = |source| ServerError::BindQuic {
             addr: config.quic_addr,
@@ -223,25 +235,27 @@ impl Server {
         let mut cid_key = [0u8; 8];
         cid_key.copy_from_slice(&tag.as_ref()[..8]);
         let cid_key = u64::from_le_bytes(cid_key);
-        let mut endpoint_config = quinn::EndpointConfig::new(Arc::new(reset_key));
+        let mut endpoint_config = quinn_proto::EndpointConfig::new(Arc::new(reset_key));
         endpoint_config.cid_generator(move || {
             Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
         });
-        let endpoint =
-            crate::udp::endpoint(udp, endpoint_config, Some(server_config)).map_err(bind_err)?;
-        let quic_addr = endpoint
-            .local_addr()
-            .map_err(|source| ServerError::BindQuic {
-                addr: config.quic_addr,
-                source,
-            })?;
+        let mut transport_config =
+            TransportConfig::new(server_config, endpoint_config, config.quic_addr);
+        transport_config.max_connections = config.limits.max_connections;
+        transport_config.loops = config.quic_loops;
+        transport_config.cid_key = cid_key;
+        transport_config.handshakes = config.limits.handshake_policy();
+        transport_config.turn_hook = Some(Arc::new(crate::feed::flush_live_metrics));
+        let transport = Transport::start(transport_config, udp).map_err(bind_err)?;
+        let quic_addr = transport.local_addr();
         Ok(Server {
             lock,
             config,
-            endpoint,
+            transport,
             http,
             hub,
             log,
+            fanout,
             promo,
             certs,
             secrets,
@@ -366,12 +380,13 @@ impl Server {
         ));
         tasks.spawn(metrics_upkeep_loop(stop.clone()));
 
-        accept_loop(&self.endpoint, ctx, &tasks, &kill, shutdown).await;
+        let mut transport = self.transport;
+        accept_loop(&mut transport, ctx, &tasks, &kill, shutdown).await;
 
         tracing::info!("shutting down");
         stop.cancel();
-        self.endpoint.close(
-            quinn::VarInt::from_u32(ErrorCode::ShuttingDown.as_u32()),
+        transport.shutdown(
+            VarInt::from_u32(ErrorCode::ShuttingDown.as_u32()),
             b"server shutting down",
         );
         tasks.close();
@@ -385,8 +400,11 @@ impl Server {
             kill.cancel();
             tasks.wait().await;
         }
-        // Let the close frames leave before the socket goes.
-        let _ = tokio::time::timeout(SHUTDOWN_GRACE, self.endpoint.wait_idle()).await;
+        // Let the close frames leave before the socket goes: the loops exit
+        // once their connections are drained (bounded by the transport).
+        if let Err(e) = tokio::task::spawn_blocking(move || transport.join()).await {
+            tracing::error!(error = %e, "joining the QUIC loops failed");
+        }
         // Sessions are gone: count what they delivered, durably.
         match self.promo.run(|p| p.flush()).await {
             Ok(()) => {}
@@ -400,6 +418,11 @@ impl Server {
         self.promo.close().await;
         if let Err(e) = self.log.close().await {
             tracing::error!(error = %e, "closing the log failed");
+        }
+        // The log hands it nothing more: finish the queued fan-outs and stop.
+        let fanout = self.fanout.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || fanout.close()).await {
+            tracing::error!(error = %e, "stopping the fan-out failed");
         }
         drop(self.lock);
     }
@@ -512,9 +535,9 @@ impl DataDirLock {
     }
 }
 
-fn transport(config: &Config) -> Result<quinn::TransportConfig, ServerError> {
+fn transport(config: &Config) -> Result<quinn_proto::TransportConfig, ServerError> {
     let limits = &config.limits;
-    let mut t = quinn::TransportConfig::default();
+    let mut t = quinn_proto::TransportConfig::default();
     // One control stream from the follower; it opens no unidirectional streams.
     t.max_concurrent_bidi_streams(1u32.into());
     t.max_concurrent_uni_streams(0u32.into());
@@ -525,100 +548,37 @@ fn transport(config: &Config) -> Result<quinn::TransportConfig, ServerError> {
     t.datagram_receive_buffer_size(None);
     t.mtu_discovery_config(None);
     t.keep_alive_interval(None);
-    let idle = quinn::IdleTimeout::try_from(limits.idle_timeout())
+    let idle = quinn_proto::IdleTimeout::try_from(limits.idle_timeout())
         .map_err(|e| ServerError::Transport(e.to_string()))?;
     t.max_idle_timeout(Some(idle));
     Ok(t)
 }
 
-/// Accepts connections until `shutdown`, bounding connections and
-/// handshakes by the [`crate::admission`] policy; each session is a task on
-/// `tasks`, dropped on `kill`.
+/// Accepts established connections until `shutdown`; each session is a
+/// task on `tasks`, dropped on `kill`. The transport bounds connections and
+/// handshakes, by the [`crate::admission`] policy.
 async fn accept_loop(
-    endpoint: &quinn::Endpoint,
+    transport: &mut Transport,
     ctx: Arc<SessionContext>,
     tasks: &TaskTracker,
     kill: &CancellationToken,
     shutdown: impl Future<Output = ()>,
 ) {
-    let admission = Admission::new(ctx.limits.handshake_policy());
-    let open = Arc::new(AtomicUsize::new(0));
     let next_id = AtomicU64::new(1);
     tokio::pin!(shutdown);
     loop {
-        let incoming = tokio::select! {
-            i = endpoint.accept() => match i {
-                Some(i) => i,
+        let conn = tokio::select! {
+            c = transport.accept() => match c {
+                Some(c) => c,
                 None => break,
             },
             _ = &mut shutdown => break,
         };
-        if open.load(Ordering::Relaxed) >= ctx.limits.max_connections {
-            tracing::warn!(
-                limit = ctx.limits.max_connections,
-                "connection limit reached; refusing"
-            );
-            incoming.refuse();
-            continue;
-        }
-        let peer = incoming.remote_address();
-        let ticket = match admission.decide(
-            peer.ip(),
-            incoming.remote_address_validated(),
-            incoming.may_retry(),
-        ) {
-            Decision::Accept(t) => t,
-            Decision::Retry => {
-                metrics::counter!(crate::metrics::HANDSHAKES, "result" => "retry").increment(1);
-                if let Err(e) = incoming.retry() {
-                    e.into_incoming().refuse();
-                }
-                continue;
-            }
-            Decision::Refuse(why) => {
-                metrics::counter!(crate::metrics::HANDSHAKES, "result" => "refused").increment(1);
-                tracing::debug!(%peer, why, "handshake refused");
-                incoming.refuse();
-                continue;
-            }
-        };
-        let guard = OpenGuard::new(open.clone());
         let id = next_id.fetch_add(1, Ordering::Relaxed);
         let ctx = ctx.clone();
         let kill = kill.clone();
-        let timeout = admission.policy().timeout;
-        let span = tracing::info_span!("session", id, %peer);
+        let span = tracing::info_span!("session", id, peer = %conn.remote_address());
         let session = async move {
-            let _guard = guard;
-            // The slot, and the handshake itself, within the handshake timeout.
-            let handshake = async {
-                let _slot = ticket.slot().await?;
-                match incoming.accept() {
-                    Ok(connecting) => Some(connecting.await),
-                    Err(e) => Some(Err(e)),
-                }
-            };
-            let conn = match tokio::time::timeout(timeout, handshake).await {
-                Ok(Some(Ok(c))) => {
-                    metrics::counter!(crate::metrics::HANDSHAKES, "result" => "ok").increment(1);
-                    c
-                }
-                Ok(Some(Err(e))) => {
-                    metrics::counter!(crate::metrics::HANDSHAKES, "result" => "failed")
-                        .increment(1);
-                    tracing::debug!(error = %e, "handshake failed");
-                    return;
-                }
-                Ok(None) => return,
-                Err(_) => {
-                    // Dropping the handshake closes the connection.
-                    metrics::counter!(crate::metrics::HANDSHAKES, "result" => "timed_out")
-                        .increment(1);
-                    tracing::debug!(?timeout, "handshake timed out");
-                    return;
-                }
-            };
-            drop(ticket);
             match (Session { id, conn, ctx }).run().await {
                 Ok(_) => tracing::debug!("session ended"),
                 Err(SessionError::Closed { code, message }) => {
@@ -636,24 +596,6 @@ async fn accept_loop(
             }
             .instrument(span),
         );
-    }
-}
-
-/// Counts a connection as open until dropped.
-struct OpenGuard(Arc<AtomicUsize>);
-
-impl OpenGuard {
-    fn new(open: Arc<AtomicUsize>) -> OpenGuard {
-        open.fetch_add(1, Ordering::Relaxed);
-        metrics::gauge!(crate::metrics::CONNECTIONS_OPEN).increment(1.0);
-        OpenGuard(open)
-    }
-}
-
-impl Drop for OpenGuard {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-        metrics::gauge!(crate::metrics::CONNECTIONS_OPEN).decrement(1.0);
     }
 }
 

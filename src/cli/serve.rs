@@ -20,6 +20,9 @@ pub struct ServeArgs {
     /// QUIC (UDP) listen address (default 127.0.0.1:4433).
     #[arg(long, env = "HERALD_QUIC_ADDR")]
     pub quic_addr: Option<SocketAddr>,
+    /// QUIC event loops (threads) on that address (default 1).
+    #[arg(long, env = "HERALD_QUIC_LOOPS")]
+    pub quic_loops: Option<usize>,
     /// HTTP listen address (default 127.0.0.1:8080).
     #[arg(long, env = "HERALD_HTTP_ADDR")]
     pub http_addr: Option<SocketAddr>,
@@ -41,6 +44,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         &Overrides {
             data_dir: args.data_dir,
             quic_addr: args.quic_addr,
+            quic_loops: args.quic_loops,
             http_addr: args.http_addr,
             cluster_urls: args.cluster,
             node_id: args.node_id,

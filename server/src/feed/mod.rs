@@ -14,7 +14,9 @@
 //! - [`FeedWriter`]: drains the queue into a [`FeedSink`] and keeps the
 //!   delivery promise (every post once, in order, no gap); the argument for
 //!   why catch-up and live delivery meet without gap or duplicate is written
-//!   once, in [`writer`].
+//!   once, in [`writer`]. While it is idle, its [`LiveFeed`] lets the
+//!   transport's event loop drain live events itself, with the same
+//!   decisions and no task wake-up.
 //! - [`promoted`]: the traits through which the promoted slot attaches to a
 //!   fan-out without the feed knowing the promo engine.
 //!
@@ -32,9 +34,12 @@ pub mod writer;
 
 pub use event::{EventKind, FeedEvent};
 pub use promoted::{CatchupSlots, DurableFuture, Impression, NoPromotions, PromotedSlot};
-pub use queue::{ControlRefused, Item, Outbox, MAX_PENDING_CONTROL};
+pub use queue::{ControlRefused, Item, LiveWaker, Outbox, MAX_PENDING_CONTROL};
 pub use sink::{FeedSink, MemorySink};
-pub use writer::{CatchupBudget, FeedDeps, FeedError, FeedStats, FeedWriter, LagPolicy, MAX_DRAIN};
+pub use writer::{
+    flush_live_metrics, CatchupBudget, FeedDeps, FeedError, FeedStats, FeedWriter, LagPolicy,
+    LiveFeed, MAX_DRAIN,
+};
 
 #[cfg(test)]
 mod tests;

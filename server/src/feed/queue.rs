@@ -8,12 +8,20 @@
 //! is never blocked. Control items (follow/unfollow) are not dropped; they
 //! are few, bounded by [`MAX_PENDING_CONTROL`].
 //!
-//! The writer is woken only when the queue goes from empty to non-empty, so a
-//! burst costs one wake-up, not one per frame. The queue-bytes gauge is
-//! raised by the hub once per fan-out and lowered here once per drained batch.
+//! One drainer at a time: the session's writer task, or — while the writer
+//! is idle and live — the transport's event loop, which drains live events
+//! through [`LiveFeed`](super::LiveFeed) without waking the task (see
+//! `writer`). The drainer is woken only when the queue goes from empty to
+//! non-empty, so a burst costs one wake-up, not one per frame; in live mode
+//! the wake-up is the transport scheduling the connection on its loop, which
+//! costs no task wake-up at all. Only the task sets live mode (when it has
+//! nothing to do), and only the live drainer or [`Outbox::close`] ends it.
+//!
+//! The queue-bytes gauge is raised by the hub once per fan-out and lowered
+//! once per drained batch (by the live drainer, once per loop turn).
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use tokio::sync::Notify;
 
@@ -46,12 +54,18 @@ struct State {
     /// Per lagged channel, the lowest seq whose edit or delete did not fit.
     changes_lost: Vec<(ChannelId, u64)>,
     closed: bool,
+    /// The live drainer (the transport's loop) drains, not the task.
+    live: bool,
 }
+
+/// Wakes the live drainer (the transport schedules the connection).
+pub type LiveWaker = Box<dyn Fn() + Send + Sync>;
 
 /// The queue. See the module docs.
 pub struct Outbox {
     state: Mutex<State>,
     notify: Notify,
+    live_waker: OnceLock<LiveWaker>,
     bound: usize,
     control_bound: usize,
 }
@@ -77,6 +91,7 @@ impl Outbox {
         Outbox {
             state: Mutex::new(State::default()),
             notify: Notify::new(),
+            live_waker: OnceLock::new(),
             bound,
             control_bound: control_bound.max(1),
         }
@@ -110,20 +125,124 @@ impl Outbox {
                 }
             }
             let wake = s.items.is_empty() && first_lag;
+            let live = s.live;
             drop(s);
             if wake {
-                self.notify.notify_one();
+                self.wake(live);
             }
             return false;
         }
         let was_empty = s.items.is_empty();
         s.bytes += len;
         s.items.push_back(Item::Event(ev.clone()));
+        let live = s.live;
         drop(s);
         if was_empty {
-            self.notify.notify_one();
+            self.wake(live);
         }
         true
+    }
+
+    /// Wakes whoever drains now.
+    fn wake(&self, live: bool) {
+        match (live, self.live_waker.get()) {
+            (true, Some(w)) => w(),
+            _ => self.notify.notify_one(),
+        }
+    }
+
+    /// Lets the writer hand its live events to a drainer outside the task
+    /// (the transport's loop), woken by `waker`. Set once.
+    pub fn set_live_waker(&self, waker: LiveWaker) {
+        let _ = self.live_waker.set(waker);
+    }
+
+    /// Whether a live drainer can take over.
+    pub(super) fn has_live_drainer(&self) -> bool {
+        self.live_waker.get().is_some()
+    }
+
+    /// The task hands draining to the live drainer, if there is nothing for
+    /// the task to do (no item, no lag, not closed). Returns whether it did.
+    pub(super) fn try_go_live(&self) -> bool {
+        let mut s = self.lock();
+        if s.items.is_empty() && s.lagged.is_empty() && !s.closed && self.has_live_drainer() {
+            s.live = true;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The task waits until the live drainer hands draining back.
+    pub(super) async fn live_ended(&self) {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if !self.lock().live {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// For the live drainer: if live, clones up to `max_bytes` of events
+    /// (and the control items between them) from the front into `out`,
+    /// without taking them off. `None` if the task drains now.
+    pub(super) fn live_peek(&self, max_bytes: usize, out: &mut Vec<Item>) -> Option<()> {
+        let s = self.lock();
+        if !s.live {
+            return None;
+        }
+        let mut bytes = 0;
+        for item in s.items.iter() {
+            if let Item::Event(ev) = item {
+                if bytes > 0 && bytes + ev.frame.len() > max_bytes {
+                    break;
+                }
+                bytes += ev.frame.len();
+            }
+            out.push(item.clone());
+        }
+        Some(())
+    }
+
+    /// For the live drainer: takes the first `n` items off (those it
+    /// handled). Returns the bytes of events taken off; whether the task is
+    /// needed: `stopped` (the drainer met an item it cannot handle), or
+    /// something only the task can do is waiting (a lag, the close); and
+    /// whether items are left (an item pushed from here on finds the queue
+    /// as this says, so a drainer that stops when none are left is woken
+    /// for the next). With `hand_over`, a needed task is given the queue at
+    /// once.
+    pub(super) fn live_commit(
+        &self,
+        n: usize,
+        stopped: bool,
+        hand_over: bool,
+    ) -> (usize, bool, bool) {
+        let mut guard = self.lock();
+        let s = &mut *guard;
+        let before = s.bytes;
+        for item in s.items.drain(..n.min(s.items.len())) {
+            match &item {
+                Item::Event(ev) => s.bytes -= ev.frame.len(),
+                _ => s.control -= 1,
+            }
+        }
+        let drained = before - s.bytes;
+        let needed = s.live && (stopped || !s.lagged.is_empty() || s.closed);
+        let left = !s.items.is_empty();
+        let back = needed && hand_over;
+        if back {
+            s.live = false;
+        }
+        drop(guard);
+        if back {
+            self.notify.notify_one();
+        }
+        (drained, needed, left)
     }
 
     /// Queues a control item.
@@ -138,9 +257,10 @@ impl Outbox {
         let was_empty = s.items.is_empty();
         s.control += 1;
         s.items.push_back(item);
+        let live = s.live;
         drop(s);
         if was_empty {
-            self.notify.notify_one();
+            self.wake(live);
         }
         Ok(())
     }
@@ -190,10 +310,20 @@ impl Outbox {
         std::mem::take(&mut self.lock().changes_lost)
     }
 
-    /// Refuses further items and wakes the writer so it can finish.
+    /// Refuses further items and wakes the writer so it can finish. Ends
+    /// live mode: the task drains what is left.
     pub fn close(&self) {
-        self.lock().closed = true;
+        {
+            let mut s = self.lock();
+            s.closed = true;
+            s.live = false;
+        }
         self.notify.notify_one();
+    }
+
+    /// Whether the queue is closed (its session is ending).
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed
     }
 
     /// Items (events and control) queued now.

@@ -37,6 +37,15 @@ impl MemorySink {
     }
 }
 
+impl MemorySink {
+    /// Another sender into the same channel (for a test that writes frames
+    /// from outside the writer too, as the transport's live path does);
+    /// `None` once finished.
+    pub fn sender(&self) -> Option<mpsc::Sender<Bytes>> {
+        self.tx.clone()
+    }
+}
+
 impl FeedSink for MemorySink {
     async fn write_all_chunks(&mut self, chunks: &mut [Bytes]) -> io::Result<()> {
         let tx = self

@@ -5,8 +5,13 @@
 //!
 //! Every test here guards one piece of the delivery logic in `writer.rs`
 //! (cursor dedupe, catch-up, gap fill, lag catch-up, edit re-send, Reset);
-//! each was seen to fail with that piece removed.
+//! each was seen to fail with that piece removed. Each runs twice: with the
+//! writer task alone (`task_path`), and with a stand-in for the transport's
+//! loop pulling live posts through the writer's [`LiveFeed`] while the task
+//! is idle (`live_path`), so the hand-over between the two is driven by
+//! every scenario too.
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -14,7 +19,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use herald_proto::v1 as pb;
 use prost::Message;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 
 use super::*;
 use crate::model::{ChannelId, ChannelInfo, FollowRequest, NewPost, Post};
@@ -195,6 +200,16 @@ fn decode(frame: &Bytes) -> Got {
     }
 }
 
+thread_local! {
+    /// Whether the running test drives the live path too (see the macro at
+    /// the end).
+    static LIVE_PATH: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Bytes the stand-in loop asks for per pull (small, so that pulls stop
+/// part-way through a queue as the real loop's do).
+const PULL_ROOM: usize = 200;
+
 /// A writer on `log`, fed by an outbox of `bound` bytes, writing into a sink
 /// that holds `sink_capacity` unread frames.
 struct Rig {
@@ -212,7 +227,8 @@ impl Rig {
     fn start_with(log: Arc<MemLog>, bound: usize, sink_capacity: usize, batch: usize) -> Rig {
         let outbox = Arc::new(Outbox::new(bound));
         let (sink, frames) = MemorySink::new(sink_capacity);
-        let writer = FeedWriter::new(
+        let pump_tx = sink.sender();
+        let mut writer = FeedWriter::new(
             sink,
             outbox.clone(),
             FeedDeps {
@@ -227,6 +243,35 @@ impl Rig {
                 catchups: crate::feed::CatchupBudget::new(2),
             },
         );
+        if LIVE_PATH.with(Cell::get) {
+            // A stand-in for the transport's loop: woken by the fan-out, it
+            // pulls live frames and writes them to the same sink; a full
+            // sink makes it wait, as a blocked stream makes the loop wait
+            // for the stream to become writable.
+            let live = writer.live();
+            let wake = Arc::new(Notify::new());
+            let waker = wake.clone();
+            outbox.set_live_waker(Box::new(move || waker.notify_one()));
+            if let Some(tx) = pump_tx {
+                tokio::spawn(async move {
+                    let mut out = Vec::new();
+                    loop {
+                        wake.notified().await;
+                        loop {
+                            let more = live.pull(PULL_ROOM, &mut out);
+                            for f in out.drain(..) {
+                                if tx.send(f).await.is_err() {
+                                    return;
+                                }
+                            }
+                            if !more {
+                                break;
+                            }
+                        }
+                    }
+                });
+            }
+        }
         Rig {
             log,
             outbox,
@@ -334,7 +379,6 @@ fn seqs(got: &[Got]) -> Vec<u64> {
         .collect()
 }
 
-#[tokio::test]
 async fn live_only_follow_gets_each_live_post_once_in_order() {
     let log = MemLog::with_posts("a", 3, 8);
     let mut rig = Rig::start(log.clone(), 1 << 16, 64);
@@ -354,7 +398,6 @@ async fn live_only_follow_gets_each_live_post_once_in_order() {
     assert_eq!(stats.catchup_frames, 0);
 }
 
-#[tokio::test]
 async fn catch_up_then_live_with_posts_racing_the_switch() {
     let log = MemLog::with_posts("a", 10, 8);
     let mut rig = Rig::start_with(log.clone(), 1 << 16, 64, 4);
@@ -378,7 +421,6 @@ async fn catch_up_then_live_with_posts_racing_the_switch() {
     assert_eq!(stats.live_frames, 3);
 }
 
-#[tokio::test]
 async fn a_post_dropped_on_overflow_is_filled_from_the_log_before_the_next() {
     let log = MemLog::with_channel("a");
     // The queue holds 300 bytes: three small posts fit, one big one does
@@ -401,7 +443,6 @@ async fn a_post_dropped_on_overflow_is_filled_from_the_log_before_the_next() {
     assert_eq!(stats.lag_events, 1);
 }
 
-#[tokio::test]
 async fn a_follower_that_lagged_at_the_tail_is_caught_up_to_the_head() {
     let log = MemLog::with_channel("a");
     let mut rig = Rig::start(log.clone(), 100, 1);
@@ -422,7 +463,6 @@ async fn a_follower_that_lagged_at_the_tail_is_caught_up_to_the_head() {
     assert!(stats.catchup_frames > 0);
 }
 
-#[tokio::test]
 async fn edits_and_deletes_dropped_on_overflow_are_resent_from_the_log() {
     let log = MemLog::with_channel("a");
     let mut rig = Rig::start(log.clone(), 120, 1);
@@ -460,7 +500,6 @@ async fn edits_and_deletes_dropped_on_overflow_are_resent_from_the_log() {
     );
 }
 
-#[tokio::test]
 async fn edits_of_posts_not_yet_delivered_are_not_sent() {
     let log = MemLog::with_posts("a", 3, 8);
     let mut rig = Rig::start(log.clone(), 1 << 16, 64);
@@ -480,7 +519,6 @@ async fn edits_of_posts_not_yet_delivered_are_not_sent() {
     assert_eq!(rest, vec![Got::Post(4, "00000004".into())]);
 }
 
-#[tokio::test]
 async fn resume_with_another_epoch_is_reset_and_replayed() {
     let log = MemLog::with_posts("a", 4, 8);
     let mut rig = Rig::start(log.clone(), 1 << 16, 64);
@@ -491,7 +529,6 @@ async fn resume_with_another_epoch_is_reset_and_replayed() {
     assert_eq!(rig.finish().await.0, vec![]);
 }
 
-#[tokio::test]
 async fn resume_below_the_retained_history_is_reset_to_the_oldest() {
     let log = MemLog::with_posts("a", 10, 8);
     log.trim_below("a", 6);
@@ -508,7 +545,6 @@ async fn resume_below_the_retained_history_is_reset_to_the_oldest() {
     assert_eq!(rig2.finish().await.0, vec![]);
 }
 
-#[tokio::test]
 async fn resume_when_everything_was_trimmed_is_reset_then_live() {
     let log = MemLog::with_posts("a", 5, 8);
     log.trim_below("a", 6);
@@ -520,7 +556,6 @@ async fn resume_when_everything_was_trimmed_is_reset_then_live() {
     assert_eq!(rig.finish().await.0, vec![]);
 }
 
-#[tokio::test]
 async fn a_lagging_follower_whose_missed_posts_were_all_trimmed_is_told() {
     let log = MemLog::with_channel("a");
     // 130 bytes: two 56-byte frames fit.
@@ -546,7 +581,6 @@ async fn a_lagging_follower_whose_missed_posts_were_all_trimmed_is_told() {
     );
 }
 
-#[tokio::test]
 async fn resume_ahead_of_the_head_is_reset() {
     let log = MemLog::with_posts("a", 3, 8);
     let mut rig = Rig::start(log.clone(), 1 << 16, 64);
@@ -557,7 +591,6 @@ async fn resume_ahead_of_the_head_is_reset() {
     assert_eq!(rig.finish().await.0, vec![]);
 }
 
-#[tokio::test]
 async fn history_trimmed_while_lagging_is_reset_mid_stream() {
     let log = MemLog::with_channel("a");
     // 130 bytes: two 56-byte frames fit.
@@ -612,3 +645,140 @@ async fn unfollow_stops_delivery_and_a_write_failure_ends_the_writer() {
     let res = tokio::time::timeout(WAIT, rig.task).await.unwrap().unwrap();
     assert!(matches!(res, Err(FeedError::Write(_))), "{res:?}");
 }
+
+/// The hand-over between the task and the live path under real
+/// concurrency: two worker threads, a small queue that overflows again and
+/// again, a follower that reads in fits and starts, two channels (one
+/// followed with history while the other is live), edits on the way. The
+/// scripted scenarios above pin down each decision; this one checks only
+/// the promise, over many interleavings: every post of each channel once,
+/// in order, with no gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_and_task_hand_over_under_concurrency_keeps_every_post_once_in_order() {
+    LIVE_PATH.with(|l| l.set(true));
+    const POSTS: u64 = 1500;
+    let log = MemLog::with_channel("a");
+    log.channels.lock().unwrap().insert(
+        ch("b"),
+        (
+            ChannelInfo {
+                id: ch("b"),
+                title: String::new(),
+                epoch: 1,
+                head_seq: 0,
+                oldest_seq: 1,
+                created_at_ms: 0,
+            },
+            BTreeMap::new(),
+        ),
+    );
+    for _ in 0..20 {
+        log.post("b", 8);
+    }
+    let mut rig = Rig::start_with(log.clone(), 400, 1, 16);
+    rig.follow("a", None, None);
+    let publisher = {
+        let log = log.clone();
+        let outbox = rig.outbox.clone();
+        tokio::spawn(async move {
+            for i in 0..POSTS {
+                for (c, len) in [("a", 8 + (i % 50) as usize), ("b", 8)] {
+                    let ev = log.post(c, len);
+                    outbox.push_event(&Arc::new(FeedEvent::from_log(&ev)));
+                }
+                if i.is_multiple_of(7) {
+                    let ev = log.edit("a", 1 + i / 2, "edited");
+                    outbox.push_event(&Arc::new(FeedEvent::from_log(&ev)));
+                }
+                if i == 300 {
+                    // Follow b from the start while a is live.
+                    outbox
+                        .push_control(Item::Follow(FollowRequest {
+                            channel: ch("b"),
+                            after_seq: Some(0),
+                            epoch: None,
+                            tail: 0,
+                            resume: true,
+                        }))
+                        .unwrap();
+                }
+                if i.is_multiple_of(13) {
+                    tokio::task::yield_now().await;
+                }
+            }
+        })
+    };
+    let mut next = BTreeMap::from([("a", 1u64), ("b", 1u64)]);
+    let mut n = 0u64;
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while next["a"] <= POSTS || next["b"] <= POSTS + 20 {
+            let f = rig.frames.recv().await.expect("writer runs");
+            n += 1;
+            if n.is_multiple_of(31) {
+                // Read in fits and starts, so the queue overflows.
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            let frame = pb::FeedFrame::decode_length_delimited(f).unwrap();
+            if let Some(pb::feed_frame::Kind::Post(p)) = frame.kind {
+                let want = next.get_mut(p.channel.as_str()).unwrap();
+                assert_eq!(
+                    p.seq, *want,
+                    "channel {}: once, in order, no gap",
+                    p.channel
+                );
+                *want += 1;
+            }
+        }
+    })
+    .await
+    .expect("every post arrives");
+    publisher.await.unwrap();
+    let (rest, stats) = rig.finish().await;
+    assert!(
+        rest.iter().all(|g| !matches!(g, Got::Post(..))),
+        "no post twice: {rest:?}"
+    );
+    // The scenario did what it is for: overflows, catch-ups and live posts.
+    assert!(stats.lag_events > 0, "{stats:?}");
+    assert!(stats.catchup_frames > 20, "{stats:?}");
+    assert!(stats.live_frames > 0, "{stats:?}");
+}
+
+/// Runs each scenario on both paths.
+macro_rules! on_both_paths {
+    ($($name:ident),* $(,)?) => {
+        mod task_path {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::LIVE_PATH.with(|l| l.set(false));
+                    super::$name().await
+                }
+            )*
+        }
+        mod live_path {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::LIVE_PATH.with(|l| l.set(true));
+                    super::$name().await
+                }
+            )*
+        }
+    };
+}
+
+on_both_paths!(
+    live_only_follow_gets_each_live_post_once_in_order,
+    catch_up_then_live_with_posts_racing_the_switch,
+    a_post_dropped_on_overflow_is_filled_from_the_log_before_the_next,
+    a_follower_that_lagged_at_the_tail_is_caught_up_to_the_head,
+    edits_and_deletes_dropped_on_overflow_are_resent_from_the_log,
+    edits_of_posts_not_yet_delivered_are_not_sent,
+    resume_with_another_epoch_is_reset_and_replayed,
+    resume_below_the_retained_history_is_reset_to_the_oldest,
+    resume_when_everything_was_trimmed_is_reset_then_live,
+    a_lagging_follower_whose_missed_posts_were_all_trimmed_is_told,
+    resume_ahead_of_the_head_is_reset,
+    history_trimmed_while_lagging_is_reset_mid_stream,
+);

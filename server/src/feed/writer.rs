@@ -41,9 +41,29 @@
 //! Frames are written in batches: everything drained at once goes out in one
 //! `write_all_chunks` call, and the frame and byte counters are added once per
 //! such flush.
+//!
+//! # The live path
+//!
+//! Most of the time a follower only needs the next post of each channel
+//! written: no log read, no waiting. For that the writer can hand its state
+//! (the cursors, [`Core`]) to a [`LiveFeed`] while it has nothing else to do;
+//! the transport's event loop then drains the queue itself, on its own
+//! thread, through [`LiveFeed::pull`] — one loop turn for a whole fan-out
+//! round instead of one task wake-up per follower. Every item is still
+//! decided by the same code ([`Core::handle`]), so the argument above holds
+//! for both paths; the live path simply stops, leaving the item at the front
+//! of the queue, at anything that needs the log or may wait (a Follow, a gap,
+//! a lag, a promoted post — its impression is made durable before its frame
+//! goes out —, the close), and hands the queue back to the task, which continues
+//! exactly where it stopped. Exactly one of the two drains at any time (the
+//! queue's `live` flag, see `queue`), and frames leave in queue order:
+//! the task goes live only after its last flush was accepted by the sink, and
+//! the transport pulls only when everything the task wrote has gone into the
+//! stream.
 
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -150,22 +170,239 @@ impl CatchupBudget {
     }
 }
 
+/// What a queued item needs before it can be written.
+#[derive(Debug)]
+enum Step {
+    /// Handled: its frame (if any) is in `Core::chunks`.
+    Done,
+    /// The follower missed posts of `channel` up to `upto`: fill them from
+    /// the log first, then handle the item again.
+    Gap {
+        /// The channel.
+        channel: ChannelId,
+        /// The last missing seq.
+        upto: u64,
+    },
+    /// A follow: pick the start and catch up from the log.
+    Follow(FollowRequest),
+    /// A promoted post met by the live path: its impression must be durable
+    /// before the frame goes out, which may wait, so the task handles it.
+    Promoted,
+}
+
+/// The writer's state both paths use: per channel the seq of the last post
+/// written, and the frames (with their promoted impressions) of the batch
+/// being written.
+pub struct Core {
+    cursors: HashMap<ChannelId, u64>,
+    chunks: Vec<Bytes>,
+    /// Promoted impressions in `chunks`, counted once they are written.
+    claims: Vec<Box<dyn Impression>>,
+    follower: String,
+    stats: FeedStats,
+    /// The live path met something for the task after handing out frames:
+    /// it hands the queue over on its next pull, once those frames are in
+    /// the stream (see [`LiveFeed::pull`]).
+    hand_over_due: bool,
+}
+
+impl Core {
+    fn new(follower: String) -> Core {
+        Core {
+            cursors: HashMap::new(),
+            chunks: Vec::new(),
+            claims: Vec::new(),
+            follower,
+            stats: FeedStats::default(),
+            hand_over_due: false,
+        }
+    }
+
+    /// Decides one queued item (see the module docs). Changes nothing unless
+    /// it returns [`Step::Done`]. `live`: called by the live path, which
+    /// cannot wait (so it leaves promoted posts to the task).
+    fn handle(&mut self, item: &Item, live: bool) -> Step {
+        let ev = match item {
+            Item::Follow(req) => return Step::Follow(req.clone()),
+            Item::Unfollow(ch) => {
+                self.cursors.remove(ch);
+                return Step::Done;
+            }
+            Item::Event(ev) => ev,
+        };
+        let Some(cur) = self.cursors.get_mut(&ev.channel) else {
+            return Step::Done;
+        };
+        match ev.kind {
+            EventKind::Post => {
+                if ev.seq <= *cur {
+                    return Step::Done;
+                }
+                if ev.seq > *cur + 1 {
+                    return Step::Gap {
+                        channel: ev.channel.clone(),
+                        upto: ev.seq - 1,
+                    };
+                }
+                *cur = ev.seq;
+                #[cfg(feature = "fault-injection")]
+                if super::fault::skip_delivery() {
+                    return Step::Done;
+                }
+                self.chunks.push(ev.frame.clone());
+                self.stats.live_frames += 1;
+            }
+            EventKind::Promoted if live => return Step::Promoted,
+            EventKind::Promoted => {
+                if let Some(claim) = ev.slot.as_ref().and_then(|s| s.claim(&self.follower)) {
+                    self.chunks.push(ev.frame.clone());
+                    self.claims.push(claim);
+                }
+            }
+            EventKind::Edit | EventKind::Delete => {
+                // A post the follower has not seen yet comes from the log in
+                // its current state instead.
+                if ev.seq <= *cur {
+                    self.chunks.push(ev.frame.clone());
+                    self.stats.live_frames += 1;
+                }
+            }
+        }
+        Step::Done
+    }
+
+    /// Moves a followed channel's cursor to `seq` (no-op if it was
+    /// unfollowed meanwhile). On the per-delivery path: no key clone.
+    fn advance(&mut self, ch: &ChannelId, seq: u64) {
+        if let Some(cur) = self.cursors.get_mut(ch) {
+            *cur = seq;
+        }
+    }
+
+    /// The batch was accepted by the sink: its promoted frames (counted
+    /// before the write, see [`FeedWriter::flush`]) are impressions for good.
+    fn written(&mut self) {
+        self.chunks.clear();
+        for claim in self.claims.drain(..) {
+            claim.confirm();
+        }
+    }
+}
+
+thread_local! {
+    /// Frames and bytes written, and queue bytes drained, by the live path
+    /// on this thread since the last [`flush_live_metrics`].
+    static LIVE_COUNTS: Cell<(u64, u64, u64)> = const { Cell::new((0, 0, 0)) };
+    /// The items a pull peeked (reused by every pull on this thread; empty
+    /// between pulls).
+    static PEEKED: RefCell<Vec<Item>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Adds what the live path counted on this thread to the metrics, once (the
+/// transport's loop calls it once per turn, so metrics are per batch, never
+/// per delivery).
+pub fn flush_live_metrics() {
+    let (frames, bytes, drained) = LIVE_COUNTS.with(|c| c.replace((0, 0, 0)));
+    if frames > 0 {
+        metrics::counter!(crate::metrics::FRAMES_DELIVERED).increment(frames);
+        metrics::counter!(crate::metrics::BYTES_DELIVERED).increment(bytes);
+    }
+    if drained > 0 {
+        metrics::gauge!(crate::metrics::QUEUE_BYTES).decrement(drained as f64);
+    }
+}
+
+/// The writer's live path, shared with the transport (see the module docs).
+pub struct LiveFeed {
+    outbox: Arc<Outbox>,
+    /// The writer's state while it is live; `None` while the task has it.
+    core: Mutex<Option<Core>>,
+}
+
+impl LiveFeed {
+    fn core(&self) -> MutexGuard<'_, Option<Core>> {
+        // Only the live path and the task's hand-over lock it, never both
+        // at once for long, and every update leaves the state consistent.
+        self.core.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Called by the transport's loop when the follower's feed stream can
+    /// take `room` bytes: moves the frames of the live events at the front of
+    /// the queue (about `room` bytes of them) into `out`, and returns whether
+    /// more may be waiting. Never waits. Does nothing while the task drains.
+    ///
+    /// Frames handed out here go into the stream before anything the task
+    /// writes after it takes the queue back: when something needs the task,
+    /// a pull that handed out frames keeps the queue and says "more"; the
+    /// next pull — which the transport makes only once those frames are in
+    /// the stream — hands the queue over.
+    pub fn pull(&self, room: usize, out: &mut Vec<Bytes>) -> bool {
+        let mut guard = self.core();
+        let Some(core) = guard.as_mut() else {
+            return false;
+        };
+        if core.hand_over_due {
+            core.hand_over_due = false;
+            self.outbox.live_commit(0, true, true);
+            return false;
+        }
+        PEEKED.with_borrow_mut(|items| self.pull_peeked(core, room, items, out))
+    }
+
+    fn pull_peeked(
+        &self,
+        core: &mut Core,
+        room: usize,
+        items: &mut Vec<Item>,
+        out: &mut Vec<Bytes>,
+    ) -> bool {
+        items.clear();
+        if self.outbox.live_peek(room, items).is_none() {
+            return false;
+        }
+        let mut handled = 0;
+        let mut stopped = false;
+        for item in items.iter() {
+            match core.handle(item, true) {
+                Step::Done => handled += 1,
+                Step::Gap { .. } | Step::Follow(_) | Step::Promoted => {
+                    stopped = true;
+                    break;
+                }
+            }
+        }
+        let frames = core.chunks.len() as u64;
+        let bytes: usize = core.chunks.iter().map(Bytes::len).sum();
+        out.append(&mut core.chunks);
+        // The transport takes every frame handed to it.
+        core.written();
+        let (drained, needed, left) = self.outbox.live_commit(handled, stopped, frames == 0);
+        LIVE_COUNTS.with(|c| {
+            let (f, b, d) = c.get();
+            c.set((f + frames, b + bytes as u64, d + drained as u64));
+        });
+        // Let go of the peeked events (and their frames) at once.
+        items.clear();
+        if needed && frames > 0 {
+            core.hand_over_due = true;
+            return true;
+        }
+        !needed && left
+    }
+}
+
 /// See the module docs.
 pub struct FeedWriter<S> {
     sink: S,
     outbox: Arc<Outbox>,
     log: Arc<dyn ChannelLog>,
-    cursors: HashMap<ChannelId, u64>,
+    core: Core,
     catchup_batch: usize,
     lag_policy: LagPolicy,
     recent_lags: VecDeque<Instant>,
-    chunks: Vec<Bytes>,
-    /// Promoted impressions in `chunks`, counted once they are written.
-    claims: Vec<Box<dyn Impression>>,
     slots: Arc<dyn CatchupSlots>,
-    follower: String,
-    stats: FeedStats,
     catchups: CatchupBudget,
+    live: Option<Arc<LiveFeed>>,
 }
 
 impl<S: FeedSink> FeedWriter<S> {
@@ -176,81 +413,65 @@ impl<S: FeedSink> FeedWriter<S> {
             outbox,
             log: deps.log,
             slots: deps.slots,
-            follower: deps.follower,
-            claims: Vec::new(),
-            cursors: HashMap::new(),
+            core: Core::new(deps.follower),
             catchup_batch: deps.catchup_batch.max(1),
             lag_policy: deps.lag_policy,
             recent_lags: VecDeque::new(),
-            chunks: Vec::new(),
-            stats: FeedStats::default(),
             catchups: deps.catchups,
+            live: None,
         }
+    }
+
+    /// The writer's live path: the transport pulls live events through it
+    /// while the writer is idle. Give the outbox a live waker
+    /// ([`Outbox::set_live_waker`]) that schedules the pulling; without one
+    /// the writer never goes live.
+    pub fn live(&mut self) -> Arc<LiveFeed> {
+        self.live
+            .get_or_insert_with(|| {
+                Arc::new(LiveFeed {
+                    outbox: self.outbox.clone(),
+                    core: Mutex::new(None),
+                })
+            })
+            .clone()
     }
 
     /// Counters so far.
     pub fn stats(&self) -> FeedStats {
-        self.stats
+        self.core.stats
     }
 
     /// Runs until the outbox is closed and drained, or the sink fails.
     pub async fn run(mut self) -> Result<FeedStats, FeedError> {
         let mut items = Vec::new();
         let mut lagged = Vec::new();
-        while self
-            .outbox
-            .clone()
-            .next_batch(&mut items, &mut lagged, MAX_DRAIN)
-            .await
-        {
+        loop {
+            if !self
+                .outbox
+                .clone()
+                .next_batch(&mut items, &mut lagged, MAX_DRAIN)
+                .await
+            {
+                break;
+            }
             for item in items.drain(..) {
-                match item {
-                    Item::Follow(req) => {
-                        self.flush().await?;
-                        self.start(req).await?;
-                    }
-                    Item::Unfollow(ch) => {
-                        self.cursors.remove(&ch);
-                    }
-                    Item::Event(ev) => {
-                        let Some(&cur) = self.cursors.get(&ev.channel) else {
-                            continue;
-                        };
-                        match ev.kind {
-                            EventKind::Post => {
-                                if ev.seq <= cur {
-                                    continue;
-                                }
-                                if ev.seq > cur + 1 {
-                                    self.flush().await?;
-                                    self.fill(&ev.channel, ev.seq - 1).await?;
-                                }
-                                #[cfg(feature = "fault-injection")]
-                                if super::fault::skip_delivery() {
-                                    self.advance(&ev.channel, ev.seq);
-                                    continue;
-                                }
-                                self.chunks.push(ev.frame.clone());
-                                self.stats.live_frames += 1;
-                                self.advance(&ev.channel, ev.seq);
-                            }
-                            EventKind::Promoted => {
-                                if let Some(claim) =
-                                    ev.slot.as_ref().and_then(|s| s.claim(&self.follower))
-                                {
-                                    self.chunks.push(ev.frame.clone());
-                                    self.claims.push(claim);
-                                }
-                            }
-                            EventKind::Edit | EventKind::Delete => {
-                                // A post the follower has not seen yet comes
-                                // from the log in its current state instead.
-                                if ev.seq <= cur {
-                                    self.chunks.push(ev.frame.clone());
-                                    self.stats.live_frames += 1;
-                                }
-                            }
+                // At most one gap fill per item: after it the cursor is at
+                // the post before this one (or the channel was unfollowed).
+                for _ in 0..2 {
+                    match self.core.handle(&item, false) {
+                        Step::Done => break,
+                        Step::Gap { channel, upto } => {
+                            self.flush().await?;
+                            self.fill(&channel, upto).await?;
                         }
+                        Step::Follow(req) => {
+                            self.flush().await?;
+                            self.start(req).await?;
+                            break;
+                        }
+                        // Only the live path is handed this one.
+                        Step::Promoted => break,
                     }
                 }
             }
@@ -259,8 +480,8 @@ impl<S: FeedSink> FeedWriter<S> {
             if items.capacity() > IDLE_CAPACITY {
                 items = Vec::new();
             }
-            if self.chunks.capacity() > IDLE_CAPACITY {
-                self.chunks = Vec::new();
+            if self.core.chunks.capacity() > IDLE_CAPACITY {
+                self.core.chunks = Vec::new();
             }
             // One overflow episode is one lag, however many channels it hit.
             if !lagged.is_empty() {
@@ -275,21 +496,39 @@ impl<S: FeedSink> FeedWriter<S> {
                 };
                 self.fill(&ch, head).await?;
             }
+            self.go_live().await;
         }
         self.sink.finish();
-        Ok(self.stats)
+        Ok(self.core.stats)
     }
 
-    /// Moves a followed channel's cursor to `seq` (no-op if it was
-    /// unfollowed meanwhile). On the per-delivery path: no key clone.
-    fn advance(&mut self, ch: &ChannelId, seq: u64) {
-        if let Some(cur) = self.cursors.get_mut(ch) {
-            *cur = seq;
+    /// With nothing left to do, hands the cursors to the live path until it
+    /// hands them back (it met something only the task can do, or the queue
+    /// closed).
+    async fn go_live(&mut self) {
+        let Some(live) = self.live.clone() else {
+            return;
+        };
+        let core = std::mem::replace(&mut self.core, Core::new(String::new()));
+        *live.core() = Some(core);
+        if self.outbox.try_go_live() {
+            self.outbox.live_ended().await;
         }
+        // The live path holds this lock for the whole of a pull, so once
+        // it is ours no pull is half done.
+        let core = live.core().take();
+        if let Some(mut core) = core {
+            core.hand_over_due = false;
+            self.core = core;
+        }
+    }
+
+    fn advance(&mut self, ch: &ChannelId, seq: u64) {
+        self.core.advance(ch, seq);
     }
 
     fn note_lag(&mut self) -> Result<(), FeedError> {
-        self.stats.lag_events += 1;
+        self.core.stats.lag_events += 1;
         metrics::counter!(crate::metrics::LAG_EVENTS).increment(1);
         let now = Instant::now();
         self.recent_lags.push_back(now);
@@ -310,28 +549,28 @@ impl<S: FeedSink> FeedWriter<S> {
     }
 
     async fn flush(&mut self) -> Result<(), FeedError> {
-        if !self.chunks.is_empty() {
-            let frames = self.chunks.len() as u64;
-            let bytes: usize = self.chunks.iter().map(Bytes::len).sum();
+        if !self.core.chunks.is_empty() {
+            let frames = self.core.chunks.len() as u64;
+            let bytes: usize = self.core.chunks.iter().map(Bytes::len).sum();
             // Promoted frames in this batch are counted, durably, before
             // they go out: a crash after the write cannot lose the count.
-            if !self.claims.is_empty() {
-                for claim in self.claims.iter_mut() {
+            if !self.core.claims.is_empty() {
+                for claim in self.core.claims.iter_mut() {
                     claim.count();
                 }
                 if let Err(e) = self.slots.durable().await {
                     tracing::warn!(error = %e, "impression counts are not durable yet; they stay in memory and are written later");
                 }
             }
-            if let Err(e) = self.sink.write_all_chunks(&mut self.chunks).await {
+            if let Err(e) = self.sink.write_all_chunks(&mut self.core.chunks).await {
                 // Not written: not impressions after all.
-                for mut claim in self.claims.drain(..) {
+                for mut claim in self.core.claims.drain(..) {
                     claim.uncount();
                 }
                 return Err(e.into());
             }
-            self.chunks.clear();
-            self.claims.clear();
+            // Written: these promoted frames are impressions now.
+            self.core.written();
             metrics::counter!(crate::metrics::FRAMES_DELIVERED).increment(frames);
             metrics::counter!(crate::metrics::BYTES_DELIVERED).increment(bytes as u64);
         }
@@ -352,7 +591,7 @@ impl<S: FeedSink> FeedWriter<S> {
                 let epoch_changed = req.epoch.is_some_and(|e| e != info.epoch);
                 let ahead = after > info.head_seq;
                 if epoch_changed || ahead {
-                    self.chunks.push(encode_frame(&reset_frame(
+                    self.core.chunks.push(encode_frame(&reset_frame(
                         &req.channel,
                         info.epoch,
                         info.oldest_seq,
@@ -367,17 +606,22 @@ impl<S: FeedSink> FeedWriter<S> {
                 .saturating_sub(u64::from(req.tail))
                 .max(oldest_known),
         };
-        self.cursors.insert(req.channel.clone(), start);
-        let before = self.stats.catchup_frames;
+        self.core.cursors.insert(req.channel.clone(), start);
+        let before = self.core.stats.catchup_frames;
         self.fill(&req.channel, info.head_seq).await?;
         // At the end of a catch-up that delivered something, at most one
         // promoted post for this follower.
-        if req.resume && self.stats.catchup_frames > before {
-            let at = self.cursors.get(&req.channel).copied().unwrap_or(start);
+        if req.resume && self.core.stats.catchup_frames > before {
+            let at = self
+                .core
+                .cursors
+                .get(&req.channel)
+                .copied()
+                .unwrap_or(start);
             if let Some(ev) = self.slots.after_catchup(&req.channel, at) {
-                if let Some(claim) = ev.slot.as_ref().and_then(|s| s.claim(&self.follower)) {
-                    self.chunks.push(ev.frame.clone());
-                    self.claims.push(claim);
+                if let Some(claim) = ev.slot.as_ref().and_then(|s| s.claim(&self.core.follower)) {
+                    self.core.chunks.push(ev.frame.clone());
+                    self.core.claims.push(claim);
                     self.flush().await?;
                 }
             }
@@ -392,7 +636,7 @@ impl<S: FeedSink> FeedWriter<S> {
     async fn resend_changes(&mut self, ch: &ChannelId, from: u64) -> Result<(), FeedError> {
         let mut after = from.saturating_sub(1);
         loop {
-            let Some(&cur) = self.cursors.get(ch) else {
+            let Some(&cur) = self.core.cursors.get(ch) else {
                 return Ok(());
             };
             if after >= cur {
@@ -408,9 +652,9 @@ impl<S: FeedSink> FeedWriter<S> {
                 };
                 for p in posts.iter().take_while(|p| p.seq <= cur) {
                     if p.deleted {
-                        self.chunks.push(encode_frame(&deleted_frame(p)));
+                        self.core.chunks.push(encode_frame(&deleted_frame(p)));
                     } else if p.edited_at_ms > 0 {
-                        self.chunks.push(encode_frame(&edited_frame(p)));
+                        self.core.chunks.push(encode_frame(&edited_frame(p)));
                     }
                 }
                 drop(step);
@@ -423,11 +667,11 @@ impl<S: FeedSink> FeedWriter<S> {
 
     /// Writes posts from the log until the channel's cursor reaches `upto`.
     async fn fill(&mut self, ch: &ChannelId, upto: u64) -> Result<(), FeedError> {
-        if self.cursors.get(ch).is_some_and(|&cur| cur < upto) {
+        if self.core.cursors.get(ch).is_some_and(|&cur| cur < upto) {
             metrics::counter!(crate::metrics::CATCHUPS).increment(1);
         }
         loop {
-            let Some(&cur) = self.cursors.get(ch) else {
+            let Some(&cur) = self.core.cursors.get(ch) else {
                 return Ok(());
             };
             if cur >= upto {
@@ -442,15 +686,19 @@ impl<S: FeedSink> FeedWriter<S> {
                 // Everything after the cursor up to `upto` was trimmed while
                 // we were behind: say so (no silent gap), and go on after it.
                 if let Some(info) = self.log.channel(ch) {
-                    self.chunks
-                        .push(encode_frame(&reset_frame(ch, info.epoch, info.oldest_seq)));
+                    self.core.chunks.push(encode_frame(&reset_frame(
+                        ch,
+                        info.epoch,
+                        info.oldest_seq,
+                    )));
                 }
                 self.advance(ch, upto);
                 return self.flush().await;
             };
             if first.seq > cur + 1 {
                 // Trimmed while we were behind: say so, then go on from what is kept.
-                self.chunks
+                self.core
+                    .chunks
                     .push(encode_frame(&reset_frame(ch, first.epoch, first.seq)));
             }
             // Encode all, then let go of the decoded posts before writing, and
@@ -467,8 +715,8 @@ impl<S: FeedSink> FeedWriter<S> {
             let mut pending = 0usize;
             for (seq, frame) in frames {
                 pending += frame.len();
-                self.chunks.push(frame);
-                self.stats.catchup_frames += 1;
+                self.core.chunks.push(frame);
+                self.core.stats.catchup_frames += 1;
                 if pending >= self.outbox.bound() {
                     self.advance(ch, seq);
                     self.flush().await?;

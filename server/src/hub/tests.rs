@@ -158,3 +158,128 @@ async fn concurrent_follow_and_unfollow_never_lose_a_follower() {
     }
     assert_eq!(hub.channel_count(), 0);
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_follow_during_a_long_fan_out_waits_without_blocking_its_thread() {
+    let hub = Arc::new(Hub::new(1));
+    let first = Arc::new(Outbox::new(1 << 16));
+    hub.follow(&ch("a"), 1, &first, follow_item("a")).unwrap();
+    // Another thread holds the bucket, as a long fan-out would.
+    let subs = hub.channels.get(&ch("a")).unwrap().value().clone();
+    let (held_tx, held_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let holder = {
+        let subs = subs.clone();
+        std::thread::spawn(move || {
+            let guard = lock(&subs.buckets[0].set);
+            held_tx.send(()).unwrap();
+            release_rx.recv().unwrap();
+            drop(guard);
+            subs.buckets[0].released.notify_waiters();
+        })
+    };
+    held_rx.recv().unwrap();
+    let o = Arc::new(Outbox::new(1 << 16));
+    let follow = {
+        let (hub, o) = (hub.clone(), o.clone());
+        tokio::spawn(async move { hub.follow_async(&ch("a"), 2, &o, follow_item("a")).await })
+    };
+    // The only runtime thread is free: other tasks run while the follow waits.
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    assert!(!follow.is_finished());
+    release_tx.send(()).unwrap();
+    holder.join().unwrap();
+    let followed = tokio::time::timeout(std::time::Duration::from_secs(5), follow)
+        .await
+        .expect("follows once the bucket is free")
+        .unwrap();
+    assert_eq!(followed, Ok(true));
+    assert_eq!(hub.follower_count(&ch("a")), 2);
+    assert!(hub.unfollow_async(&ch("a"), 2).await);
+}
+
+#[tokio::test]
+async fn a_follower_that_left_during_a_fan_out_is_dropped_by_the_next() {
+    let hub = Hub::new(1);
+    let o = Arc::new(Outbox::new(1 << 16));
+    let stay = Arc::new(Outbox::new(1 << 16));
+    hub.follow(&ch("a"), 1, &o, follow_item("a")).unwrap();
+    hub.follow(&ch("a"), 2, &stay, follow_item("a")).unwrap();
+    let subs = hub.channels.get(&ch("a")).unwrap().value().clone();
+    {
+        // Busy bucket: the leaving session cannot remove itself now.
+        let _busy = lock(&subs.buckets[0].set);
+        o.close();
+        hub.unfollow_nowait(&ch("a"), 1);
+    }
+    assert_eq!(hub.follower_count(&ch("a")), 2);
+    let f = hub.publish(post_event("a", 1));
+    assert_eq!(
+        f,
+        Fanout {
+            delivered: 1,
+            lagged: 0
+        }
+    );
+    assert_eq!(hub.follower_count(&ch("a")), 1);
+}
+
+#[tokio::test]
+async fn the_fan_out_stage_fans_batches_out_in_commit_order_off_the_caller() {
+    let hub = Arc::new(Hub::new(2));
+    let o = Arc::new(Outbox::new(1 << 20));
+    hub.follow(&ch("a"), 1, &o, follow_item("a")).unwrap();
+    let stage = FanoutStage::start(hub.clone(), |_, _| None).unwrap();
+    let post = |seq: u64| {
+        crate::store::LogEvent::Posted(crate::model::Post {
+            channel: ch("a"),
+            seq,
+            epoch: 1,
+            id: format!("p{seq}"),
+            text: "t".into(),
+            media: vec![],
+            created_at_ms: 0,
+            edited_at_ms: 0,
+            deleted: false,
+            damaged: false,
+        })
+    };
+    for batch in 0..50u64 {
+        stage.submit(&[post(2 * batch + 1), post(2 * batch + 2)]);
+    }
+    stage.close();
+    let seqs: Vec<u64> = drain(&o)
+        .await
+        .iter()
+        .filter_map(|i| match i {
+            Item::Event(e) => Some(e.seq),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(seqs, (1..=100).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_async_follows_wake_each_other_without_any_fan_out() {
+    // A follow that finds the bucket held by another follow (not a fan-out)
+    // must be woken by that follow's release: no post ever comes here.
+    let hub = Arc::new(Hub::new(1));
+    let mut tasks = Vec::new();
+    for i in 0..400u64 {
+        let hub = hub.clone();
+        tasks.push(tokio::spawn(async move {
+            let o = Arc::new(Outbox::new(1 << 10));
+            hub.follow_async(&ch("a"), i, &o, follow_item("a")).await
+        }));
+    }
+    for t in tasks {
+        let r = tokio::time::timeout(std::time::Duration::from_secs(10), t)
+            .await
+            .expect("every follow completes")
+            .unwrap();
+        assert_eq!(r, Ok(true));
+    }
+    assert_eq!(hub.follower_count(&ch("a")), 400);
+}

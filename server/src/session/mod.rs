@@ -45,6 +45,7 @@ use crate::hub::Hub;
 use crate::model::{ChannelId, ClientRequest, FollowRequest};
 use crate::promo::Promo;
 use crate::store::ChannelLog;
+use crate::transport::{CloseReason, Connection, VarInt};
 
 /// Buffer a session's control-stream reader keeps while idle, in bytes.
 pub const CONTROL_IDLE_BUFFER: usize = 256;
@@ -67,7 +68,7 @@ pub struct SessionContext {
 pub enum SessionError {
     /// The QUIC connection ended: lost, timed out, or closed by the follower.
     #[error("connection lost: {0}")]
-    Connection(#[from] quinn::ConnectionError),
+    Connection(#[from] CloseReason),
     /// The server closed the connection (see [`close`]).
     #[error("closed by server: {code}: {message}")]
     Closed {
@@ -82,8 +83,8 @@ pub enum SessionError {
 }
 
 /// Closes `conn` with `code` and `message` as the close reason.
-pub fn close(conn: &quinn::Connection, code: ErrorCode, message: &str) -> SessionError {
-    conn.close(quinn::VarInt::from_u32(code.as_u32()), message.as_bytes());
+pub fn close(conn: &Connection, code: ErrorCode, message: &str) -> SessionError {
+    conn.close(VarInt::from_u32(code.as_u32()), message.as_bytes());
     SessionError::Closed {
         code,
         message: message.to_string(),
@@ -100,10 +101,12 @@ struct Subscriptions {
 
 impl Drop for Subscriptions {
     fn drop(&mut self) {
-        for ch in self.channels.drain() {
-            self.hub.unfollow(&ch, self.session);
-        }
+        // Closed first: a bucket busy with a fan-out is not waited for (this
+        // may run on a runtime worker); that fan-out drops the closed outbox.
         self.outbox.close();
+        for ch in self.channels.drain() {
+            self.hub.unfollow_nowait(&ch, self.session);
+        }
     }
 }
 
@@ -144,7 +147,7 @@ impl CatchupSlots for PromoCatchup {
 /// A connected follower. See the module docs.
 pub struct Session {
     pub(crate) id: u64,
-    pub(crate) conn: quinn::Connection,
+    pub(crate) conn: Connection,
     pub(crate) ctx: Arc<SessionContext>,
 }
 
@@ -177,19 +180,18 @@ impl Session {
         let limits = &self.ctx.limits;
         // One deadline for the control stream and the Hello on it.
         let hello_by = Instant::now() + limits.hello_timeout();
-        let (mut ctl_send, ctl_recv) =
-            match tokio::time::timeout_at(hello_by, self.conn.accept_bi()).await {
-                Ok(r) => r?,
-                Err(_) => {
-                    return Err(close(
-                        &self.conn,
-                        ErrorCode::HelloRequired,
-                        "no control stream opened in time",
-                    ))
-                }
-            };
+        match tokio::time::timeout_at(hello_by, self.conn.control_opened()).await {
+            Ok(r) => r?,
+            Err(_) => {
+                return Err(close(
+                    &self.conn,
+                    ErrorCode::HelloRequired,
+                    "no control stream opened in time",
+                ))
+            }
+        }
         // Control frames are rare and small: keep little buffer per idle session.
-        let mut reader = FrameReader::new(ctl_recv, limits.max_frame_bytes)
+        let mut reader = FrameReader::new(self.conn.control_reader(), limits.max_frame_bytes)
             .with_idle_capacity(CONTROL_IDLE_BUFFER);
 
         // Hello.
@@ -246,7 +248,7 @@ impl Session {
         let _active = ActiveSession::new();
 
         // Feed stream and writer.
-        let feed = match timeout(limits.hello_timeout(), self.conn.open_uni()).await {
+        match timeout(limits.hello_timeout(), self.conn.feed_opened()).await {
             Ok(r) => r?,
             Err(_) => {
                 return Err(close(
@@ -255,13 +257,13 @@ impl Session {
                     "could not open the feed stream in time",
                 ))
             }
-        };
+        }
         let outbox = Arc::new(Outbox::with_control_bound(
             limits.session_queue_bytes,
             limits.max_follows_per_connection + MAX_PENDING_CONTROL,
         ));
-        let writer = FeedWriter::new(
-            feed_stream::QuicFeed(feed),
+        let mut writer = FeedWriter::new(
+            feed_stream::QuicFeed(self.conn.feed()),
             outbox.clone(),
             FeedDeps {
                 log: self.ctx.log.clone(),
@@ -278,6 +280,12 @@ impl Session {
                 catchups: self.ctx.catchups.clone(),
             },
         );
+        // The live path: while the writer is idle, the transport's loop
+        // drains live posts itself, woken by the fan-out.
+        self.conn
+            .set_feed_source(Arc::new(feed_stream::LivePull::new(&writer.live())));
+        let waker = self.conn.feed_waker();
+        outbox.set_live_waker(Box::new(move || waker.wake()));
         let mut writer = AbortOnDropHandle::new(tokio::spawn(writer.run()));
         let mut subs = Subscriptions {
             hub: self.ctx.hub.clone(),
@@ -295,10 +303,10 @@ impl Session {
                 queue_bytes: limits.session_queue_bytes as u32,
             })),
         };
-        ctl_send
-            .write_all(&encode_frame(&welcome))
+        self.conn
+            .send_control(encode_frame(&welcome))
             .await
-            .map_err(std::io::Error::from)?;
+            .map_err(control_closed)?;
 
         loop {
             let expiry = token_deadline(&follower);
@@ -308,7 +316,7 @@ impl Session {
                         Ok(Some(f)) => f,
                         Ok(None) => {
                             // The follower finished its control stream: it is leaving.
-                            self.conn.close(quinn::VarInt::from_u32(0), b"bye");
+                            self.conn.close(VarInt::from_u32(0), b"bye");
                             return Ok(FeedStats::default());
                         }
                         Err(FrameError::Io(e)) => {
@@ -317,7 +325,7 @@ impl Session {
                             // cannot be managed (no Refresh, no expiry
                             // check), so it ends here, whatever the
                             // connection does.
-                            self.conn.close(quinn::VarInt::from_u32(0), b"control stream closed");
+                            self.conn.close(VarInt::from_u32(0), b"control stream closed");
                             return Err(SessionError::Write(e));
                         }
                         Err(e) => return Err(close(&self.conn, frame_error_code(&e), &e.to_string())),
@@ -331,7 +339,7 @@ impl Session {
                         verdict = rate.follow();
                     }
                     let reply = match verdict {
-                        Verdict::Allow => self.handle(request_id, req, &mut subs, &mut follower)?,
+                        Verdict::Allow => self.handle(request_id, req, &mut subs, &mut follower).await?,
                         Verdict::Refuse(wait) => error_frame(
                             request_id,
                             ErrorCode::RateLimited,
@@ -344,8 +352,8 @@ impl Session {
                     };
                     // A follower that does not read its replies holds this
                     // write; it may do so until its token expires, no longer.
-                    match tokio::time::timeout_at(expiry, ctl_send.write_all(&encode_frame(&reply))).await {
-                        Ok(r) => r.map_err(std::io::Error::from)?,
+                    match tokio::time::timeout_at(expiry, self.conn.send_control(encode_frame(&reply))).await {
+                        Ok(r) => r.map_err(control_closed)?,
                         Err(_) => {
                             return Err(close(&self.conn, ErrorCode::TokenExpired, "token expired; send Refresh before it does"))
                         }
@@ -362,7 +370,7 @@ impl Session {
                         Ok(Err(FeedError::Write(e))) => {
                             // The feed stream was stopped (or the connection
                             // lost): a session without its feed ends.
-                            self.conn.close(quinn::VarInt::from_u32(0), b"feed stream closed");
+                            self.conn.close(VarInt::from_u32(0), b"feed stream closed");
                             Err(SessionError::Write(e))
                         }
                         Ok(Err(FeedError::Log(crate::store::StoreError::Unavailable(why)))) => Err(close(
@@ -382,7 +390,7 @@ impl Session {
     }
 
     /// Answers one control request.
-    fn handle(
+    async fn handle(
         &self,
         request_id: u64,
         req: ClientRequest,
@@ -401,13 +409,13 @@ impl Session {
                 "Hello was already received".into(),
                 "",
             ),
-            ClientRequest::Follow(f) => match self.follow(f, subs, follower) {
+            ClientRequest::Follow(f) => match self.follow(f, subs, follower).await {
                 Ok(followed) => reply(Kind::Followed(followed)),
                 Err((code, msg, ch)) => error_frame(request_id, code, msg, &ch),
             },
             ClientRequest::Unfollow(ch) => {
                 if subs.channels.remove(&ch) {
-                    self.ctx.hub.unfollow(&ch, self.id);
+                    self.ctx.hub.unfollow_async(&ch, self.id).await;
                     // If the queue of control items is full the cursor stays,
                     // but no event of this channel is queued any more.
                     let _ = subs.outbox.push_control(Item::Unfollow(ch.clone()));
@@ -455,7 +463,7 @@ impl Session {
         })
     }
 
-    fn follow(
+    async fn follow(
         &self,
         f: FollowRequest,
         subs: &mut Subscriptions,
@@ -501,7 +509,8 @@ impl Session {
         match self
             .ctx
             .hub
-            .follow(&channel, self.id, &subs.outbox, Item::Follow(resolved))
+            .follow_async(&channel, self.id, &subs.outbox, Item::Follow(resolved))
+            .await
         {
             Ok(_) => {
                 metrics::counter!(crate::metrics::FOLLOWS).increment(1);
@@ -524,6 +533,14 @@ impl Session {
             epoch: info.epoch,
         })
     }
+}
+
+/// A control reply could not be queued: the connection is gone.
+fn control_closed(_: crate::transport::Closed) -> SessionError {
+    SessionError::Write(std::io::Error::new(
+        std::io::ErrorKind::BrokenPipe,
+        "control stream closed",
+    ))
 }
 
 /// When the follower's token runs out.

@@ -1,0 +1,227 @@
+//! Batched UDP transmit: datagrams for many destinations leave in one `sendmmsg(2)`;
+//! a transmit holding several same-sized datagrams for one destination goes as one
+//! message with a `UDP_SEGMENT` control message (GSO).
+//!
+//! The batch owns a fixed pool of buffers (`capacity` messages), reused from turn to
+//! turn, so transmit memory is per event loop, not per connection: a connection
+//! that once sent a burst keeps no transmit buffer of its own afterwards.
+//!
+//! Bound: at most `capacity` messages are queued; the loop flushes before
+//! queueing more (and, when the socket is full, stops driving connections
+//! until it can write again, so nothing here grows).
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::RawFd;
+
+/// One queued message.
+struct Meta {
+    dest: socket2::SockAddr,
+    segment_size: Option<u16>,
+}
+
+pub(super) struct TxBatch {
+    bufs: Vec<Vec<u8>>,
+    meta: Vec<Meta>,
+    /// Messages filled.
+    len: usize,
+    /// Messages of `0..len` already handed to the kernel.
+    sent: usize,
+    capacity: usize,
+    // Scratch for the syscall, kept to avoid reallocating each flush.
+    hdrs: Vec<libc::mmsghdr>,
+    iovs: Vec<libc::iovec>,
+    ctrl: Vec<[u64; 4]>,
+    /// GSO stays on until the kernel refuses it once (EIO/EINVAL).
+    pub(super) gso_ok: bool,
+    pub(super) stats: TxStats,
+}
+
+#[derive(Default, Clone, Copy, Debug)]
+pub(super) struct TxStats {
+    pub(super) syscalls: u64,
+    pub(super) messages: u64,
+    pub(super) datagrams: u64,
+    pub(super) dropped: u64,
+    pub(super) would_block: u64,
+}
+
+// SAFETY: the raw pointers in `hdrs`/`iovs` are rebuilt before each syscall and never
+// dereferenced outside `flush`; the batch is owned by one thread at a time.
+unsafe impl Send for TxBatch {}
+
+pub(super) enum Flush {
+    /// Everything queued is sent (or dropped after a non-retryable error).
+    Done,
+    /// The socket buffer is full: wait for POLLOUT and flush again.
+    WouldBlock,
+}
+
+impl TxBatch {
+    pub(super) fn new(capacity: usize) -> Self {
+        Self {
+            bufs: (0..capacity).map(|_| Vec::new()).collect(),
+            meta: Vec::with_capacity(capacity),
+            len: 0,
+            sent: 0,
+            capacity,
+            hdrs: Vec::with_capacity(capacity),
+            iovs: Vec::with_capacity(capacity),
+            ctrl: vec![[0u64; 4]; capacity],
+            gso_ok: true,
+            stats: TxStats::default(),
+        }
+    }
+
+    pub(super) fn is_full(&self) -> bool {
+        self.len == self.capacity
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.len == self.sent
+    }
+
+    /// The buffer for the next message (cleared); call [`commit`](Self::commit) after filling it.
+    /// Must not be called when full.
+    pub(super) fn next_buf(&mut self) -> &mut Vec<u8> {
+        let b = &mut self.bufs[self.len];
+        b.clear();
+        b
+    }
+
+    /// Queues the message just written into `next_buf()` (first `size` bytes).
+    pub(super) fn commit(&mut self, dest: SocketAddr, size: usize, segment_size: Option<usize>) {
+        let b = &mut self.bufs[self.len];
+        b.truncate(size);
+        let seg = match segment_size {
+            Some(s) if s < size => Some(s as u16),
+            _ => None,
+        };
+        let meta = Meta {
+            dest: dest.into(),
+            segment_size: seg,
+        };
+        if self.meta.len() > self.len {
+            self.meta[self.len] = meta;
+        } else {
+            self.meta.push(meta);
+        }
+        self.len += 1;
+    }
+
+    /// Copies a ready-made datagram in (e.g. an endpoint response).
+    pub(super) fn push_copy(&mut self, dest: SocketAddr, data: &[u8], segment_size: Option<usize>) {
+        let b = self.next_buf();
+        b.extend_from_slice(data);
+        self.commit(dest, data.len(), segment_size);
+    }
+
+    /// Sends everything queued. Datagrams the kernel refuses for good are dropped
+    /// (QUIC's loss recovery owns retransmission).
+    pub(super) fn flush(&mut self, fd: RawFd) -> Flush {
+        while self.sent < self.len {
+            match self.send_some(fd) {
+                Ok(n) => {
+                    for m in &self.meta[self.sent..self.sent + n] {
+                        self.stats.messages += 1;
+                        self.stats.datagrams += m.segment_size.map_or(1, |_| 0);
+                    }
+                    for i in self.sent..self.sent + n {
+                        if let Some(s) = self.meta[i].segment_size {
+                            self.stats.datagrams += self.bufs[i].len().div_ceil(s as usize) as u64;
+                        }
+                    }
+                    self.sent += n;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    self.stats.would_block += 1;
+                    return Flush::WouldBlock;
+                }
+                Err(e) => {
+                    let i = self.sent;
+                    let gso = self.meta[i].segment_size;
+                    if let (Some(seg), Some(libc::EIO) | Some(libc::EINVAL)) =
+                        (gso, e.raw_os_error())
+                    {
+                        // The device refuses segmentation offload: send this one datagram
+                        // by datagram and stop asking for GSO.
+                        self.gso_ok = false;
+                        let dest = self.meta[i].dest.clone();
+                        for chunk in self.bufs[i].chunks(seg as usize) {
+                            // SAFETY: valid buffer and address for the duration of the call.
+                            let r = unsafe {
+                                libc::sendto(
+                                    fd,
+                                    chunk.as_ptr().cast(),
+                                    chunk.len(),
+                                    0,
+                                    dest.as_ptr().cast(),
+                                    dest.len(),
+                                )
+                            };
+                            self.stats.syscalls += 1;
+                            if r < 0 {
+                                self.stats.dropped += 1;
+                            } else {
+                                self.stats.datagrams += 1;
+                            }
+                        }
+                    } else {
+                        self.stats.dropped += 1;
+                    }
+                    self.sent += 1;
+                }
+            }
+        }
+        self.len = 0;
+        self.sent = 0;
+        Flush::Done
+    }
+
+    fn send_some(&mut self, fd: RawFd) -> io::Result<usize> {
+        let n = self.len - self.sent;
+        self.hdrs.clear();
+        self.iovs.clear();
+        for i in 0..n {
+            let b = &self.bufs[self.sent + i];
+            self.iovs.push(libc::iovec {
+                iov_base: b.as_ptr() as *mut libc::c_void,
+                iov_len: b.len(),
+            });
+        }
+        for i in 0..n {
+            let m = &self.meta[self.sent + i];
+            // SAFETY: zeroed mmsghdr is a valid empty header.
+            let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            h.msg_hdr.msg_name = m.dest.as_ptr() as *mut libc::c_void;
+            h.msg_hdr.msg_namelen = m.dest.len();
+            h.msg_hdr.msg_iov = &mut self.iovs[i] as *mut libc::iovec;
+            h.msg_hdr.msg_iovlen = 1;
+            if let Some(seg) = m.segment_size {
+                let ctrl = &mut self.ctrl[i];
+                *ctrl = [0; 4];
+                // SAFETY: `ctrl` is 32 bytes, 8-aligned: room for CMSG_SPACE(2) (= 24 on 64-bit).
+                unsafe {
+                    h.msg_hdr.msg_control = ctrl.as_mut_ptr().cast();
+                    h.msg_hdr.msg_controllen = libc::CMSG_SPACE(2) as _;
+                    let c = libc::CMSG_FIRSTHDR(&h.msg_hdr);
+                    (*c).cmsg_level = libc::SOL_UDP;
+                    (*c).cmsg_type = libc::UDP_SEGMENT;
+                    (*c).cmsg_len = libc::CMSG_LEN(2) as _;
+                    std::ptr::write_unaligned(libc::CMSG_DATA(c) as *mut u16, seg);
+                }
+            }
+            self.hdrs.push(h);
+        }
+        self.stats.syscalls += 1;
+        // SAFETY: headers point into buffers, addresses and control blocks that live
+        // until this call returns.
+        let r = unsafe { libc::sendmmsg(fd, self.hdrs.as_mut_ptr(), n as _, 0) };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(r as usize)
+        }
+    }
+}
