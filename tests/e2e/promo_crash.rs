@@ -1,8 +1,9 @@
 //! Promoted impressions are exact across kill -9: the real `herald` binary
 //! is killed with SIGKILL while a campaign fills every slot and followers
 //! receive promoted posts, then restarted on the same data directory; the
-//! impressions the campaign reports equal the promoted frames the followers
-//! received (each count is durable before its frame leaves the server).
+//! impressions the campaign reports cover every promoted frame the followers
+//! received (each count is durable before its frame leaves the server), and
+//! exceed them by no more than what was in flight at the kill.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -15,6 +16,10 @@ use serde_json::json;
 use crate::harness::*;
 
 const FOLLOWERS: usize = 4;
+/// Promoted rounds a follower may have counted (durably) but not yet been
+/// sent when the server is killed: the documented over-count window. Seen:
+/// 0 on an idle machine, up to 2 with two busy loops on the two cores.
+const OVERCOUNT_ROUNDS: usize = 4;
 
 /// Counts one follower's promoted frames and the last post seq it got.
 struct Tally {
@@ -186,10 +191,21 @@ async fn impressions_equal_frames_received_across_kill_9() {
         before >= 150 && got > before,
         "before {before}, total {got}"
     );
-    assert_eq!(
-        reported, got,
-        "impressions reported must equal promoted frames received across kill -9 \
-         ({before} received before the kill)"
+    // No impression that reached a follower is lost: its count was durable
+    // before its frame left the server.
+    assert!(
+        reported >= got,
+        "impressions reported ({reported}) must cover every promoted frame received \
+         ({got}) across kill -9 ({before} received before the kill)"
+    );
+    // The one window left: counted and durable, but not yet sent when the
+    // process died. At most a few promoted rounds per follower (one every
+    // post here, one post every 5 ms); the write that lost everything since
+    // the last 250 ms flush lost tens.
+    assert!(
+        reported - got <= (OVERCOUNT_ROUNDS * FOLLOWERS) as u64,
+        "impressions reported ({reported}) exceed promoted frames received ({got}) by more \
+         than the in-flight window ({before} received before the kill)"
     );
     for r in readers {
         r.abort();

@@ -16,7 +16,8 @@
 //! counted claim is one impression. So a crash (kill -9) never loses an
 //! impression that reached a follower: a count is on disk before its frame
 //! leaves. The one window left is a crash after the count is durable and
-//! before the frame leaves the process (microseconds), which counts an
+//! before the frame leaves the process (under a millisecond on an idle machine,
+//! longer when the cores are busy), which counts an
 //! impression the follower never got. Clicks and slot settings are flushed
 //! every [`FLUSH_INTERVAL`] and at shutdown. While `promo.redb` cannot take
 //! writes, counts stay in memory (and frames still go out) until it can.
