@@ -142,14 +142,16 @@ pub struct Limits {
     pub max_connections: usize,
     /// Most handshakes in progress at once (a reconnect storm waits its turn).
     pub max_concurrent_handshakes: usize,
-    /// A handshake (its wait for a slot included) must finish within this
-    /// many seconds, or it is dropped.
+    /// A handshake must finish within this many seconds of its start, or it
+    /// is dropped; an attempt waits at most as long for a slot.
     pub handshake_timeout_secs: u64,
     /// With this many handshakes in progress, a sender that has not proved
     /// its address is sent a stateless Retry first (0: always).
     pub handshake_retry_above: usize,
     /// Most unvalidated, and most validated, handshakes in progress per IP
-    /// address (over it: Retry, or refused once validated).
+    /// address (over it: Retry, or refused once validated). Half the slots
+    /// by default: one address (a NAT, a load generator) cannot take them
+    /// all, yet many followers behind one address reconnect at once.
     pub max_handshakes_per_address: usize,
     /// A follower must send Hello within this many seconds of connecting.
     pub hello_timeout_secs: u64,
@@ -213,7 +215,7 @@ impl Default for Limits {
             max_concurrent_handshakes: 256,
             handshake_timeout_secs: 5,
             handshake_retry_above: 64,
-            max_handshakes_per_address: 32,
+            max_handshakes_per_address: 128,
             hello_timeout_secs: 10,
             idle_timeout_secs: 60,
             max_lag_events: 20,
