@@ -30,9 +30,9 @@ def replace(i, new):
 
 
 MUTATIONS = {
-    "drop duplicates at or below the cursor": replace(at("if ev.seq <= cur {", 0), "if false {"),
-    "fill a gap from the log": replace(at("if ev.seq > cur + 1 {"), "if false {"),
-    "send edits only for posts the follower has": replace(at("if ev.seq <= cur {", 1), "if true {"),
+    "drop duplicates at or below the cursor": replace(at("if ev.seq <= *cur {", 0), "if false {"),
+    "fill a gap from the log": replace(at("if ev.seq > *cur + 1 {"), "if false {"),
+    "send edits only for posts the follower has": replace(at("if ev.seq <= *cur {", 1), "if true {"),
     "re-send edits and deletes lost on overflow": replace(
         at("for (ch, from) in self.outbox.take_changes_lost() {"),
         "for (ch, from) in Vec::<(ChannelId, u64)>::new() {",
@@ -49,6 +49,10 @@ MUTATIONS = {
         "if let Some(info) = self.log.channel(ch).filter(|_| false) {",
     ),
     "Reset when the catch-up finds a hole": replace(at("if first.seq > cur + 1 {"), "if false {"),
+    "leave promoted posts to the task (durable count first)": replace(
+        at("EventKind::Promoted if live =>"),
+        "EventKind::Promoted if live && false => return Step::Promoted,",
+    ),
 }
 
 unguarded = []

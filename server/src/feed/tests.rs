@@ -13,6 +13,7 @@
 
 use std::cell::Cell;
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -180,6 +181,7 @@ enum Got {
     Edited(u64, String),
     Deleted(u64),
     Reset { epoch: u64, oldest_seq: u64 },
+    Promoted(String),
 }
 
 fn reset(epoch: u64, oldest_seq: u64) -> Got {
@@ -196,7 +198,7 @@ fn decode(frame: &Bytes) -> Got {
             epoch: r.epoch,
             oldest_seq: r.oldest_seq,
         },
-        pb::feed_frame::Kind::Promoted(_) => panic!("no promotions here"),
+        pb::feed_frame::Kind::Promoted(p) => Got::Promoted(p.campaign_id),
     }
 }
 
@@ -225,6 +227,16 @@ impl Rig {
     }
 
     fn start_with(log: Arc<MemLog>, bound: usize, sink_capacity: usize, batch: usize) -> Rig {
+        Rig::start_full(log, bound, sink_capacity, batch, Arc::new(NoPromotions))
+    }
+
+    fn start_full(
+        log: Arc<MemLog>,
+        bound: usize,
+        sink_capacity: usize,
+        batch: usize,
+        slots: Arc<dyn CatchupSlots>,
+    ) -> Rig {
         let outbox = Arc::new(Outbox::new(bound));
         let (sink, frames) = MemorySink::new(sink_capacity);
         let pump_tx = sink.sender();
@@ -233,7 +245,7 @@ impl Rig {
             outbox.clone(),
             FeedDeps {
                 log: log.clone(),
-                slots: Arc::new(NoPromotions),
+                slots,
                 follower: "f".into(),
                 catchup_batch: batch,
                 lag_policy: LagPolicy {
@@ -744,6 +756,125 @@ async fn live_and_task_hand_over_under_concurrency_keeps_every_post_once_in_orde
     assert!(stats.live_frames > 0, "{stats:?}");
 }
 
+/// Impressions of the test's promoted slot: counted (in memory), and made
+/// durable; durability waits until the test opens `gate`.
+#[derive(Debug)]
+struct PromoLedger {
+    counted: std::sync::atomic::AtomicU64,
+    durable: std::sync::atomic::AtomicU64,
+    gate: tokio::sync::Semaphore,
+}
+
+impl Default for PromoLedger {
+    fn default() -> Self {
+        PromoLedger {
+            counted: Default::default(),
+            durable: Default::default(),
+            gate: tokio::sync::Semaphore::new(0),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct TestSlot(Arc<PromoLedger>);
+
+struct TestImpression {
+    ledger: Arc<PromoLedger>,
+    counted: bool,
+}
+
+impl PromotedSlot for TestSlot {
+    fn claim(&self, _: &str) -> Option<Box<dyn Impression>> {
+        Some(Box::new(TestImpression {
+            ledger: self.0.clone(),
+            counted: false,
+        }))
+    }
+    fn campaign_id(&self) -> &str {
+        "camp"
+    }
+    fn remaining(&self) -> u64 {
+        u64::MAX
+    }
+}
+
+impl Impression for TestImpression {
+    fn count(&mut self) {
+        if !std::mem::replace(&mut self.counted, true) {
+            self.ledger.counted.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    fn uncount(&mut self) {
+        if std::mem::replace(&mut self.counted, false) {
+            self.ledger.counted.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
+
+struct TestSlots(Arc<PromoLedger>);
+
+impl CatchupSlots for TestSlots {
+    fn after_catchup(&self, _: &ChannelId, _: u64) -> Option<Arc<FeedEvent>> {
+        None
+    }
+    fn durable(&self) -> DurableFuture<'_> {
+        Box::pin(async {
+            let permit = self.0.gate.acquire().await.map_err(|e| e.to_string())?;
+            permit.forget();
+            let counted = self.0.counted.load(Ordering::SeqCst);
+            self.0.durable.store(counted, Ordering::SeqCst);
+            Ok(())
+        })
+    }
+}
+
+async fn a_promoted_post_leaves_only_once_its_impression_is_durable() {
+    let log = MemLog::with_channel("a");
+    let ledger = Arc::new(PromoLedger::default());
+    let mut rig = Rig::start_full(
+        log.clone(),
+        4096,
+        16,
+        64,
+        Arc::new(TestSlots(ledger.clone())),
+    );
+    rig.follow("a", None, None);
+    rig.settle().await;
+    assert!(rig.fan_out(&log.post("a", 8)));
+    assert_eq!(seqs(&rig.read(1).await), vec![1]);
+    let promoted = Arc::new(FeedEvent {
+        channel: ch("a"),
+        seq: 1,
+        kind: EventKind::Promoted,
+        frame: herald_proto::encode_frame(&pb::FeedFrame {
+            kind: Some(pb::feed_frame::Kind::Promoted(pb::Promoted {
+                channel: "a".into(),
+                campaign_id: "camp".into(),
+                after_seq: 1,
+                ..Default::default()
+            })),
+        }),
+        slot: Some(Arc::new(TestSlot(ledger.clone()))),
+    });
+    assert!(rig.outbox.push_event(&promoted));
+    assert!(rig.fan_out(&log.post("a", 8)));
+    rig.settle().await;
+    // Counted, not durable yet: nothing may have left, neither the promoted
+    // post nor the post queued behind it.
+    assert_eq!(ledger.counted.load(Ordering::SeqCst), 1);
+    assert_eq!(ledger.durable.load(Ordering::SeqCst), 0);
+    assert!(
+        rig.frames.try_recv().is_err(),
+        "a frame left before its count was durable"
+    );
+    ledger.gate.add_permits(1);
+    assert_eq!(rig.read(1).await, vec![Got::Promoted("camp".into())]);
+    assert_eq!(ledger.durable.load(Ordering::SeqCst), 1);
+    assert_eq!(seqs(&rig.read(1).await), vec![2]);
+    let (rest, _) = rig.finish().await;
+    assert!(rest.is_empty(), "{rest:?}");
+}
+
 /// Runs each scenario on both paths.
 macro_rules! on_both_paths {
     ($($name:ident),* $(,)?) => {
@@ -781,4 +912,5 @@ on_both_paths!(
     a_lagging_follower_whose_missed_posts_were_all_trimmed_is_told,
     resume_ahead_of_the_head_is_reset,
     history_trimmed_while_lagging_is_reset_mid_stream,
+    a_promoted_post_leaves_only_once_its_impression_is_durable,
 );
