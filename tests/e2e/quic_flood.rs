@@ -1,5 +1,5 @@
-//! Problem 2 of the hardening issue: a few hundred QUIC Initial packets
-//! that are never answered (sent from raw UDP sockets, as an attacker
+//! Unanswered handshakes: a few hundred QUIC Initial packets that are
+//! never answered (sent from raw UDP sockets, as an attacker
 //! would) must not lock new followers out, and must not disturb followers
 //! already connected. The Initials are genuine (made by quinn-proto's
 //! client state machine, each with its own connection id), so the server
