@@ -147,6 +147,10 @@ fn cli_follower_id() -> String {
 /// `--after-seq` was past the channel's head says so, rather than "reset".
 fn text_line(e: &Event, after_seq: Option<u64>, asked: &[(String, u64)]) -> Option<String> {
     Some(match e {
+        Event::Post(p) if p.damaged => format!(
+            "[{}#{}] (damaged: the server's copy of this post is unreadable)",
+            p.channel, p.seq
+        ),
         Event::Post(p) if p.deleted => format!("[{}#{}] (deleted)", p.channel, p.seq),
         Event::Post(p) => format!("[{}#{}] {}", p.channel, p.seq, p.text),
         Event::Edited {
@@ -189,7 +193,7 @@ fn json_line(e: &Event) -> Option<String> {
         Event::Post(p) => serde_json::json!({
             "type": "post", "channel": p.channel.as_str(), "seq": p.seq, "epoch": p.epoch,
             "id": p.id, "text": p.text, "media": p.media, "created_at_ms": p.created_at_ms,
-            "edited_at_ms": p.edited_at_ms, "deleted": p.deleted,
+            "edited_at_ms": p.edited_at_ms, "deleted": p.deleted, "damaged": p.damaged,
         }),
         Event::Edited {
             channel,

@@ -147,6 +147,8 @@ async fn follow_json_says_followed_then_prints_posts() {
     assert_eq!(post["channel"], "news");
     assert_eq!(post["seq"], 2);
     assert_eq!(post["text"], "hello");
+    assert_eq!(post["deleted"], false);
+    assert_eq!(post["damaged"], false);
     interrupt(&f.child).await;
     let status = tokio::time::timeout(WAIT, f.child.wait())
         .await

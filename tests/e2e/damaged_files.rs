@@ -1,4 +1,4 @@
-//! Problems 4 and 5 of the hardening issue: damaged or lost database files.
+//! Damaged or lost database files.
 //!
 //! - An empty (0-byte) or missing `herald.redb`, `brands.redb` or
 //!   `promo.redb` of an existing data directory stops `herald serve` with a

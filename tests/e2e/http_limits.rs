@@ -1,4 +1,4 @@
-//! Problem 1 of the hardening issue: HTTP connections that send nothing, or
+//! HTTP connections that send nothing, or
 //! trickle their headers or body, are timed out; and with a low connection
 //! cap, many idle connections held by a stranger do not keep a real publish
 //! out (they neither exhaust descriptors nor the cap).

@@ -1,4 +1,4 @@
-//! Problem 3 of the hardening issue: after a failed commit (a full disk,
+//! Storage faults: after a failed commit (a full disk,
 //! simulated by the test-only fault hook: while the trigger file exists in
 //! the data directory, database writes fail with ENOSPC) the server answers
 //! 503 `storage_unavailable` (never a false 201), `/readyz` and `/healthz`
