@@ -15,8 +15,13 @@
 //! - **Per-address limits.** At most [`HandshakePolicy::per_address`]
 //!   unvalidated and as many validated handshakes run at once per IP
 //!   address. Over the unvalidated limit a sender is asked to validate
-//!   (Retry); over the validated one it is refused. Counted separately, so an
-//!   address's unvalidated flood never keeps its validated clients out.
+//!   (Retry); over the validated one it waits its turn (in the transport's
+//!   bounded queue, within the timeout) until one of its address's
+//!   handshakes ends: many real followers behind one address (a NAT)
+//!   connect at that address's pace instead of being refused, and one
+//!   address never holds more than its share of the slots. Counted
+//!   separately, so an address's unvalidated flood never keeps its
+//!   validated clients out.
 //! - **A short handshake timeout.** A handshake that has not finished
 //!   within [`HandshakePolicy::timeout`] of its start (seconds, not the
 //!   minute-long idle timeout) is dropped, and so is an attempt that waited
@@ -65,6 +70,9 @@ pub enum Decision {
     Retry,
     /// Refuse it (the sender is told at once).
     Refuse(&'static str),
+    /// A validated sender over its address's limit: it waits (within the
+    /// timeout) until one of its address's handshakes ends, then asks again.
+    Wait,
 }
 
 /// Counts in progress per address, validated or not.
@@ -117,7 +125,7 @@ impl Admission {
             }
         }
         if validated && entry.validated >= p.per_address {
-            return Decision::Refuse("too many handshakes in progress from this address");
+            return Decision::Wait;
         }
         if !validated && entry.unvalidated >= p.per_address {
             // A sender that may not be retried and cannot be validated.
@@ -206,7 +214,7 @@ mod tests {
         let _v2 = accept(a.decide(ip(3), true, false));
         // Over the validated per-address limit: refused.
         let _v3 = accept(a.decide(ip(1), true, false));
-        assert!(matches!(a.decide(ip(1), true, false), Decision::Refuse(_)));
+        assert!(matches!(a.decide(ip(1), true, false), Decision::Wait));
         // Ending handshakes gives their counts back.
         drop((t1, v1));
         assert_eq!(a.in_progress(), 4);

@@ -149,7 +149,8 @@ pub struct Limits {
     /// its address is sent a stateless Retry first (0: always).
     pub handshake_retry_above: usize,
     /// Most unvalidated, and most validated, handshakes in progress per IP
-    /// address (over it: Retry, or refused once validated). Half the slots
+    /// address (over it: Retry, or, once validated, a wait for the address's
+    /// turn within the handshake timeout). Half the slots
     /// by default: one address (a NAT, a load generator) cannot take them
     /// all, yet many followers behind one address reconnect at once.
     pub max_handshakes_per_address: usize,

@@ -106,7 +106,9 @@ pub(super) struct Loop {
     max_handshakes: usize,
     /// Connection attempts waiting for a handshake slot, with when they
     /// arrived.
-    waiting: VecDeque<(Instant, quinn_proto::Incoming, Ticket)>,
+    /// Without a ticket: a validated sender over its address's limit
+    /// (`Decision::Wait`), which asks again when a slot is free.
+    waiting: VecDeque<(Instant, quinn_proto::Incoming, Option<Ticket>)>,
     /// Handshake deadlines of accepted connections, in order (the timeout
     /// is one constant): (deadline, handle, generation). At most one per
     /// connection accepted within the last timeout.
@@ -422,7 +424,8 @@ impl Loop {
             incoming.remote_address_validated(),
             incoming.may_retry(),
         ) {
-            Decision::Accept(t) => t,
+            Decision::Accept(t) => Some(t),
+            Decision::Wait => None,
             Decision::Retry => {
                 metrics::counter!(crate::metrics::HANDSHAKES, "result" => "retry").increment(1);
                 buf.clear();
@@ -438,15 +441,17 @@ impl Loop {
                 return self.refuse(incoming, buf);
             }
         };
-        if self.handshaking >= self.max_handshakes {
-            if self.waiting.len() >= self.cfg.handshake_queue {
-                metrics::counter!(crate::metrics::HANDSHAKES, "result" => "refused").increment(1);
-                return self.refuse(incoming, buf);
+        match ticket {
+            Some(t) if self.handshaking < self.max_handshakes => self.accept(now, incoming, t, buf),
+            ticket => {
+                if self.waiting.len() >= self.cfg.handshake_queue {
+                    metrics::counter!(crate::metrics::HANDSHAKES, "result" => "refused")
+                        .increment(1);
+                    return self.refuse(incoming, buf);
+                }
+                self.waiting.push_back((now, incoming, ticket));
             }
-            self.waiting.push_back((now, incoming, ticket));
-            return;
         }
-        self.accept(now, incoming, ticket, buf);
     }
 
     /// Closes connections whose handshake has not finished within the
@@ -477,23 +482,46 @@ impl Loop {
         }
     }
 
-    /// Starts handshakes for waiting attempts while slots are free; drops
-    /// attempts that waited too long.
+    /// Starts handshakes for waiting attempts, in arrival order, while
+    /// slots are free; one waiting for its address's turn is passed over
+    /// until the address has room. Drops attempts that waited too long
+    /// (the oldest are at the front).
     fn admit_waiting(&mut self, now: Instant) {
         let mut buf = std::mem::take(&mut self.scratch);
-        while let Some((at, ..)) = self.waiting.front() {
-            let expired = now.duration_since(*at) >= self.cfg.handshakes.timeout;
-            if !expired && self.handshaking >= self.max_handshakes {
+        let mut i = 0;
+        while i < self.waiting.len() {
+            let at = self.waiting[i].0;
+            if now.duration_since(at) >= self.cfg.handshakes.timeout {
+                if let Some((_, incoming, _)) = self.waiting.remove(i) {
+                    metrics::counter!(crate::metrics::HANDSHAKES, "result" => "timed_out")
+                        .increment(1);
+                    self.ep.ignore(incoming);
+                }
+                continue;
+            }
+            if self.handshaking >= self.max_handshakes {
                 break;
             }
-            let Some((_, incoming, ticket)) = self.waiting.pop_front() else {
-                break;
-            };
-            if expired {
-                metrics::counter!(crate::metrics::HANDSHAKES, "result" => "timed_out").increment(1);
-                self.ep.ignore(incoming);
-            } else {
-                self.accept(now, incoming, ticket, &mut buf);
+            let entry = &mut self.waiting[i];
+            let ticket =
+                match entry.2.take() {
+                    Some(t) => Some(t),
+                    None => match self.global.admission.decide(
+                        entry.1.remote_address().ip(),
+                        true,
+                        false,
+                    ) {
+                        Decision::Accept(t) => Some(t),
+                        _ => None,
+                    },
+                };
+            match ticket {
+                Some(t) => {
+                    if let Some((_, incoming, _)) = self.waiting.remove(i) {
+                        self.accept(now, incoming, t, &mut buf);
+                    }
+                }
+                None => i += 1,
             }
         }
         self.scratch = buf;

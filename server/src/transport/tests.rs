@@ -395,6 +395,29 @@ async fn connections_beyond_the_limit_are_refused_and_handshakes_wait_their_turn
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn followers_behind_one_address_over_its_limit_wait_their_turn() {
+    // One handshake per address and state (unvalidated, validated): of
+    // eight followers from 127.0.0.1 at once, all but the first are asked to
+    // validate, and the validated ones beyond the first wait for it (they
+    // were refused before).
+    let (mut tr, c) = server(|c| c.handshakes.per_address = 1, WAIT);
+    let addr = tr.local_addr();
+    let ep = client(&c, |_| {});
+    let joins: Vec<_> = (0..8)
+        .map(|_| {
+            let ep = ep.clone();
+            tokio::spawn(async move { follow(&ep, addr).await })
+        })
+        .collect();
+    let conns = accept_n(&mut tr, 8).await;
+    let mut kept = Vec::new();
+    for j in joins {
+        kept.push(tokio::time::timeout(WAIT, j).await.unwrap().unwrap());
+    }
+    drop((conns, kept));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handshake_never_finished_is_dropped_at_the_timeout_and_frees_its_slot() {
     // One handshake slot, a short handshake timeout, a long idle timeout.
     let (mut tr, c) = server(
