@@ -34,7 +34,7 @@ const STOP_GRACE: Duration = Duration::from_secs(10);
 /// Progress bar refresh period.
 const TICK: Duration = Duration::from_millis(100);
 /// Longest one follower's connection attempt may take (see its use).
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn now_us() -> u64 {
     SystemTime::now()

@@ -145,7 +145,9 @@ pub async fn run(
     let counters = Arc::new(Counters::default());
     let stop = Arc::new(AtomicBool::new(false));
     let issuer = TokenIssuer::hs256(target.jwt_secret.as_bytes());
-    let base_opts = ClientOptions::new(target.quic, target.trust.clone(), String::new());
+    let mut base_opts = ClientOptions::new(target.quic, target.trust.clone(), String::new());
+    // As in a run: many handshakes at once on shared cores (see its use there).
+    base_opts.connect_timeout = crate::run::CONNECT_TIMEOUT;
     let endpoints: Vec<quinn::Endpoint> = (0..opts.endpoints.max(1))
         .map(|_| herald_client::shared_endpoint(&base_opts))
         .collect::<Result<_, _>>()?;
