@@ -20,7 +20,6 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::process::Stdio;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,8 +30,6 @@ use herald::cli::ApiClient;
 use herald_client::{Client, ClientOptions, Event};
 use herald_server::config::Config;
 use serde_json::json;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
 
 /// How long a publish may take while the posts stream elects a new leader.
 const ELECTION_WAIT: Duration = Duration::from_secs(45);
@@ -387,41 +384,11 @@ async fn kill_9_of_a_nats_node_mid_publishing_loses_no_acked_post() {
 }
 
 /// The real `herald` binary in cluster mode, as node `node_id`.
-struct Spawned {
-    child: Child,
-    quic: std::net::SocketAddr,
-}
-
 async fn spawn_node(dir: &Path, cluster: &Cluster, node_id: &str) -> Spawned {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args(["serve", "--data-dir"])
-        .arg(dir)
-        .args(["--quic-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
-        .args(["--cluster", &cluster.url_list(), "--node-id", node_id])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn herald");
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let line = tokio::time::timeout(WAIT, async {
-        while let Some(l) = lines.next_line().await.unwrap() {
-            if l.starts_with("herald listening:") {
-                return l;
-            }
-        }
-        panic!("herald exited before listening");
-    })
-    .await
-    .expect("herald starts");
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    let parts: Vec<&str> = line.split_whitespace().collect();
-    Spawned {
-        child,
-        quic: parts[3].parse().unwrap(),
-    }
+    let urls = cluster.url_list();
+    let args = ["--quic-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"];
+    let cluster_args = ["--cluster", &urls, "--node-id", node_id];
+    spawn_server_with(dir, &[&args[..], &cluster_args[..]].concat()).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

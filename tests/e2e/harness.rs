@@ -333,10 +333,15 @@ pub struct Spawned {
 
 /// Starts `herald serve` and waits for its "listening" line.
 pub async fn spawn_server(dir: &Path, quic: &str, http: &str) -> Spawned {
+    spawn_server_with(dir, &["--quic-addr", quic, "--http-addr", http]).await
+}
+
+/// [`spawn_server`] with any `herald serve` arguments after `--data-dir`.
+pub async fn spawn_server_with(dir: &Path, args: &[&str]) -> Spawned {
     let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
         .args(["serve", "--data-dir"])
         .arg(dir)
-        .args(["--quic-addr", quic, "--http-addr", http])
+        .args(args)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

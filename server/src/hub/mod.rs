@@ -76,6 +76,22 @@ impl Bucket {
             released: &self.released,
         })
     }
+
+    /// The lock for async callers: never blocks the calling thread on a
+    /// bucket busy with a fan-out; it waits for the bucket's release.
+    async fn lock_async(&self) -> BucketGuard<'_> {
+        loop {
+            // Registered before the attempt, so a release in between is not
+            // missed.
+            let released = self.released.notified();
+            tokio::pin!(released);
+            released.as_mut().enable();
+            if let Some(guard) = self.try_lock() {
+                return guard;
+            }
+            released.await;
+        }
+    }
 }
 
 /// A bucket's lock; releasing it wakes the async followers waiting for it,
@@ -289,14 +305,8 @@ impl Hub {
         let mut follow = Some(follow);
         loop {
             let subs = self.subs(channel);
-            let bucket = subs.bucket_of(session);
-            let released = bucket.released.notified();
-            tokio::pin!(released);
-            released.as_mut().enable();
-            let Some(guard) = bucket.try_lock() else {
-                released.await;
-                continue;
-            };
+            let guard = subs.bucket_of(session).lock_async().await;
+            // `None`: emptied and leaving the map; follow its successor.
             if let Some(r) = Self::register(&subs, guard, session, outbox, &mut follow) {
                 return r;
             }
@@ -306,20 +316,12 @@ impl Hub {
     /// [`Hub::unfollow`] for async callers: waits for a busy bucket's
     /// release instead of blocking the calling thread.
     pub async fn unfollow_async(&self, channel: &ChannelId, session: u64) -> bool {
-        loop {
-            let Some(subs) = self.channels.get(channel).map(|s| s.value().clone()) else {
-                return false;
-            };
-            let bucket = subs.bucket_of(session);
-            let released = bucket.released.notified();
-            tokio::pin!(released);
-            released.as_mut().enable();
-            let Some(guard) = bucket.try_lock() else {
-                released.await;
-                continue;
-            };
-            return self.remove_locked(channel, &subs, guard, session);
-        }
+        let Some(subs) = self.channels.get(channel).map(|s| s.value().clone()) else {
+            return false;
+        };
+        // A channel retired meanwhile has no followers left: nothing removed.
+        let guard = subs.bucket_of(session).lock_async().await;
+        self.remove_locked(channel, &subs, guard, session)
     }
 
     /// Removes `session` if its bucket is free now; otherwise leaves it to

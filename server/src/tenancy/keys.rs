@@ -2,8 +2,13 @@
 //! the record, the secret (64 hex, 256 random bits) proves possession. Only
 //! the SHA-256 of the whole string is stored; the key is shown once.
 
+use std::sync::Arc;
+
 use rand::RngCore;
 use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use super::{KeyRecord, KeyRefused};
 
 /// Prefix of every brand API key.
 pub const KEY_PREFIX: &str = "hk_";
@@ -39,6 +44,24 @@ pub fn key_id(key: &str) -> Option<&str> {
 /// Hex SHA-256 of `key`.
 pub fn hash(key: &str) -> String {
     hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+/// The record of a presented key, found by its id with `lookup`, if the key
+/// is genuine (its hash matches, compared in constant time) and not revoked.
+/// Every store authenticates through this one check.
+pub(super) fn authenticate(
+    key: &str,
+    lookup: impl FnOnce(&str) -> Option<Arc<KeyRecord>>,
+) -> Result<Arc<KeyRecord>, KeyRefused> {
+    let id = key_id(key).ok_or(KeyRefused::Unknown)?;
+    let rec = lookup(id).ok_or(KeyRefused::Unknown)?;
+    if !bool::from(hash(key).as_bytes().ct_eq(rec.hash.as_bytes())) {
+        return Err(KeyRefused::Unknown);
+    }
+    if rec.revoked_at_ms.is_some() {
+        return Err(KeyRefused::Revoked);
+    }
+    Ok(rec)
 }
 
 #[cfg(test)]

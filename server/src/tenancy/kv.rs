@@ -27,7 +27,6 @@ use std::time::Duration;
 use async_nats::jetstream::kv;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use subtle::ConstantTimeEq;
 
 use super::{
     generate_key, hash_key, key_id, storage, Brand, ChannelMeta, Grant, KeyRecord, KeyRefused,
@@ -249,15 +248,7 @@ impl TenancyStore for KvTenancy {
     }
 
     fn authenticate(&self, key: &str) -> Result<Arc<KeyRecord>, KeyRefused> {
-        let id = key_id(key).ok_or(KeyRefused::Unknown)?;
-        let rec = self.key(id).ok_or(KeyRefused::Unknown)?;
-        if !bool::from(hash_key(key).as_bytes().ct_eq(rec.hash.as_bytes())) {
-            return Err(KeyRefused::Unknown);
-        }
-        if rec.revoked_at_ms.is_some() {
-            return Err(KeyRefused::Revoked);
-        }
-        Ok(rec)
+        super::keys::authenticate(key, |id| self.key(id))
     }
 
     fn channel_meta(&self, channel: &str) -> Option<ChannelMeta> {

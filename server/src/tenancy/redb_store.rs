@@ -9,12 +9,11 @@ use dashmap::DashMap;
 use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use subtle::ConstantTimeEq;
 use tokio_util::task::TaskTracker;
 
 use super::{
-    generate_key, hash_key, key_id, storage, Brand, ChannelMeta, Grant, KeyRecord, KeyRefused,
-    MetaChange, TenancyError, TenancyFuture, TenancyStore,
+    generate_key, hash_key, storage, Brand, ChannelMeta, Grant, KeyRecord, KeyRefused, MetaChange,
+    TenancyError, TenancyFuture, TenancyStore,
 };
 use crate::datadir::{Db, DbSpec, DbUnavailable, Health, OpenError};
 use crate::model::now_ms;
@@ -333,15 +332,7 @@ impl Tenancy {
 
     /// The record of a presented key, if the key is genuine and not revoked.
     pub fn authenticate(&self, key: &str) -> Result<Arc<KeyRecord>, KeyRefused> {
-        let id = key_id(key).ok_or(KeyRefused::Unknown)?;
-        let rec = self.key(id).ok_or(KeyRefused::Unknown)?;
-        if !bool::from(hash_key(key).as_bytes().ct_eq(rec.hash.as_bytes())) {
-            return Err(KeyRefused::Unknown);
-        }
-        if rec.revoked_at_ms.is_some() {
-            return Err(KeyRefused::Revoked);
-        }
-        Ok(rec)
+        super::keys::authenticate(key, |id| self.key(id))
     }
 
     /// A channel's brand and settings, if it belongs to a brand.
