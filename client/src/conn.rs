@@ -225,6 +225,8 @@ impl Conn {
             kind: Some(pb::client_frame::Kind::Hello(pb::Hello {
                 token: opts.token.clone(),
                 client_name: opts.client_name.clone(),
+                // The driver confirms every promoted post (Seen).
+                receipts: true,
             })),
         };
         ctl_send

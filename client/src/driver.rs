@@ -2,13 +2,19 @@
 //! into [`Event`]s, and on a retryable disconnect reconnects and re-follows
 //! every channel from the last seq it delivered.
 //!
+//! Promoted posts carry a receipt; the driver confirms what it handed to the
+//! application with Seen (one in flight at a time, a few at once), and keeps
+//! every receipt until the server answered, sending it again on the next
+//! connection if the answer did not come: so the server counts each
+//! promoted post this follower got exactly once, even across its crash.
+//!
 //! With a [`super::TokenRefresher`], it also keeps the token fresh: at about
 //! 80 % of the token's remaining lifetime (read from its `exp`, unverified)
 //! it asks the application for a new one and sends it in band (Refresh);
 //! reconnects use the newest token, and a session closed for an expired
 //! token is reconnected with a fresh one.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,6 +48,8 @@ enum Pending {
     Unfollow(oneshot::Sender<Result<(), ClientError>>),
     Click(oneshot::Sender<Result<bool, ClientError>>),
     Refresh,
+    /// The first this many receipts of `Driver::receipts`.
+    Seen(usize),
 }
 
 /// Share of a token's remaining lifetime after which it is refreshed.
@@ -50,6 +58,10 @@ pub const REFRESH_AT: f64 = 0.8;
 const CLOSE_FLUSH: Duration = Duration::from_secs(1);
 /// Pause before asking the refresher again after it failed.
 const REFRESH_RETRY: Duration = Duration::from_secs(1);
+/// How long a receipt waits for others to share its Seen.
+const SEEN_DELAY: Duration = Duration::from_millis(20);
+/// Pause before sending receipts again after the server could not take them.
+const SEEN_RETRY: Duration = Duration::from_secs(1);
 
 /// When to refresh `token`: at [`REFRESH_AT`] of its remaining lifetime.
 fn refresh_deadline(token: &str) -> Option<tokio::time::Instant> {
@@ -95,6 +107,12 @@ pub(crate) struct Driver {
     next_request: u64,
     /// Held from `Client::close` until the close has been sent.
     closing: Option<oneshot::Sender<()>>,
+    /// Receipts of promoted posts handed to the application, oldest first,
+    /// not acknowledged by the server yet (at most
+    /// [`super::MAX_UNCONFIRMED_RECEIPTS`]).
+    receipts: VecDeque<u64>,
+    /// When to send the next Seen (`None`: nothing to send).
+    seen_due: Option<tokio::time::Instant>,
 }
 
 impl Driver {
@@ -116,6 +134,8 @@ impl Driver {
             channels: HashMap::new(),
             next_request: super::conn::HELLO_REQUEST_ID + 1,
             closing: None,
+            receipts: VecDeque::new(),
+            seen_due: None,
         }
     }
 
@@ -285,6 +305,8 @@ impl Driver {
                 },
             );
         }
+        // Receipts the last connection did not get answered go again.
+        self.seen_due = (!self.receipts.is_empty()).then(tokio::time::Instant::now);
         let mut feed: Option<FrameReader<quinn::RecvStream>> = None;
         let mut refresh_at = self
             .opts
@@ -293,7 +315,29 @@ impl Driver {
             .and_then(|_| refresh_deadline(&self.opts.token));
         let mut refreshing: Option<RefreshFuture> = None;
         loop {
+            let seen_in_flight = pending.values().any(|p| matches!(p, Pending::Seen(_)));
             tokio::select! {
+                _ = wait_until(self.seen_due), if !seen_in_flight && self.seen_due.is_some() => {
+                    self.seen_due = None;
+                    let n = self.receipts.len().min(herald_proto::model::MAX_RECEIPTS_PER_SEEN);
+                    if n == 0 {
+                        continue;
+                    }
+                    let id = self.next_request;
+                    self.next_request += 1;
+                    let frame = pb::ClientFrame {
+                        request_id: id,
+                        kind: Some(pb::client_frame::Kind::Seen(pb::Seen {
+                            receipts: self.receipts.iter().take(n).copied().collect(),
+                        })),
+                    };
+                    pending.insert(id, Pending::Seen(n));
+                    if let Err(e) = c.ctl_send.write_all(&encode_frame(&frame)).await {
+                        let err = write_error(&c.conn, e);
+                        fail_pending(pending);
+                        return End::Failed(err);
+                    }
+                }
                 _ = wait_until(refresh_at), if refreshing.is_none() => {
                     refresh_at = None;
                     if let Some(r) = &self.opts.token_refresher {
@@ -453,6 +497,16 @@ impl Driver {
             (Some(Kind::Clicked(c)), Some(Pending::Click(reply))) => {
                 let _ = reply.send(Ok(c.counted));
             }
+            (Some(Kind::SeenNoted(_)), Some(Pending::Seen(n))) => {
+                // Durable on the server: these receipts are done with.
+                self.receipts.drain(..n.min(self.receipts.len()));
+                self.stats
+                    .receipts_unconfirmed
+                    .store(self.receipts.len() as u64, Ordering::Relaxed);
+                if !self.receipts.is_empty() {
+                    self.seen_due = Some(tokio::time::Instant::now());
+                }
+            }
             (Some(Kind::Error(e)), waiting) => {
                 let code = ErrorCode::from_u32(e.code);
                 match waiting {
@@ -503,6 +557,12 @@ impl Driver {
                             code,
                             message: e.message,
                         }));
+                    }
+                    Some(Pending::Seen(_)) => {
+                        // Not taken now (e.g. storage unavailable): kept, and
+                        // sent again a little later.
+                        tracing::debug!(error = %e.message, "receipts not taken; will send them again");
+                        self.seen_due = Some(tokio::time::Instant::now() + SEEN_RETRY);
                     }
                     Some(Pending::Refresh) | None => {
                         if !self
@@ -619,6 +679,9 @@ impl Driver {
                     return true;
                 }
                 self.stats.promoted.fetch_add(1, Ordering::Relaxed);
+                if p.receipt != 0 {
+                    self.note_receipt(p.receipt);
+                }
                 Event::Promoted {
                     channel: p.channel,
                     campaign_id: p.campaign_id,
@@ -636,6 +699,22 @@ impl Driver {
             None => return true,
         };
         self.emit(event).await
+    }
+
+    /// Keeps `receipt` until the server acknowledges it, and schedules a Seen.
+    fn note_receipt(&mut self, receipt: u64) {
+        if self.receipts.len() >= super::MAX_UNCONFIRMED_RECEIPTS {
+            self.receipts.pop_front();
+            self.stats.receipts_dropped.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!("too many promoted posts unconfirmed; the oldest receipt is dropped");
+        }
+        self.receipts.push_back(receipt);
+        self.stats
+            .receipts_unconfirmed
+            .store(self.receipts.len() as u64, Ordering::Relaxed);
+        if self.seen_due.is_none() {
+            self.seen_due = Some(tokio::time::Instant::now() + SEEN_DELAY);
+        }
     }
 
     async fn emit(&self, e: Event) -> bool {

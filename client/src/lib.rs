@@ -44,6 +44,11 @@ mod trust;
 pub mod udp;
 
 pub use conn::{connect_raw, quic_client_config, ClientError};
+
+/// Most receipts of promoted posts kept unconfirmed (the server has not
+/// acknowledged them); past it the oldest is dropped, and that promoted post
+/// is not counted if the server had not counted it yet.
+pub const MAX_UNCONFIRMED_RECEIPTS: usize = 16_384;
 pub use trust::{client_crypto, ClientTrust, TrustError};
 
 use std::future::Future;
@@ -260,6 +265,11 @@ pub struct ClientStats {
     pub reconnects: AtomicU64,
     /// Promoted posts received.
     pub promoted: AtomicU64,
+    /// Receipts of promoted posts the server has not acknowledged yet.
+    pub receipts_unconfirmed: AtomicU64,
+    /// Receipts dropped unconfirmed because more than
+    /// [`MAX_UNCONFIRMED_RECEIPTS`] waited (should stay 0).
+    pub receipts_dropped: AtomicU64,
     /// Index in [`ClientOptions::servers`] of the server of the current (or
     /// last) connection.
     pub server_index: AtomicU64,

@@ -13,6 +13,8 @@ use crate::v1 as pb;
 pub const MAX_CHANNEL_ID_LEN: usize = 64;
 /// Longest token accepted in Hello or Refresh, in bytes.
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
+/// Most receipts one Seen frame may carry.
+pub const MAX_RECEIPTS_PER_SEEN: usize = 1024;
 
 /// A field a peer sent was invalid. The message names the field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -182,6 +184,8 @@ pub enum ClientRequest {
         token: String,
         /// Free-form client name, cut to 64 characters.
         client_name: String,
+        /// The client confirms promoted posts with Seen.
+        receipts: bool,
     },
     /// Follow a channel.
     Follow(FollowRequest),
@@ -199,6 +203,12 @@ pub enum ClientRequest {
         /// The channel it was shown in.
         channel: ChannelId,
     },
+    /// The follower received the promoted posts with these receipts (1 to
+    /// [`MAX_RECEIPTS_PER_SEEN`]).
+    Seen {
+        /// Their receipts.
+        receipts: Vec<u64>,
+    },
 }
 
 impl ClientRequest {
@@ -208,7 +218,9 @@ impl ClientRequest {
             ClientRequest::Follow(f) => Some(&f.channel),
             ClientRequest::Unfollow(c) => Some(c),
             ClientRequest::Click { channel, .. } => Some(channel),
-            ClientRequest::Hello { .. } | ClientRequest::Refresh { .. } => None,
+            ClientRequest::Hello { .. }
+            | ClientRequest::Refresh { .. }
+            | ClientRequest::Seen { .. } => None,
         }
     }
 }
@@ -241,6 +253,7 @@ impl TryFrom<pb::ClientFrame> for (u64, ClientRequest) {
                 ClientRequest::Hello {
                     token: check_token(h.token)?,
                     client_name,
+                    receipts: h.receipts,
                 }
             }
             Some(Kind::Follow(f)) => ClientRequest::Follow(f.try_into()?),
@@ -255,6 +268,16 @@ impl TryFrom<pb::ClientFrame> for (u64, ClientRequest) {
                 ClientRequest::Click {
                     campaign_id: c.campaign_id,
                     channel: ChannelId::parse(&c.channel)?,
+                }
+            }
+            Some(Kind::Seen(s)) => {
+                if s.receipts.is_empty() || s.receipts.len() > MAX_RECEIPTS_PER_SEEN {
+                    return Err(invalid(format!(
+                        "Seen must carry 1 to {MAX_RECEIPTS_PER_SEEN} receipts"
+                    )));
+                }
+                ClientRequest::Seen {
+                    receipts: s.receipts,
                 }
             }
         };
@@ -277,6 +300,24 @@ mod tests {
         assert!(ChannelId::parse("slash/no").is_err());
         assert!(ChannelId::parse(&"x".repeat(65)).is_err());
         assert!(ChannelId::parse(&"x".repeat(64)).is_ok());
+    }
+
+    #[test]
+    fn seen_carries_one_to_max_receipts() {
+        let seen = |n: usize| pb::ClientFrame {
+            request_id: 9,
+            kind: Some(pb::client_frame::Kind::Seen(pb::Seen {
+                receipts: (1..=n as u64).collect(),
+            })),
+        };
+        assert!(<(u64, ClientRequest)>::try_from(seen(0)).is_err());
+        assert!(<(u64, ClientRequest)>::try_from(seen(MAX_RECEIPTS_PER_SEEN + 1)).is_err());
+        match <(u64, ClientRequest)>::try_from(seen(MAX_RECEIPTS_PER_SEEN)) {
+            Ok((9, ClientRequest::Seen { receipts })) => {
+                assert_eq!(receipts.len(), MAX_RECEIPTS_PER_SEEN)
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -28,6 +28,8 @@ pub struct Config {
     pub limits: Limits,
     /// How long posts are kept (`[retention]`).
     pub retention: Retention,
+    /// The promoted slot (`[promo]`).
+    pub promo: PromoSection,
     /// How follower tokens are checked (`[auth]`).
     pub auth: AuthConfig,
     /// Cluster mode (`[cluster]`): with `urls`, the log, brands and keys and
@@ -298,6 +300,27 @@ impl Default for Retention {
     }
 }
 
+/// The promoted slot. A follower's client that confirms promoted posts
+/// (`receipts` in Hello; the Rust client does) has each one counted as an
+/// impression when its receipt arrives; one not confirmed within
+/// `receipt_window_secs` (from being written, or from a restart) is not
+/// counted and goes back to the campaign's budget.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PromoSection {
+    /// How long a written promoted post waits for its receipt, in seconds
+    /// (1 to 86400, default 120).
+    pub receipt_window_secs: u64,
+}
+
+impl Default for PromoSection {
+    fn default() -> Self {
+        PromoSection {
+            receipt_window_secs: crate::promo::DEFAULT_RECEIPT_WINDOW.as_secs(),
+        }
+    }
+}
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -308,6 +331,7 @@ impl Default for Config {
             tls: TlsConfig::default(),
             limits: Limits::default(),
             retention: Retention::default(),
+            promo: PromoSection::default(),
             auth: AuthConfig::default(),
             cluster: ClusterSection::default(),
         }
@@ -469,6 +493,9 @@ impl Config {
         }
         if self.retention.interval_secs == 0 {
             return bad("retention.interval_secs must be > 0");
+        }
+        if !(1..=86_400).contains(&self.promo.receipt_window_secs) {
+            return bad("promo.receipt_window_secs must be 1 to 86400");
         }
         let c = &self.cluster;
         if c.enabled() {

@@ -179,6 +179,7 @@ impl Server {
             Some(nats) => with_cluster_timeout(&config, Promo::open_cluster(nats)).await??,
             None => Promo::open(&dir)?,
         };
+        promo.set_receipt_window(Duration::from_secs(config.promo.receipt_window_secs));
         let stage_promo = promo.clone();
         // After an organic post, the channel's promoted slot may open.
         let fanout = FanoutStage::start(hub.clone(), move |p, followers| {

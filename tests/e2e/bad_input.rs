@@ -40,6 +40,7 @@ fn hello(token: &str) -> Vec<u8> {
         kind: Some(pb::client_frame::Kind::Hello(pb::Hello {
             token: token.into(),
             client_name: "test".into(),
+            receipts: false,
         })),
     })
     .to_vec()

@@ -35,6 +35,24 @@ async fn get_json(server: &TestServer, path: &str) -> serde_json::Value {
         .unwrap()
 }
 
+/// A campaign's stats once no promoted post it wrote awaits its receipt
+/// (the followers confirm what they read within milliseconds; impressions
+/// count then).
+async fn settled_stats(server: &TestServer, id: &str) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let stats = get_json(server, &format!("/v1/campaigns/{id}/stats")).await;
+        if stats["awaiting_receipt"] == 0 {
+            return stats;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "receipts did not arrive: {stats}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
 /// Reads events until `posts` posts arrived; returns the event sequence as
 /// strings ("p5", "ad:<campaign>@5").
 async fn read_feed(c: &mut Client, posts: usize) -> Vec<String> {
@@ -134,7 +152,7 @@ async fn promoted_slot_end_to_end() {
     }
     assert_eq!(received_ads, 6);
 
-    let stats = get_json(&server, &format!("/v1/campaigns/{id}/stats")).await;
+    let stats = settled_stats(&server, &id).await;
     assert_eq!(
         stats["impressions"], received_ads,
         "impressions equal frames received"
@@ -174,7 +192,7 @@ async fn promoted_slot_end_to_end() {
     }
     let ads: Vec<&String> = feed.iter().filter(|e| e.contains(":ad:")).collect();
     assert_eq!(ads, vec![&format!("news:ad:{id}@12")], "{feed:?}");
-    let stats = get_json(&server, &format!("/v1/campaigns/{id}/stats")).await;
+    let stats = settled_stats(&server, &id).await;
     assert_eq!(stats["impressions"], 7);
     assert_eq!(stats["clicks"], 2);
 

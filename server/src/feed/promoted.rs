@@ -5,7 +5,10 @@
 //! reservation says no), counts it and waits until the count is durable
 //! ([`CatchupSlots::durable`]) before the frame is written, and takes the
 //! count back if the write fails. An impression dropped uncounted goes back
-//! to the campaign. At the end of a resuming follower's catch-up, the writer asks
+//! to the campaign. For a follower whose client confirms receipt, "count"
+//! records the impression as awaiting its receipt (durably, the same way) and
+//! the frame carries the receipt ([`Impression::frame`]); the promo engine
+//! counts it when the client's Seen arrives. At the end of a resuming follower's catch-up, the writer asks
 //! a [`CatchupSlots`] for at most one promoted event.
 
 use std::fmt;
@@ -20,8 +23,9 @@ use crate::model::ChannelId;
 /// that holds the event.
 pub trait PromotedSlot: Send + Sync + fmt::Debug {
     /// Claims one impression for `follower`, if the frequency cap and the
-    /// reservation allow.
-    fn claim(&self, follower: &str) -> Option<Box<dyn Impression>>;
+    /// reservation allow. `receipts`: the follower's client confirms
+    /// promoted posts with Seen.
+    fn claim(&self, follower: &str, receipts: bool) -> Option<Box<dyn Impression>>;
 
     /// The campaign filling the slot.
     fn campaign_id(&self) -> &str;
@@ -32,6 +36,12 @@ pub trait PromotedSlot: Send + Sync + fmt::Debug {
 
 /// One claimed impression.
 pub trait Impression: Send {
+    /// The frame to write for this impression when it is not the event's
+    /// shared one (it carries this follower's receipt).
+    fn frame(&self) -> Option<bytes::Bytes> {
+        None
+    }
+
     /// Counts the impression (exactly once, however often called), in
     /// memory: its frame is about to be written. [`CatchupSlots::durable`]
     /// makes the count durable before the frame goes out.

@@ -247,6 +247,7 @@ impl Rig {
                 log: log.clone(),
                 slots,
                 follower: "f".into(),
+                receipts: false,
                 catchup_batch: batch,
                 lag_policy: LagPolicy {
                     max_events: 1000,
@@ -784,7 +785,7 @@ struct TestImpression {
 }
 
 impl PromotedSlot for TestSlot {
-    fn claim(&self, _: &str) -> Option<Box<dyn Impression>> {
+    fn claim(&self, _: &str, _: bool) -> Option<Box<dyn Impression>> {
         Some(Box::new(TestImpression {
             ledger: self.0.clone(),
             counted: false,

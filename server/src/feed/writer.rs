@@ -133,6 +133,9 @@ pub struct FeedDeps {
     pub slots: Arc<dyn CatchupSlots>,
     /// The follower's id (for frequency caps).
     pub follower: String,
+    /// The follower's client confirms promoted posts with Seen (it said so
+    /// in Hello).
+    pub receipts: bool,
     /// Posts read from the log per catch-up step.
     pub catchup_batch: usize,
     /// When to give up on a follower that keeps lagging.
@@ -199,6 +202,8 @@ pub struct Core {
     /// Promoted impressions in `chunks`, counted once they are written.
     claims: Vec<Box<dyn Impression>>,
     follower: String,
+    /// The follower's client confirms promoted posts ([`FeedDeps::receipts`]).
+    receipts: bool,
     stats: FeedStats,
     /// The live path met something for the task after handing out frames:
     /// it hands the queue over on its next pull, once those frames are in
@@ -207,12 +212,13 @@ pub struct Core {
 }
 
 impl Core {
-    fn new(follower: String) -> Core {
+    fn new(follower: String, receipts: bool) -> Core {
         Core {
             cursors: HashMap::new(),
             chunks: Vec::new(),
             claims: Vec::new(),
             follower,
+            receipts,
             stats: FeedStats::default(),
             hand_over_due: false,
         }
@@ -254,8 +260,13 @@ impl Core {
             }
             EventKind::Promoted if live => return Step::Promoted,
             EventKind::Promoted => {
-                if let Some(claim) = ev.slot.as_ref().and_then(|s| s.claim(&self.follower)) {
-                    self.chunks.push(ev.frame.clone());
+                if let Some(claim) = ev
+                    .slot
+                    .as_ref()
+                    .and_then(|s| s.claim(&self.follower, self.receipts))
+                {
+                    self.chunks
+                        .push(claim.frame().unwrap_or_else(|| ev.frame.clone()));
                     self.claims.push(claim);
                 }
             }
@@ -413,7 +424,7 @@ impl<S: FeedSink> FeedWriter<S> {
             outbox,
             log: deps.log,
             slots: deps.slots,
-            core: Core::new(deps.follower),
+            core: Core::new(deps.follower, deps.receipts),
             catchup_batch: deps.catchup_batch.max(1),
             lag_policy: deps.lag_policy,
             recent_lags: VecDeque::new(),
@@ -509,7 +520,7 @@ impl<S: FeedSink> FeedWriter<S> {
         let Some(live) = self.live.clone() else {
             return;
         };
-        let core = std::mem::replace(&mut self.core, Core::new(String::new()));
+        let core = std::mem::replace(&mut self.core, Core::new(String::new(), false));
         *live.core() = Some(core);
         if self.outbox.try_go_live() {
             self.outbox.live_ended().await;
@@ -619,8 +630,14 @@ impl<S: FeedSink> FeedWriter<S> {
                 .copied()
                 .unwrap_or(start);
             if let Some(ev) = self.slots.after_catchup(&req.channel, at) {
-                if let Some(claim) = ev.slot.as_ref().and_then(|s| s.claim(&self.core.follower)) {
-                    self.core.chunks.push(ev.frame.clone());
+                if let Some(claim) = ev
+                    .slot
+                    .as_ref()
+                    .and_then(|s| s.claim(&self.core.follower, self.core.receipts))
+                {
+                    self.core
+                        .chunks
+                        .push(claim.frame().unwrap_or_else(|| ev.frame.clone()));
                     self.core.claims.push(claim);
                     self.flush().await?;
                 }

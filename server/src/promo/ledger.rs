@@ -1,6 +1,7 @@
 //! Durable promo state in its own redb file (`promo.redb`): campaigns with
-//! their totals, channel slot settings with promoted impressions shown, and
-//! per-follower frequency-cap entries and clicks. Totals are written as
+//! their totals, channel slot settings with promoted impressions shown,
+//! per-follower frequency-cap entries and clicks, and the promoted frames
+//! written to followers whose receipt has not arrived yet. Totals are written as
 //! absolute values taken from memory, never as increments, so a flush that
 //! is retried or replayed cannot count anything twice; a crash loses at most
 //! what happened since the last flush.
@@ -32,6 +33,7 @@ const CAMPAIGNS: TableDefinition<&str, &str> = TableDefinition::new("campaigns")
 const CHANNELS: TableDefinition<&str, &str> = TableDefinition::new("channel_promo");
 const CAPS: TableDefinition<(&str, &str), &str> = TableDefinition::new("caps");
 const CLICKS: TableDefinition<(&str, &str), u8> = TableDefinition::new("clicks");
+const RECEIPTS: TableDefinition<u64, &str> = TableDefinition::new("receipts");
 
 /// Promo storage failed.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -71,6 +73,17 @@ pub struct CapRecord {
     pub ever: u64,
 }
 
+/// A promoted frame written to a follower whose client confirms receipt,
+/// not confirmed yet (see `promo::receipts`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReceiptRecord {
+    pub campaign: String,
+    pub channel: String,
+    pub follower: String,
+    /// When the impression was claimed (its frequency-cap time), Unix ms.
+    pub at_ms: i64,
+}
+
 /// Everything loaded at start.
 #[derive(Default)]
 pub struct Loaded {
@@ -78,6 +91,7 @@ pub struct Loaded {
     pub channels: Vec<(String, ChannelRecord)>,
     pub caps: Vec<((String, String), CapRecord)>,
     pub clicks: Vec<(String, String)>,
+    pub receipts: Vec<(u64, ReceiptRecord)>,
 }
 
 /// What one flush writes.
@@ -91,6 +105,10 @@ pub struct Batch {
     pub clicks: Vec<(String, String)>,
     /// Campaigns whose per-follower entries (caps and clicks) are removed.
     pub pruned: Vec<String>,
+    /// Impressions awaiting their receipt.
+    pub receipts: Vec<(u64, ReceiptRecord)>,
+    /// Receipts that arrived, expired, or whose frame was not written.
+    pub removed_receipts: Vec<u64>,
 }
 
 impl Batch {
@@ -101,6 +119,8 @@ impl Batch {
             && self.removed_caps.is_empty()
             && self.clicks.is_empty()
             && self.pruned.is_empty()
+            && self.receipts.is_empty()
+            && self.removed_receipts.is_empty()
     }
 }
 
@@ -155,6 +175,7 @@ fn create_tables(db: &Database) -> Result<(), LedgerError> {
     txn.open_table(CHANNELS).map_err(err)?;
     txn.open_table(CAPS).map_err(err)?;
     txn.open_table(CLICKS).map_err(err)?;
+    txn.open_table(RECEIPTS).map_err(err)?;
     txn.commit().map_err(err)
 }
 
@@ -201,6 +222,19 @@ pub fn load(db: &Database) -> Result<Loaded, LedgerError> {
         let (c, f) = k.value();
         loaded.clicks.push((c.to_string(), f.to_string()));
     }
+    for e in read
+        .open_table(RECEIPTS)
+        .map_err(err)?
+        .iter()
+        .map_err(err)?
+    {
+        let (k, v) = e.map_err(err)?;
+        loaded.receipts.push((
+            k.value(),
+            serde_json::from_str(v.value())
+                .map_err(|e| err(format!("receipt {}: {e}", k.value())))?,
+        ));
+    }
     Ok(loaded)
 }
 
@@ -212,7 +246,7 @@ pub fn verify(db: &crate::datadir::CheckedDb) -> Result<crate::datadir::FileRepo
         ..Default::default()
     };
     let read = db.begin_read().map_err(err)?;
-    let mut n = [0u64; 4];
+    let mut n = [0u64; 5];
     for e in read
         .open_table(CAMPAIGNS)
         .map_err(err)?
@@ -269,9 +303,31 @@ pub fn verify(db: &crate::datadir::CheckedDb) -> Result<crate::datadir::FileRepo
             report.note_damage(format!("the clicks table cannot be read on: {e}"));
         }
     }
+    // Older files have no receipts table yet: nothing awaits a receipt.
+    let receipts = match read.open_table(RECEIPTS) {
+        Ok(t) => Some(t),
+        Err(redb::TableError::TableDoesNotExist(_)) => None,
+        Err(e) => return Err(err(e)),
+    };
+    let rows = match &receipts {
+        Some(t) => Some(t.iter().map_err(err)?),
+        None => None,
+    };
+    for e in rows.into_iter().flatten() {
+        report.records += 1;
+        n[4] += 1;
+        match e {
+            Ok((k, v)) => {
+                if serde_json::from_str::<ReceiptRecord>(v.value()).is_err() {
+                    report.note_damage(format!("receipt {} is damaged", k.value()));
+                }
+            }
+            Err(e) => report.note_damage(format!("the receipts table cannot be read on: {e}")),
+        }
+    }
     report.summary = format!(
-        "{} campaigns, {} channel slots, {} frequency caps, {} clicks",
-        n[0], n[1], n[2], n[3]
+        "{} campaigns, {} channel slots, {} frequency caps, {} clicks, {} impressions awaiting receipt",
+        n[0], n[1], n[2], n[3], n[4]
     );
     Ok(report)
 }
@@ -326,6 +382,14 @@ fn write_batch(db: &Database, batch: &Batch) -> Result<(), LedgerError> {
         for c in &batch.pruned {
             remove_campaign_keys(&mut caps, c)?;
             remove_campaign_keys(&mut clicks, c)?;
+        }
+        let mut receipts = txn.open_table(RECEIPTS).map_err(err)?;
+        for (id, r) in &batch.receipts {
+            let v = serde_json::to_string(r).map_err(err)?;
+            receipts.insert(*id, v.as_str()).map_err(err)?;
+        }
+        for id in &batch.removed_receipts {
+            receipts.remove(*id).map_err(err)?;
         }
     }
     txn.commit().map_err(err)

@@ -18,7 +18,9 @@
 //! leaves. The one window left is a crash after the count is durable and
 //! before the frame leaves the process (under a millisecond on an idle machine,
 //! longer when the cores are busy), which counts an
-//! impression the follower never got. Clicks and slot settings are flushed
+//! impression the follower never got. Followers whose client confirms
+//! receipt close that window too: their impressions count when the receipt
+//! arrives ([`receipts`]). Clicks and slot settings are flushed
 //! every [`FLUSH_INTERVAL`] and at shutdown. While `promo.redb` cannot take
 //! writes, counts stay in memory (and frames still go out) until it can.
 //!
@@ -51,11 +53,13 @@
 pub mod campaign;
 pub mod cluster_store;
 mod ledger;
+mod receipts;
 mod slot;
 mod store;
 
 pub use campaign::{Campaign, Creative, FrequencyCap, State, Targeting, PROMOTED_LABEL};
 pub use ledger::{verify, LedgerError, PROMO_CACHE_BYTES, PROMO_FILE, PROMO_SPEC};
+pub use receipts::DEFAULT_RECEIPT_WINDOW;
 pub use slot::{Claim, Slot};
 
 use std::collections::{HashSet, VecDeque};
@@ -101,8 +105,11 @@ pub(crate) struct CampaignLive {
     spec: RwLock<Campaign>,
     /// Confirmed impressions (flushed or not).
     impressions: AtomicU64,
-    /// Impressions reserved by open slots and unconfirmed claims.
+    /// Impressions reserved by open slots and unconfirmed claims (including
+    /// those awaiting their receipt).
     reserved: AtomicU64,
+    /// Impressions written to followers with receipts, not confirmed yet.
+    awaiting_receipt: AtomicU64,
     clicks: AtomicU64,
     reach: AtomicU64,
     /// Cluster mode: impressions leased by this node and not reserved yet.
@@ -121,6 +128,7 @@ impl CampaignLive {
             spec: RwLock::new(c),
             impressions: AtomicU64::new(impressions),
             reserved: AtomicU64::new(0),
+            awaiting_receipt: AtomicU64::new(0),
             clicks: AtomicU64::new(clicks),
             reach: AtomicU64::new(reach),
             pool: AtomicU64::new(0),
@@ -177,7 +185,8 @@ struct ChannelLive {
     Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, utoipa::ToSchema,
 )]
 pub struct CampaignStats {
-    /// Impressions delivered: promoted posts written to a follower's feed.
+    /// Impressions delivered: promoted posts written to a follower's feed
+    /// and, for a client that confirms receipt, confirmed by it.
     pub impressions: u64,
     /// Clicks reported by followers who were shown the campaign, at most one per
     /// follower.
@@ -187,9 +196,15 @@ pub struct CampaignStats {
     pub spend_micros: u64,
     /// Distinct followers shown the campaign at least once.
     pub reach: u64,
-    /// Impressions held right now by open slots and claims not yet written;
-    /// `impressions + reserved` never exceeds the budget.
+    /// Impressions held right now by open slots, claims not yet written and
+    /// promoted posts awaiting their receipt; `impressions + reserved` never
+    /// exceeds the budget.
     pub reserved: u64,
+    /// Of `reserved`: promoted posts written to followers whose client
+    /// confirms receipt, not confirmed yet. Each becomes an impression when
+    /// its receipt arrives, or goes back to the budget if it does not within
+    /// the receipt window.
+    pub awaiting_receipt: u64,
 }
 
 /// Group commit for [`Promo::durable`]: each caller takes a ticket after
@@ -237,6 +252,8 @@ struct Dirty {
     clicks: Vec<(String, String)>,
     /// Campaigns whose per-follower entries are to be removed from the file.
     pruned: Vec<String>,
+    /// Receipts awaited or no longer awaited since the last flush.
+    receipts: HashSet<u64>,
 }
 
 /// Promo errors.
@@ -274,6 +291,8 @@ pub struct Promo {
     pruned: Mutex<HashSet<String>>,
     /// Blocking work in flight ([`Promo::run`]).
     blocking: TaskTracker,
+    /// Impressions awaiting their receipt ([`receipts`]).
+    receipts: receipts::Receipts,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -300,8 +319,10 @@ impl Promo {
         Ok(promo)
     }
 
-    fn with_store(store: Box<dyn PromoStore>, loaded: ledger::Loaded) -> Arc<Promo> {
+    fn with_store(store: Box<dyn PromoStore>, mut loaded: ledger::Loaded) -> Arc<Promo> {
         let leased = store.shared().is_some();
+        let awaiting = std::mem::take(&mut loaded.receipts);
+        let loaded_max = awaiting.iter().map(|(id, _)| *id).max().unwrap_or(0);
         let campaigns: std::collections::HashMap<String, Arc<CampaignLive>> = loaded
             .campaigns
             .into_iter()
@@ -360,7 +381,7 @@ impl Promo {
                 clicks.insert(k, ());
             }
         }
-        Arc::new(Promo {
+        let promo = Arc::new(Promo {
             campaigns: RwLock::new(campaigns),
             auction: Mutex::new(()),
             channels,
@@ -373,7 +394,10 @@ impl Promo {
             journal: Journal::default(),
             pruned: Mutex::new(HashSet::new()),
             blocking: TaskTracker::new(),
-        })
+            receipts: receipts::Receipts::new(loaded_max),
+        });
+        promo.load_receipts(awaiting);
+        promo
     }
 
     /// Runs `f` (which may write to disk) on the blocking pool.
@@ -428,7 +452,13 @@ impl Promo {
         loop {
             let mut ticked = false;
             tokio::select! {
-                _ = tick.tick() => ticked = true,
+                _ = tick.tick() => {
+                    ticked = true;
+                    let n = self.expire_receipts(now_ms());
+                    if n > 0 {
+                        tracing::info!(impressions = n, "promoted posts not confirmed within the receipt window were not counted");
+                    }
+                }
                 _ = self.journal.wake.notified() => {}
                 _ = prune.tick() => {
                     let n = self.prune_ended(now_ms());
@@ -562,6 +592,7 @@ impl Promo {
             spend_micros: spec.spend_micros(impressions),
             reach: live.reach.load(Ordering::Relaxed).saturating_add(o_reach),
             reserved: live.reserved.load(Ordering::Relaxed),
+            awaiting_receipt: live.awaiting_receipt.load(Ordering::Relaxed),
         };
         let state = spec.state(impressions, now_ms());
         Some((spec, state, stats))
@@ -711,20 +742,22 @@ impl Promo {
             return None;
         }
         live.reserved.fetch_add(n, Ordering::SeqCst);
+        let message = Arc::new(pb::Promoted {
+            channel: channel.to_string(),
+            campaign_id: spec.id.clone(),
+            label: PROMOTED_LABEL.to_string(),
+            title: spec.creative.title.clone(),
+            text: spec.creative.text.clone(),
+            media: spec.creative.media.as_ref().map(|m| pb::MediaRef {
+                url: m.url.clone(),
+                mime: m.mime.clone(),
+            }),
+            cta_url: spec.creative.cta_url.clone(),
+            after_seq,
+            receipt: 0,
+        });
         let frame = encode_frame(&pb::FeedFrame {
-            kind: Some(pb::feed_frame::Kind::Promoted(pb::Promoted {
-                channel: channel.to_string(),
-                campaign_id: spec.id.clone(),
-                label: PROMOTED_LABEL.to_string(),
-                title: spec.creative.title.clone(),
-                text: spec.creative.text.clone(),
-                media: spec.creative.media.as_ref().map(|m| pb::MediaRef {
-                    url: m.url.clone(),
-                    mime: m.mime.clone(),
-                }),
-                cta_url: spec.creative.cta_url.clone(),
-                after_seq,
-            })),
+            kind: Some(pb::feed_frame::Kind::Promoted((*message).clone())),
         });
         Some(Arc::new(FeedEvent {
             channel: channel.clone(),
@@ -736,6 +769,7 @@ impl Promo {
                 campaign: live,
                 channel: channel.clone(),
                 remaining: AtomicU64::new(n),
+                message,
             })),
         }))
     }
@@ -743,8 +777,9 @@ impl Promo {
     // ------------------------------------------------------------ delivery
 
     /// Claims one impression of `slot` for `follower`, if the frequency cap
-    /// and the reservation allow.
-    pub fn claim(self: &Arc<Self>, slot: &Slot, follower: &str) -> Option<Claim> {
+    /// and the reservation allow. `receipts`: the follower's client confirms
+    /// promoted posts (not used in cluster mode; see [`receipts`]).
+    pub fn claim(self: &Arc<Self>, slot: &Slot, follower: &str, receipts: bool) -> Option<Claim> {
         let cap = slot.campaign.spec().frequency_cap;
         let now = now_ms();
         let mut entry = self
@@ -777,43 +812,67 @@ impl Promo {
             follower: follower.to_string(),
             at_ms: now,
             confirmed: false,
+            receipt: if receipts && !self.leased {
+                self.receipts.next_id()
+            } else {
+                0
+            },
+            message: slot.message.clone(),
         })
     }
 
     /// Counts a claim whose frame was written (once: a confirmed claim is
-    /// not released when dropped).
+    /// not released when dropped); with a receipt, records it as awaiting
+    /// its receipt instead.
     pub fn confirm(&self, c: &mut Claim) {
         if c.confirmed {
             return;
         }
-        let mut dirty = lock(&self.dirty);
-        {
-            c.confirmed = true;
-            let live = &c.campaign;
-            // Impressions first, then the reservation: `place` reads them in
-            // the opposite order, so it never sees their sum too low.
-            live.impressions.fetch_add(1, Ordering::SeqCst);
-            live.reserved.fetch_sub(1, Ordering::SeqCst);
-            let key = (live.id.clone(), c.follower.clone());
-            if let Some(mut e) = self.caps.get_mut(&key) {
-                e.ever += 1;
-                if e.ever == 1 {
-                    live.reach.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            if let Some(ch) = self.channels.get(c.channel.as_str()) {
-                ch.impressions.fetch_add(1, Ordering::Relaxed);
-            }
-            dirty.campaigns.insert(live.id.clone());
-            dirty.channels.insert(c.channel.to_string());
-            dirty.caps.insert(key);
+        if c.receipt != 0 {
+            self.await_receipt(c);
+            return;
         }
+        let mut dirty = lock(&self.dirty);
+        c.confirmed = true;
+        self.count_impression(&c.campaign, &c.channel, &c.follower, &mut dirty);
+    }
+
+    /// Counts one impression of `live` shown to `follower` in `channel`,
+    /// out of its reservation.
+    fn count_impression(
+        &self,
+        live: &CampaignLive,
+        channel: &ChannelId,
+        follower: &str,
+        dirty: &mut Dirty,
+    ) {
+        // Impressions first, then the reservation: `place` reads them in
+        // the opposite order, so it never sees their sum too low.
+        live.impressions.fetch_add(1, Ordering::SeqCst);
+        live.reserved.fetch_sub(1, Ordering::SeqCst);
+        let key = (live.id.clone(), follower.to_string());
+        if let Some(mut e) = self.caps.get_mut(&key) {
+            e.ever += 1;
+            if e.ever == 1 {
+                live.reach.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if let Some(ch) = self.channels.get(channel.as_str()) {
+            ch.impressions.fetch_add(1, Ordering::Relaxed);
+        }
+        dirty.campaigns.insert(live.id.clone());
+        dirty.channels.insert(channel.to_string());
+        dirty.caps.insert(key);
     }
 
     /// Takes back a confirmed claim whose frame could not be written: it
     /// becomes an unconfirmed claim again (and is released when dropped).
     pub(crate) fn uncount(&self, c: &mut Claim) {
         if !c.confirmed {
+            return;
+        }
+        if c.receipt != 0 {
+            self.forget_receipt(c);
             return;
         }
         let mut dirty = lock(&self.dirty);
@@ -840,13 +899,19 @@ impl Promo {
 
     /// Undoes an unconfirmed claim (from `Claim::drop`).
     fn release(&self, c: &Claim) {
-        c.campaign.reserved.fetch_sub(1, Ordering::SeqCst);
+        self.unreserve(&c.campaign, &c.follower, c.at_ms);
+    }
+
+    /// Gives one reserved impression of `live`, claimed for `follower` at
+    /// `at_ms`, back: to the campaign, and its frequency-cap time.
+    fn unreserve(&self, live: &CampaignLive, follower: &str, at_ms: i64) {
+        live.reserved.fetch_sub(1, Ordering::SeqCst);
         if self.leased {
-            c.campaign.pool.fetch_add(1, Ordering::SeqCst);
+            live.pool.fetch_add(1, Ordering::SeqCst);
         }
-        let key = (c.campaign.id.clone(), c.follower.clone());
+        let key = (live.id.clone(), follower.to_string());
         if let Some(mut e) = self.caps.get_mut(&key) {
-            if let Some(i) = e.times.iter().rposition(|t| *t == c.at_ms) {
+            if let Some(i) = e.times.iter().rposition(|t| *t == at_ms) {
                 e.times.remove(i);
             }
         }
@@ -1078,6 +1143,12 @@ impl Promo {
                 None => batch.removed_caps.push(key.clone()),
             }
         }
+        for id in &dirty.receipts {
+            match self.receipt_record(*id) {
+                Some(r) => batch.receipts.push((*id, r)),
+                None => batch.removed_receipts.push(*id),
+            }
+        }
         batch.pruned = dirty.pruned.clone();
         batch.clicks = dirty.clicks.clone();
         if batch.is_empty() {
@@ -1091,6 +1162,7 @@ impl Promo {
             d.caps.extend(dirty.caps);
             d.clicks.extend(dirty.clicks);
             d.pruned.extend(dirty.pruned);
+            d.receipts.extend(dirty.receipts);
             return Err(e.into());
         }
         Ok(())

@@ -4,11 +4,17 @@
 //! allows, and confirms the claim once the frame is written. Whatever is not
 //! claimed returns to the campaign when the slot is dropped (every queue that
 //! held it has let go), and a claim that is never confirmed (the write failed)
-//! returns on its own drop. So `impressions + reserved <= budget` holds at
+//! returns on its own drop. A claim for a follower whose client confirms
+//! receipt carries a receipt in its frame and, once written, awaits it (see
+//! [`super::receipts`]). So `impressions + reserved <= budget` holds at
 //! every moment: the budget is never overspent.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+
+use bytes::Bytes;
+use herald_proto::encode_frame;
+use herald_proto::v1 as pb;
 
 use super::{CampaignLive, Promo};
 use crate::feed::{Impression, PromotedSlot};
@@ -20,12 +26,14 @@ pub struct Slot {
     pub(super) campaign: Arc<CampaignLive>,
     pub(super) channel: ChannelId,
     pub(super) remaining: AtomicU64,
+    /// The promoted post, for frames that carry a follower's receipt.
+    pub(super) message: Arc<pb::Promoted>,
 }
 
 impl PromotedSlot for Slot {
-    fn claim(&self, follower: &str) -> Option<Box<dyn Impression>> {
+    fn claim(&self, follower: &str, receipts: bool) -> Option<Box<dyn Impression>> {
         self.promo
-            .claim(self, follower)
+            .claim(self, follower, receipts)
             .map(|c| Box::new(c) as Box<dyn Impression>)
     }
 
@@ -69,9 +77,23 @@ pub struct Claim {
     pub(super) follower: String,
     pub(super) at_ms: i64,
     pub(super) confirmed: bool,
+    /// The receipt its frame carries (0: counted when written, no receipt).
+    pub(super) receipt: u64,
+    pub(super) message: Arc<pb::Promoted>,
 }
 
 impl Impression for Claim {
+    fn frame(&self) -> Option<Bytes> {
+        (self.receipt != 0).then(|| {
+            encode_frame(&pb::FeedFrame {
+                kind: Some(pb::feed_frame::Kind::Promoted(pb::Promoted {
+                    receipt: self.receipt,
+                    ..(*self.message).clone()
+                })),
+            })
+        })
+    }
+
     fn count(&mut self) {
         let promo = self.promo.clone();
         promo.confirm(self);

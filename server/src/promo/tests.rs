@@ -101,7 +101,7 @@ fn highest_eligible_bid_wins() {
     p.update("high", |c| c.budget_impressions = 1).unwrap();
     let ev = p.after_post(&ch("a"), 10, 3).unwrap();
     assert_eq!(winner(&ev), "high");
-    let claim = ev.slot.as_ref().unwrap().claim("f1").unwrap();
+    let claim = ev.slot.as_ref().unwrap().claim("f1", false).unwrap();
     claim.confirm();
     drop(ev);
     let ev = p.after_post(&ch("a"), 15, 3).unwrap();
@@ -164,7 +164,7 @@ fn frequency_cap_holds_per_follower() {
     for s in 1..=5u64 {
         let ev = p.after_post(&ch("a"), s * 5, 2).unwrap();
         for f in ["f1", "f2"] {
-            if let Some(claim) = ev.slot.as_ref().unwrap().claim(f) {
+            if let Some(claim) = ev.slot.as_ref().unwrap().claim(f, false) {
                 claim.confirm();
                 *shown.entry(f).or_insert(0) += 1;
             }
@@ -186,14 +186,14 @@ fn unconfirmed_claims_release_budget_and_cap() {
     });
     p.create(c).unwrap();
     let ev = p.after_post(&ch("a"), 5, 1).unwrap();
-    let claim = ev.slot.as_ref().unwrap().claim("f").unwrap();
+    let claim = ev.slot.as_ref().unwrap().claim("f", false).unwrap();
     drop(claim); // the write failed
     drop(ev);
     let s = p.get("c").unwrap().2;
     assert_eq!((s.impressions, s.reserved), (0, 0));
     // The cap was not used up by the failed delivery.
     let ev = p.after_post(&ch("a"), 10, 1).unwrap();
-    assert!(ev.slot.as_ref().unwrap().claim("f").is_some());
+    assert!(ev.slot.as_ref().unwrap().claim("f", false).is_some());
 }
 
 #[test]
@@ -206,7 +206,7 @@ fn a_counted_claim_whose_write_failed_is_taken_back() {
     });
     p.create(c).unwrap();
     let ev = p.after_post(&ch("a"), 5, 1).unwrap();
-    let mut claim = ev.slot.as_ref().unwrap().claim("f").unwrap();
+    let mut claim = ev.slot.as_ref().unwrap().claim("f", false).unwrap();
     claim.count();
     claim.count();
     let s = p.get("c").unwrap().2;
@@ -221,7 +221,7 @@ fn a_counted_claim_whose_write_failed_is_taken_back() {
     // Neither the cap nor a click is used up by it.
     assert!(!p.click("f", "c").unwrap());
     let ev = p.after_post(&ch("a"), 10, 1).unwrap();
-    assert!(ev.slot.as_ref().unwrap().claim("f").is_some());
+    assert!(ev.slot.as_ref().unwrap().claim("f", false).is_some());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -232,7 +232,7 @@ async fn durable_waits_for_a_write_that_covers_the_counts() {
     let flusher = tokio::spawn(p.clone().run_flusher(stop.clone()));
     let ev = p.after_post(&ch("a"), 5, 2).unwrap();
     for f in ["x", "y"] {
-        ev.slot.as_ref().unwrap().claim(f).unwrap().confirm();
+        ev.slot.as_ref().unwrap().claim(f, false).unwrap().confirm();
     }
     p.durable().await.unwrap();
     // On disk already: a copy of the file opened now shows them.
@@ -254,7 +254,7 @@ fn follower_entries_of_campaigns_long_over_are_pruned() {
     p.create(paced_out(campaign("live", 10, 10))).unwrap();
     let ev = p.after_post(&ch("a"), 5, 2).unwrap();
     for f in ["x", "y"] {
-        ev.slot.as_ref().unwrap().claim(f).unwrap().confirm();
+        ev.slot.as_ref().unwrap().claim(f, false).unwrap().confirm();
     }
     drop(ev);
     assert!(p.click("x", "c").unwrap());
@@ -295,7 +295,7 @@ fn budget_is_never_overspent_under_concurrent_fanouts() {
                             .slot
                             .as_ref()
                             .unwrap()
-                            .claim(&format!("f{t}-{round}-{f}"))
+                            .claim(&format!("f{t}-{round}-{f}"), false)
                         {
                             claims.push(c);
                         }
@@ -333,7 +333,7 @@ fn counts_and_clicks_survive_reopen_and_clicks_dedupe() {
         let ev = p.after_post(&ch("a"), 5, 3).unwrap();
         let claims: Vec<Box<dyn Impression>> = ["x", "y", "z"]
             .iter()
-            .filter_map(|f| ev.slot.as_ref().unwrap().claim(f))
+            .filter_map(|f| ev.slot.as_ref().unwrap().claim(f, false))
             .collect();
         claims.into_iter().for_each(|c| c.confirm());
         assert!(p.click("x", "k").unwrap());
@@ -478,7 +478,7 @@ fn leased_budgets_are_never_exceeded_by_several_nodes() {
             };
             let slot = ev.slot.as_ref().unwrap();
             for f in 0..40 {
-                let Some(c) = slot.claim(&format!("{i}-{round}-{f}")) else {
+                let Some(c) = slot.claim(&format!("{i}-{round}-{f}"), false) else {
                     break;
                 };
                 // Some claims are never written (a closed stream): they
@@ -513,4 +513,142 @@ fn leased_budgets_are_never_exceeded_by_several_nodes() {
             "every node sees the sum"
         );
     }
+}
+
+/// The receipt a claim's own frame carries.
+fn receipt_of(claim: &dyn Impression) -> u64 {
+    let frame = claim
+        .frame()
+        .expect("a claim with receipts has its own frame");
+    let mut buf = &frame[..];
+    let len = prost::encoding::decode_varint(&mut buf).unwrap() as usize;
+    let f: herald_proto::v1::FeedFrame = prost::Message::decode(&buf[..len]).unwrap();
+    match f.kind {
+        Some(herald_proto::v1::feed_frame::Kind::Promoted(p)) => {
+            assert_eq!(p.campaign_id, "c");
+            p.receipt
+        }
+        other => panic!("not a promoted frame: {other:?}"),
+    }
+}
+
+#[test]
+fn with_receipts_an_impression_counts_when_its_receipt_arrives() {
+    let (_d, p) = setup();
+    p.create(paced_out(campaign("c", 1000, 10))).unwrap();
+    let ev = p.after_post(&ch("a"), 5, 2).unwrap();
+    let slot = ev.slot.as_ref().unwrap();
+    // Without receipts: the shared frame, counted when written.
+    let plain = slot.claim("old", false).unwrap();
+    assert!(plain.frame().is_none());
+    plain.confirm();
+    let claim = slot.claim("f", true).unwrap();
+    let receipt = receipt_of(claim.as_ref());
+    assert_ne!(receipt, 0);
+    claim.confirm();
+    let s = p.get("c").unwrap().2;
+    assert_eq!((s.impressions, s.reserved, s.awaiting_receipt), (1, 1, 1));
+    assert_eq!(p.channel("a").1, 1);
+    // Only the follower it was written to can confirm it, once.
+    assert_eq!(p.settle("someone-else", &[receipt]), 0);
+    assert_eq!(p.settle("f", &[receipt, receipt + 999]), 1);
+    assert_eq!(p.settle("f", &[receipt]), 0, "counted once");
+    drop(ev);
+    let s = p.get("c").unwrap().2;
+    assert_eq!(
+        (s.impressions, s.reserved, s.awaiting_receipt, s.reach),
+        (2, 0, 0, 2)
+    );
+    assert_eq!(p.channel("a").1, 2);
+    // A click needs the impression counted: it is now.
+    assert!(p.click("f", "c").unwrap());
+}
+
+#[test]
+fn a_receipt_that_never_comes_gives_the_impression_back() {
+    let (_d, p) = setup();
+    let mut c = paced_out(campaign("c", 1000, 10));
+    c.frequency_cap = Some(FrequencyCap {
+        impressions: 1,
+        period_secs: 3600,
+    });
+    p.create(c).unwrap();
+    p.set_receipt_window(Duration::from_secs(5));
+    let ev = p.after_post(&ch("a"), 5, 1).unwrap();
+    let claim = ev.slot.as_ref().unwrap().claim("f", true).unwrap();
+    let receipt = receipt_of(claim.as_ref());
+    claim.confirm();
+    drop(ev);
+    // The cap holds while it waits.
+    let ev = p.after_post(&ch("a"), 10, 1).unwrap();
+    assert!(ev.slot.as_ref().unwrap().claim("f", true).is_none());
+    drop(ev);
+    assert_eq!(p.expire_receipts(now_ms()), 0, "not overdue yet");
+    assert_eq!(p.expire_receipts(now_ms() + 5_001), 1);
+    let s = p.get("c").unwrap().2;
+    assert_eq!(
+        (s.impressions, s.reserved, s.awaiting_receipt, s.reach),
+        (0, 0, 0, 0)
+    );
+    assert_eq!(p.settle("f", &[receipt]), 0, "too late");
+    // The cap is free again.
+    let ev = p.after_post(&ch("a"), 15, 1).unwrap();
+    assert!(ev.slot.as_ref().unwrap().claim("f", true).is_some());
+}
+
+#[test]
+fn a_receipt_claim_whose_write_failed_awaits_nothing() {
+    let (_d, p) = setup();
+    p.create(paced_out(campaign("c", 1000, 10))).unwrap();
+    let ev = p.after_post(&ch("a"), 5, 1).unwrap();
+    let mut claim = ev.slot.as_ref().unwrap().claim("f", true).unwrap();
+    let receipt = receipt_of(claim.as_ref());
+    claim.count();
+    assert_eq!(p.awaiting_receipts(), 1);
+    claim.uncount();
+    drop(claim);
+    drop(ev);
+    assert_eq!(p.awaiting_receipts(), 0);
+    assert_eq!(p.settle("f", &[receipt]), 0);
+    let s = p.get("c").unwrap().2;
+    assert_eq!((s.impressions, s.reserved, s.awaiting_receipt), (0, 0, 0));
+}
+
+#[test]
+fn impressions_awaiting_receipt_survive_a_restart() {
+    let (dir, p) = setup();
+    p.create(paced_out(campaign("c", 1000, 10))).unwrap();
+    let ev = p.after_post(&ch("a"), 5, 3).unwrap();
+    let mut receipts = Vec::new();
+    for f in ["x", "y", "z"] {
+        let claim = ev.slot.as_ref().unwrap().claim(f, true).unwrap();
+        receipts.push(receipt_of(claim.as_ref()));
+        claim.confirm();
+    }
+    // "x" confirms before the crash; "y" and "z" after it.
+    assert_eq!(p.settle("x", &receipts[..1]), 1);
+    p.flush().unwrap();
+    drop(ev);
+    drop(p);
+    let again = Promo::open(dir.path()).unwrap();
+    let s = again.get("c").unwrap().2;
+    assert_eq!((s.impressions, s.reserved, s.awaiting_receipt), (1, 2, 2));
+    assert_eq!(again.settle("y", &receipts[1..2]), 1);
+    // Receipts handed out now do not collide with the loaded ones.
+    let ev = again.after_post(&ch("a"), 10, 1).unwrap();
+    let claim = ev.slot.as_ref().unwrap().claim("w", true).unwrap();
+    assert!(receipt_of(claim.as_ref()) > receipts[2]);
+    drop(claim);
+    drop(ev);
+    // "z" never comes back: once the window is over, it is given back.
+    again.set_receipt_window(Duration::from_millis(1));
+    assert_eq!(again.expire_receipts(now_ms() + 10), 1);
+    again.flush().unwrap();
+    drop(again);
+    let last = Promo::open(dir.path()).unwrap();
+    let s = last.get("c").unwrap().2;
+    assert_eq!(
+        (s.impressions, s.reserved, s.awaiting_receipt, s.reach),
+        (2, 0, 0, 2)
+    );
 }

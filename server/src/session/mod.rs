@@ -215,10 +215,17 @@ impl Session {
                 Ok(Err(e)) => return Err(close(&self.conn, frame_error_code(&e), &e.to_string())),
                 Ok(Ok(Some(f))) => f,
             };
-        let (hello_id, token) = match <(u64, ClientRequest)>::try_from(first) {
-            Ok((id, ClientRequest::Hello { token, client_name })) => {
-                tracing::debug!(client = %client_name, "hello");
-                (id, token)
+        let (hello_id, token, receipts) = match <(u64, ClientRequest)>::try_from(first) {
+            Ok((
+                id,
+                ClientRequest::Hello {
+                    token,
+                    client_name,
+                    receipts,
+                },
+            )) => {
+                tracing::debug!(client = %client_name, receipts, "hello");
+                (id, token, receipts)
             }
             Ok(_) => {
                 return Err(close(
@@ -272,6 +279,7 @@ impl Session {
                     hub: self.ctx.hub.clone(),
                 }),
                 follower: follower.id.clone(),
+                receipts,
                 catchup_batch: limits.catchup_batch,
                 lag_policy: LagPolicy {
                     max_events: limits.max_lag_events,
@@ -459,6 +467,24 @@ impl Session {
                     })),
                     Err(e) => error_frame(request_id, ErrorCode::NotFound, e.to_string(), ""),
                 }
+            }
+            ClientRequest::Seen { receipts } => {
+                let counted = self.ctx.promo.settle(&follower.id, &receipts);
+                // Answered once the counts are durable: the client forgets
+                // the receipts when it reads the answer.
+                if counted > 0 {
+                    if let Err(e) = self.ctx.promo.durable().await {
+                        return Ok(error_frame(
+                            request_id,
+                            ErrorCode::StorageUnavailable,
+                            format!("{e}; send these receipts again later"),
+                            "",
+                        ));
+                    }
+                }
+                reply(Kind::SeenNoted(pb::SeenNoted {
+                    counted: counted as u32,
+                }))
             }
         })
     }
