@@ -25,6 +25,10 @@ struct Cli {
     /// `herald` binary to start with --spawn (default: next to this binary).
     #[arg(long, requires = "spawn")]
     herald_bin: Option<PathBuf>,
+    /// TOML configuration for the server started with --spawn (its
+    /// `--config`); addresses and the data directory are still the run's.
+    #[arg(long, requires = "spawn")]
+    server_config: Option<PathBuf>,
     /// QUIC address of a running server; for the nodes of a cluster, one per
     /// node (repeat the flag, or separate with commas): followers are spread
     /// over them, and figures are reported per node and in total.
@@ -74,7 +78,7 @@ async fn run(cli: Cli) -> anyhow::Result<u8> {
             Some(b) => b,
             None => spawn::sibling_binary()?,
         };
-        let s = spawn::spawn(&bin).await?;
+        let s = spawn::spawn(&bin, cli.server_config.as_deref()).await?;
         let api = format!("http://{}", s.http);
         let t = Target::from_data_dir(s.quic, &api, s.data_dir(), Probe::Pid(s.pid))?;
         (t, Some(s))

@@ -83,13 +83,19 @@ pub fn sibling_binary() -> Result<PathBuf, LoadError> {
     Ok(bin)
 }
 
-/// Starts `bin serve` on a fresh temporary data directory and port 0.
-pub async fn spawn(bin: &Path) -> Result<Spawned, LoadError> {
+/// Starts `bin serve` on a fresh temporary data directory and port 0, with
+/// `config` as its configuration file if given (and never the caller's
+/// `HERALD_CONFIG`).
+pub async fn spawn(bin: &Path, config: Option<&Path>) -> Result<Spawned, LoadError> {
     let dir = tempfile::Builder::new()
         .prefix("herald-loadtest-")
         .tempdir()?;
-    let mut child = Command::new(bin)
-        .arg("serve")
+    let mut cmd = Command::new(bin);
+    cmd.arg("serve");
+    if let Some(config) = config {
+        cmd.arg("--config").arg(config);
+    }
+    let mut child = cmd
         .arg("--data-dir")
         .arg(dir.path())
         .args(["--quic-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
