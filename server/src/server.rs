@@ -237,9 +237,8 @@ impl Server {
         cid_key.copy_from_slice(&tag.as_ref()[..8]);
         let cid_key = u64::from_le_bytes(cid_key);
         let mut endpoint_config = quinn_proto::EndpointConfig::new(Arc::new(reset_key));
-        endpoint_config.cid_generator(move || {
-            Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key))
-        });
+        endpoint_config
+            .cid_generator(move || Box::new(crate::transport::cids::KeyedCids::new(cid_key, 0, 1)));
         let mut transport_config =
             TransportConfig::new(server_config, endpoint_config, config.quic_addr);
         transport_config.max_connections = config.limits.max_connections;

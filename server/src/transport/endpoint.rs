@@ -74,7 +74,7 @@ impl Transport {
                 // This loop's connection IDs steer packets to it.
                 let mut e = (*cfg.endpoint).clone();
                 let key = cfg.cid_key;
-                e.cid_generator(move || Box::new(super::steering::LoopCids::new(key, i, loops_n)));
+                e.cid_generator(move || Box::new(super::cids::KeyedCids::new(key, i, loops_n)));
                 Arc::new(e)
             } else {
                 cfg.endpoint.clone()

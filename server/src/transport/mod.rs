@@ -40,6 +40,7 @@
 //! | `timers` | the loop's timer heap |
 //! | `tx_batch` | `sendmmsg` + GSO batches |
 //! | `steering` | several loops on one port: packets steered by connection ID |
+//! | `cids` | the connection IDs the server issues (keyed, 8 random bytes) |
 //!
 //! # Bounds
 //!
@@ -62,6 +63,7 @@
 //!   not set: bind a specific address, not a wildcard, on multi-homed hosts.
 //! - Timers have 1 ms resolution (`poll(2)`); pacing delays are rounded up.
 
+pub mod cids;
 mod config;
 mod connection;
 mod endpoint;

@@ -8,9 +8,8 @@
 //! stateless reset). So:
 //!
 //! - each loop issues connection IDs whose first byte, modulo the number of
-//!   loops, is its own index ([`LoopCids`]: the same keyed IDs as
-//!   `HashedConnectionIdGenerator`, so validation and stateless resets after
-//!   a restart work as before, drawn until the byte fits);
+//!   loops, is its own index (`cids::KeyedCids`, drawn until the byte
+//!   fits);
 //! - a classic BPF program on the port's reuseport group ([`attach`]) sends
 //!   a short-header packet (every packet of an established connection) to
 //!   socket `dcid[0] % loops`, and lets the kernel hash the 4-tuple for
@@ -19,55 +18,7 @@
 //!
 //! Sockets join the group in loop order, so socket index `i` is loop `i`.
 
-use std::time::Duration;
-
-use quinn_proto::{ConnectionId, ConnectionIdGenerator, HashedConnectionIdGenerator, InvalidCid};
-
-/// Issues keyed connection IDs that steer to one loop (see the module docs).
-pub struct LoopCids {
-    inner: HashedConnectionIdGenerator,
-    index: u8,
-    loops: u8,
-}
-
-impl LoopCids {
-    /// IDs for loop `index` of `loops`, signed with `key`.
-    pub fn new(key: u64, index: usize, loops: usize) -> LoopCids {
-        let loops = loops.clamp(1, MAX_LOOPS);
-        LoopCids {
-            inner: HashedConnectionIdGenerator::from_key(key),
-            index: (index % loops) as u8,
-            loops: loops as u8,
-        }
-    }
-}
-
-/// Most loops steering can address (one byte of the ID).
-pub const MAX_LOOPS: usize = 64;
-
-impl ConnectionIdGenerator for LoopCids {
-    fn generate_cid(&mut self) -> ConnectionId {
-        // The first byte is uniformly random: `loops` draws on average.
-        loop {
-            let cid = self.inner.generate_cid();
-            if cid.first().is_some_and(|b| b % self.loops == self.index) {
-                return cid;
-            }
-        }
-    }
-
-    fn validate(&self, cid: &ConnectionId) -> Result<(), InvalidCid> {
-        self.inner.validate(cid)
-    }
-
-    fn cid_len(&self) -> usize {
-        self.inner.cid_len()
-    }
-
-    fn cid_lifetime(&self) -> Option<Duration> {
-        self.inner.cid_lifetime()
-    }
-}
+pub use super::cids::MAX_LOOPS;
 
 // Classic BPF opcodes (linux/filter.h): BPF_LD (0x00) | BPF_B | BPF_ABS.
 const BPF_LD_B_ABS: u16 = 0x10 | 0x20;
@@ -117,26 +68,4 @@ pub fn attach(fd: std::os::fd::RawFd, loops: usize) -> std::io::Result<()> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ids_steer_to_their_loop_and_stay_valid() {
-        for loops in [1, 2, 3, 8] {
-            for index in 0..loops {
-                let mut g = LoopCids::new(42, index, loops);
-                for _ in 0..50 {
-                    let cid = g.generate_cid();
-                    assert_eq!(cid.len(), 8);
-                    assert_eq!(cid[0] as usize % loops, index);
-                    assert!(g.validate(&cid).is_ok());
-                    // Any loop of the same key accepts it (stateless resets).
-                    assert!(LoopCids::new(42, 0, 1).validate(&cid).is_ok());
-                }
-            }
-        }
-    }
 }
