@@ -1,6 +1,7 @@
 //! `herald serve`: load the configuration, bind, print where it listens, run
 //! until Ctrl-C or SIGTERM.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
@@ -78,6 +79,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         );
     }
     server.run(stop).await;
-    println!("herald stopped");
+    // The process that read our stdout may be gone by now (it was what
+    // stopped us): a failed write must not turn a clean stop into a panic.
+    let _ = writeln!(std::io::stdout(), "herald stopped");
     Ok(())
 }
