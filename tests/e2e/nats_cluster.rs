@@ -24,6 +24,8 @@ use std::time::{Duration, Instant};
 
 /// How long start-up (or a restart) may take before it is an error.
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Times a cluster start is tried (each on new ports) before giving up.
+pub const START_ATTEMPTS: u32 = 3;
 
 /// The harness failed.
 #[derive(Debug, thiserror::Error)]
@@ -155,8 +157,28 @@ impl Cluster {
         Cluster::start_n(3)
     }
 
-    /// Starts `n` nodes (1 or more) and waits until they are ready.
+    /// Starts `n` nodes (1 or more) and waits until they are ready. The
+    /// ports are picked free just before the nodes start, so another test
+    /// starting its own cluster at the same moment can take one of them
+    /// first (a node then cannot bind, or routes to the other cluster, and no
+    /// meta leader is elected): a cluster not ready in time is stopped and
+    /// started again on new ports, up to [`START_ATTEMPTS`] times.
     pub fn start_n(n: usize) -> Result<Cluster, ClusterError> {
+        let mut attempt = 1;
+        loop {
+            match Cluster::try_start_n(n) {
+                Err(ClusterError::NotReady(t, why)) if attempt < START_ATTEMPTS => {
+                    eprintln!(
+                        "nats cluster not ready within {t:?} ({why}); starting it again on new ports"
+                    );
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn try_start_n(n: usize) -> Result<Cluster, ClusterError> {
         let binary = find_binary()?;
         let dir = tempfile::Builder::new().prefix("herald-nats-").tempdir()?;
         let mut nodes = Vec::with_capacity(n);
