@@ -70,7 +70,7 @@ use bytes::Bytes;
 
 use herald_proto::encode_frame;
 
-use super::event::EventKind;
+use super::event::{EventKind, FeedEvent};
 use super::frames::{deleted_frame, edited_frame, post_frame, reset_frame};
 use super::promoted::{CatchupSlots, Impression};
 use super::queue::{Item, Outbox};
@@ -260,15 +260,7 @@ impl Core {
             }
             EventKind::Promoted if live => return Step::Promoted,
             EventKind::Promoted => {
-                if let Some(claim) = ev
-                    .slot
-                    .as_ref()
-                    .and_then(|s| s.claim(&self.follower, self.receipts))
-                {
-                    self.chunks
-                        .push(claim.frame().unwrap_or_else(|| ev.frame.clone()));
-                    self.claims.push(claim);
-                }
+                self.claim_promoted(ev);
             }
             EventKind::Edit | EventKind::Delete => {
                 // A post the follower has not seen yet comes from the log in
@@ -280,6 +272,23 @@ impl Core {
             }
         }
         Step::Done
+    }
+
+    /// Claims this follower's impression of a promoted event and queues its
+    /// frame (the follower's own, with its receipt, when it has one); false
+    /// when the cap or the reservation says no.
+    fn claim_promoted(&mut self, ev: &FeedEvent) -> bool {
+        let Some(claim) = ev
+            .slot
+            .as_ref()
+            .and_then(|s| s.claim(&self.follower, self.receipts))
+        else {
+            return false;
+        };
+        self.chunks
+            .push(claim.frame().unwrap_or_else(|| ev.frame.clone()));
+        self.claims.push(claim);
+        true
     }
 
     /// Moves a followed channel's cursor to `seq` (no-op if it was
@@ -630,15 +639,7 @@ impl<S: FeedSink> FeedWriter<S> {
                 .copied()
                 .unwrap_or(start);
             if let Some(ev) = self.slots.after_catchup(&req.channel, at) {
-                if let Some(claim) = ev
-                    .slot
-                    .as_ref()
-                    .and_then(|s| s.claim(&self.core.follower, self.core.receipts))
-                {
-                    self.core
-                        .chunks
-                        .push(claim.frame().unwrap_or_else(|| ev.frame.clone()));
-                    self.core.claims.push(claim);
+                if self.core.claim_promoted(&ev) {
                     self.flush().await?;
                 }
             }

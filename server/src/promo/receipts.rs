@@ -171,6 +171,7 @@ impl Promo {
     /// how many were counted; [`Promo::durable`] makes them durable.
     pub fn settle(&self, follower: &str, receipts: &[u64]) -> usize {
         let mut counted = 0;
+        let mut dirty = lock(&self.dirty);
         for id in receipts {
             let Some((_, a)) = self
                 .receipts
@@ -180,7 +181,6 @@ impl Promo {
                 continue;
             };
             a.campaign.awaiting_receipt.fetch_sub(1, Ordering::SeqCst);
-            let mut dirty = lock(&self.dirty);
             self.count_impression(&a.campaign, &a.channel, &a.follower, &mut dirty);
             dirty.receipts.insert(*id);
             counted += 1;

@@ -56,6 +56,17 @@ fn paced_out(mut c: Campaign) -> Campaign {
     c
 }
 
+/// A paced-out campaign shown at most `impressions` times an hour per
+/// follower.
+fn capped(id: &str, budget: u64, impressions: u32) -> Campaign {
+    let mut c = paced_out(campaign(id, 1000, budget));
+    c.frequency_cap = Some(FrequencyCap {
+        impressions,
+        period_secs: 3600,
+    });
+    c
+}
+
 fn winner(ev: &Arc<FeedEvent>) -> String {
     ev.slot.as_ref().unwrap().campaign_id().to_string()
 }
@@ -154,12 +165,7 @@ fn pacing_limits_what_one_slot_reserves() {
 #[test]
 fn frequency_cap_holds_per_follower() {
     let (_d, p) = setup();
-    let mut c = paced_out(campaign("capped", 1000, 1000));
-    c.frequency_cap = Some(FrequencyCap {
-        impressions: 2,
-        period_secs: 3600,
-    });
-    p.create(c).unwrap();
+    p.create(capped("capped", 1000, 2)).unwrap();
     let mut shown = std::collections::HashMap::new();
     for s in 1..=5u64 {
         let ev = p.after_post(&ch("a"), s * 5, 2).unwrap();
@@ -179,12 +185,7 @@ fn frequency_cap_holds_per_follower() {
 #[test]
 fn unconfirmed_claims_release_budget_and_cap() {
     let (_d, p) = setup();
-    let mut c = paced_out(campaign("c", 1000, 10));
-    c.frequency_cap = Some(FrequencyCap {
-        impressions: 1,
-        period_secs: 3600,
-    });
-    p.create(c).unwrap();
+    p.create(capped("c", 10, 1)).unwrap();
     let ev = p.after_post(&ch("a"), 5, 1).unwrap();
     let claim = ev.slot.as_ref().unwrap().claim("f", false).unwrap();
     drop(claim); // the write failed
@@ -199,12 +200,7 @@ fn unconfirmed_claims_release_budget_and_cap() {
 #[test]
 fn a_counted_claim_whose_write_failed_is_taken_back() {
     let (_d, p) = setup();
-    let mut c = paced_out(campaign("c", 1000, 10));
-    c.frequency_cap = Some(FrequencyCap {
-        impressions: 1,
-        period_secs: 3600,
-    });
-    p.create(c).unwrap();
+    p.create(capped("c", 10, 1)).unwrap();
     let ev = p.after_post(&ch("a"), 5, 1).unwrap();
     let mut claim = ev.slot.as_ref().unwrap().claim("f", false).unwrap();
     claim.count();
@@ -567,12 +563,7 @@ fn with_receipts_an_impression_counts_when_its_receipt_arrives() {
 #[test]
 fn a_receipt_that_never_comes_gives_the_impression_back() {
     let (_d, p) = setup();
-    let mut c = paced_out(campaign("c", 1000, 10));
-    c.frequency_cap = Some(FrequencyCap {
-        impressions: 1,
-        period_secs: 3600,
-    });
-    p.create(c).unwrap();
+    p.create(capped("c", 10, 1)).unwrap();
     p.set_receipt_window(Duration::from_secs(5));
     let ev = p.after_post(&ch("a"), 5, 1).unwrap();
     let claim = ev.slot.as_ref().unwrap().claim("f", true).unwrap();
