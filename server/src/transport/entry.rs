@@ -57,8 +57,6 @@ fn write_until_blocked(
 pub(super) struct Entry {
     pub(super) conn: quinn_proto::Connection,
     pub(super) shared: Arc<ConnShared>,
-    /// The deadline this entry last pushed on the timer heap.
-    pub(super) timer: Option<Instant>,
     /// On the loop's list of connections to drive this turn.
     pub(super) touched: bool,
     /// Waiting for the socket to take more transmits.
@@ -83,7 +81,6 @@ impl Entry {
         Entry {
             conn,
             shared,
-            timer: None,
             touched: false,
             pending_tx: false,
             feed: None,
