@@ -21,6 +21,15 @@ use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// Gauge: QUIC connections accepted and not yet ended.
 pub const CONNECTIONS_OPEN: &str = "herald_connections_open";
+/// Counter: turns of each QUIC event loop (label `loop`).
+pub const QUIC_LOOP_TURNS: &str = "herald_quic_loop_turns_total";
+/// Counter: UDP datagrams each event loop received (label `loop`): with one
+/// post per follower per ACK delay, about one ACK per delivery.
+pub const QUIC_DATAGRAMS_IN: &str = "herald_quic_datagrams_received_total";
+/// Counter: UDP datagrams each event loop sent (label `loop`).
+pub const QUIC_DATAGRAMS_OUT: &str = "herald_quic_datagrams_sent_total";
+/// Counter: `sendmmsg` (or `sendto`) calls of each event loop (label `loop`).
+pub const QUIC_SEND_CALLS: &str = "herald_quic_send_calls_total";
 /// Counter: handshakes by how they ended, label `result` = `ok` | `failed` |
 /// `timed_out` | `retry` (sent a stateless Retry to validate the address) |
 /// `refused` (over the per-address limit).

@@ -246,6 +246,9 @@ impl Server {
         transport_config.cid_key = cid_key;
         transport_config.handshakes = config.limits.handshake_policy();
         transport_config.turn_hook = Some(Arc::new(crate::feed::flush_live_metrics));
+        // The recorder first: the loops take their metric handles when they
+        // start, and a handle taken before it exists records nothing.
+        crate::metrics::install();
         let transport = Transport::start(transport_config, udp).map_err(bind_err)?;
         let quic_addr = transport.local_addr();
         Ok(Server {

@@ -81,6 +81,7 @@ impl Transport {
             };
             let lp = Loop::new(
                 cfg.clone(),
+                i,
                 endpoint,
                 sock,
                 shared.clone(),

@@ -85,6 +85,27 @@ struct Slot {
     timer: Option<Instant>,
 }
 
+/// One loop's Prometheus counters (label `loop`), set once per turn.
+struct LoopCounters {
+    turns: metrics::Counter,
+    datagrams_in: metrics::Counter,
+    datagrams_out: metrics::Counter,
+    send_calls: metrics::Counter,
+}
+
+impl LoopCounters {
+    fn new(index: usize) -> LoopCounters {
+        use crate::metrics as m;
+        let l = index.to_string();
+        LoopCounters {
+            turns: metrics::counter!(m::QUIC_LOOP_TURNS, "loop" => l.clone()),
+            datagrams_in: metrics::counter!(m::QUIC_DATAGRAMS_IN, "loop" => l.clone()),
+            datagrams_out: metrics::counter!(m::QUIC_DATAGRAMS_OUT, "loop" => l.clone()),
+            send_calls: metrics::counter!(m::QUIC_SEND_CALLS, "loop" => l),
+        }
+    }
+}
+
 /// Counts shared by every loop of one transport.
 pub(super) struct Global {
     /// Connections accepted (handshaking or established) and not drained.
@@ -148,6 +169,7 @@ pub(super) struct Loop {
     datagrams_in: u64,
     shutting_down: Option<Instant>,
     open_gauge: metrics::Gauge,
+    counters: LoopCounters,
     /// What the last `poll(2)` reported readable (both set at start): the
     /// socket is read, and the eventfd drained, only when they are, saving
     /// two system calls on every turn woken by the other one or by a timer.
@@ -162,6 +184,7 @@ pub(super) struct Loop {
 impl Loop {
     pub(super) fn new(
         cfg: Arc<TransportConfig>,
+        index: usize,
         endpoint: Arc<quinn_proto::EndpointConfig>,
         sock: UdpSocket,
         shared: Arc<LoopShared>,
@@ -207,6 +230,7 @@ impl Loop {
             datagrams_in: 0,
             shutting_down: None,
             open_gauge: metrics::gauge!(crate::metrics::CONNECTIONS_OPEN),
+            counters: LoopCounters::new(index),
             sock_ready: true,
             wake_ready: true,
             epoch: Instant::now(),
@@ -245,6 +269,11 @@ impl Loop {
     }
 
     fn publish_stats(&self) {
+        let c = &self.counters;
+        c.turns.increment(1);
+        c.datagrams_in.absolute(self.datagrams_in);
+        c.datagrams_out.absolute(self.tx.stats.datagrams);
+        c.send_calls.absolute(self.tx.stats.syscalls);
         let s = &self.shared.stats;
         s.turns.fetch_add(1, Ordering::Relaxed);
         s.datagrams_in.store(self.datagrams_in, Ordering::Relaxed);
