@@ -1,0 +1,670 @@
+//! One follower loop: an OS thread that owns a client-mode
+//! [`quinn_proto::Endpoint`], all of its connections (one per follower), one
+//! timer heap and one UDP socket.
+//!
+//! A turn: read the socket (`recvmmsg` and GRO through quinn-udp) and feed
+//! the datagrams to the endpoint; look at the stop flag; fire due timers;
+//! fail connects past their deadline; start the connects that are due and
+//! have a slot; drive every connection touched this turn (its events, its
+//! streams through its [`Session`], then its packets into the transmit
+//! batch); flush the batch with `sendmmsg`; then `poll(2)` on the socket and
+//! the stop eventfd until the next timer or connect.
+//!
+//! quinn-proto is called in the order its docs ask: after `handle_event` /
+//! `handle_timeout` / stream I/O the loop polls endpoint events, application
+//! events and transmits, and re-reads `poll_timeout`.
+//!
+//! Bounds: connections at most the loop's followers; connects in flight at
+//! most the loop's share of `--connect-concurrency` (and their deadlines,
+//! one each); the touched and pending-transmit lists hold each connection
+//! at most once; the timer heap is compacted ([`Timers`]); the transmit
+//! batch is [`TX_BATCH`] buffers and the receive buffers `BATCH_SIZE`
+//! slots of [`RECV_SLOT`]. Latency samples grow by one per post received,
+//! as in the `client` engine.
+//!
+//! Nothing read from the network is unwrapped: bad packets are
+//! quinn-proto's to reject, a follower's bad frames fail that follower, and
+//! socket errors drop a datagram (QUIC retransmits) or end a receive batch.
+
+use std::collections::VecDeque;
+use std::io::{self, IoSliceMut};
+use std::net::UdpSocket;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use herald_client::ClientError;
+use quinn_proto::{ConnectionHandle, DatagramEvent, Dir, Event, StreamEvent, VarInt};
+
+use super::session::{bye, Failure, Session, Step};
+use super::timers::Timers;
+use super::tx_batch::{Flush, TxBatch};
+use super::{Control, EngineConfig, FollowerPlan};
+use crate::follower::{FollowerResult, Shared};
+
+/// Messages per `sendmmsg` (and transmit buffers per loop).
+pub(super) const TX_BATCH: usize = 64;
+/// Bytes of one receive slot (a GRO batch of datagrams lands in one slot).
+const RECV_SLOT: usize = 64 * 1024;
+/// Receive batches read per turn at most, so a flood cannot starve timers
+/// and transmits.
+const RECV_ROUNDS: usize = 16;
+/// Connections driven between two reads of the socket in one turn.
+const RECV_EVERY: usize = 256;
+/// Timers are handled at multiples of this (never early), so those of
+/// many connections falling in one window (ACK delays, keep-alives) are
+/// handled in one turn and their packets leave in one `sendmmsg`.
+const TIMER_SLACK: Duration = Duration::from_millis(2);
+/// Longest `poll(2)` wait with nothing due, in ms (a stop wakes the loop).
+const MAX_WAIT_MS: i32 = 60_000;
+/// How long a stopping loop waits for its connections' closes to finish.
+const STOP_DRAIN: Duration = Duration::from_secs(2);
+
+/// A follower of this loop.
+struct Follower {
+    plan: FollowerPlan,
+    result: FollowerResult,
+    /// When its connect may start (`--connect-rate`); its connect time
+    /// counts from here, as the `client` engine counts from its task's start.
+    start_at: Instant,
+}
+
+/// One connection as the loop holds it.
+struct Entry {
+    conn: quinn_proto::Connection,
+    session: Session,
+    /// Index in the loop's followers.
+    follower: usize,
+    gen: u64,
+    /// The deadline this entry last pushed on the timer heap.
+    timer: Option<Instant>,
+    /// On the list of connections to drive this turn.
+    touched: bool,
+    /// Waiting for the socket to take more transmits.
+    pending_tx: bool,
+    /// The follower's outcome is recorded (settled-then-closed or failed)
+    /// and the connection is closing, or closed by us.
+    ended: bool,
+}
+
+/// What every follower of the loop reports to (split from the rest of the
+/// loop so a connection can be driven while its follower is updated).
+struct Books {
+    shared: Arc<Shared>,
+    followers: Vec<Follower>,
+    /// Followers connecting now (handshake to last Followed).
+    in_flight: usize,
+}
+
+impl Books {
+    /// Applies what a session call said.
+    fn apply(&mut self, step: Step, e: &mut Entry, now: Instant) {
+        match step {
+            Step::Continue => {}
+            Step::Settled => {
+                let f = &mut self.followers[e.follower];
+                f.result.connected = true;
+                f.result.connect_time = now.saturating_duration_since(f.start_at);
+                self.shared.settle_ok(&f.result.channels);
+                self.in_flight = self.in_flight.saturating_sub(1);
+            }
+            Step::Failed(why) => self.fail(e, why, now),
+        }
+    }
+
+    /// Records a follower's failure (connecting) or end (settled) once,
+    /// and closes its connection.
+    fn fail(&mut self, e: &mut Entry, why: Failure, now: Instant) {
+        if e.ended {
+            return;
+        }
+        e.ended = true;
+        e.conn.close(now, VarInt::from_u32(0), bye());
+        let f = &mut self.followers[e.follower];
+        if e.session.connecting() {
+            f.result.error = Some(why.to_string());
+            self.shared.connect_failed.fetch_add(1, Ordering::Relaxed);
+            self.shared.settle();
+            self.in_flight = self.in_flight.saturating_sub(1);
+        } else {
+            f.result.closed.get_or_insert_with(|| why.to_string());
+        }
+    }
+}
+
+pub(super) struct Loop {
+    ep: quinn_proto::Endpoint,
+    sock: UdpSocket,
+    udp: quinn::udp::UdpSocketState,
+    cfg: EngineConfig,
+    control: Arc<Control>,
+    books: Books,
+    /// Followers `..next_start` have been started.
+    next_start: usize,
+    max_in_flight: usize,
+    /// Connect deadlines in start order (the timeout is one constant):
+    /// (deadline, handle, generation); at most one per connect in flight
+    /// or ended within the timeout.
+    deadlines: VecDeque<(Instant, usize, u64)>,
+    conns: Vec<Option<Entry>>,
+    live: usize,
+    next_gen: u64,
+    timers: Timers,
+    touched: Vec<usize>,
+    pending_tx: Vec<usize>,
+    tx: TxBatch,
+    tx_blocked: bool,
+    gso: usize,
+    recv_buf: Vec<u8>,
+    meta: Vec<quinn::udp::RecvMeta>,
+    scratch: Vec<u8>,
+    /// What the last `poll(2)` reported readable (both set at start).
+    sock_ready: bool,
+    wake_ready: bool,
+    /// Set once stopping: until when to wait for the closes to drain.
+    stopping: Option<Instant>,
+}
+
+impl Loop {
+    pub(super) fn new(
+        cfg: &EngineConfig,
+        max_in_flight: usize,
+        sock: UdpSocket,
+        plans: Vec<FollowerPlan>,
+        shared: Arc<Shared>,
+        control: Arc<Control>,
+    ) -> io::Result<Loop> {
+        let udp = quinn::udp::UdpSocketState::new((&sock).into())?;
+        let gso = udp.max_gso_segments().clamp(1, 10);
+        let batch = quinn::udp::BATCH_SIZE.min(32);
+        let ep = quinn_proto::Endpoint::new(
+            Arc::new(quinn_proto::EndpointConfig::default()),
+            None,
+            !udp.may_fragment(),
+            None,
+        );
+        let followers = plans
+            .into_iter()
+            .map(|plan| {
+                let start_at = if cfg.connect_rate > 0 {
+                    cfg.started
+                        + Duration::from_secs_f64(plan.index as f64 / f64::from(cfg.connect_rate))
+                } else {
+                    cfg.started
+                };
+                Follower {
+                    plan,
+                    result: FollowerResult::default(),
+                    start_at,
+                }
+            })
+            .collect();
+        Ok(Loop {
+            ep,
+            sock,
+            udp,
+            cfg: cfg.clone(),
+            control,
+            books: Books {
+                shared,
+                followers,
+                in_flight: 0,
+            },
+            next_start: 0,
+            max_in_flight,
+            deadlines: VecDeque::new(),
+            conns: Vec::new(),
+            live: 0,
+            next_gen: 1,
+            timers: Timers::default(),
+            touched: Vec::new(),
+            pending_tx: Vec::new(),
+            tx: TxBatch::new(TX_BATCH),
+            tx_blocked: false,
+            gso,
+            recv_buf: vec![0u8; RECV_SLOT * batch],
+            meta: vec![quinn::udp::RecvMeta::default(); batch],
+            scratch: Vec::new(),
+            sock_ready: true,
+            wake_ready: true,
+            stopping: None,
+        })
+    }
+
+    /// Runs until stopped and drained; returns every follower's result with
+    /// its index in the run.
+    pub(super) fn run(mut self) -> Vec<(usize, FollowerResult)> {
+        loop {
+            let now = Instant::now();
+            if std::mem::take(&mut self.sock_ready) {
+                self.recv(now);
+            }
+            if std::mem::take(&mut self.wake_ready) {
+                self.control.waker.drain();
+            }
+            if self.stopping.is_none() && self.control.stop.load(Ordering::SeqCst) {
+                self.begin_stop(now);
+            }
+            if let Some(until) = self.stopping {
+                if self.live == 0 || now >= until {
+                    break;
+                }
+            }
+            let now = Instant::now();
+            self.expire_timers(now);
+            self.expire_connects(now);
+            self.start_connects(now);
+            self.drive_touched(now);
+            self.flush();
+            self.wait();
+        }
+        self.flush();
+        std::mem::take(&mut self.books.followers)
+            .into_iter()
+            .map(|f| (f.plan.index, f.result))
+            .collect()
+    }
+
+    fn touch(&mut self, h: usize) {
+        if let Some(e) = self.conns.get_mut(h).and_then(|e| e.as_mut()) {
+            if !e.touched {
+                e.touched = true;
+                self.touched.push(h);
+            }
+        }
+    }
+
+    /// Closes every connection and reports the followers not yet settled.
+    fn begin_stop(&mut self, now: Instant) {
+        self.stopping = Some(now + STOP_DRAIN);
+        for f in &mut self.books.followers[self.next_start..] {
+            f.result.error = Some("stopped before connecting".into());
+        }
+        self.next_start = self.books.followers.len();
+        for h in 0..self.conns.len() {
+            let Some(e) = self.conns[h].as_mut() else {
+                continue;
+            };
+            if !e.ended {
+                e.ended = true;
+                e.conn.close(now, VarInt::from_u32(0), bye());
+                if e.session.connecting() {
+                    let f = &mut self.books.followers[e.follower];
+                    f.result.error = Some("stopped while connecting".into());
+                    self.books.in_flight = self.books.in_flight.saturating_sub(1);
+                }
+            }
+            self.touch(h);
+        }
+    }
+
+    /// Starts the connects that are due, while the loop has slots.
+    fn start_connects(&mut self, now: Instant) {
+        while self.stopping.is_none()
+            && self.books.in_flight < self.max_in_flight
+            && self.next_start < self.books.followers.len()
+        {
+            let k = self.next_start;
+            let f = &mut self.books.followers[k];
+            if f.start_at > now {
+                break;
+            }
+            self.next_start += 1;
+            let server = f.plan.server;
+            match self
+                .ep
+                .connect(now, self.cfg.client.clone(), server, &self.cfg.server_name)
+            {
+                Ok((ch, conn)) => {
+                    let gen = self.next_gen;
+                    self.next_gen += 1;
+                    if self.conns.len() <= ch.0 {
+                        self.conns.resize_with(ch.0 + 1, || None);
+                    }
+                    self.conns[ch.0] = Some(Entry {
+                        conn,
+                        session: Session::new(self.cfg.max_feed_frame),
+                        follower: k,
+                        gen,
+                        timer: None,
+                        touched: false,
+                        pending_tx: false,
+                        ended: false,
+                    });
+                    self.live += 1;
+                    self.books.in_flight += 1;
+                    self.deadlines
+                        .push_back((now + self.cfg.connect_timeout, ch.0, gen));
+                    self.touch(ch.0);
+                }
+                Err(e) => {
+                    let why = Failure::Connect(ClientError::Connect(format!("{server}: {e}")));
+                    f.result.error = Some(why.to_string());
+                    self.books
+                        .shared
+                        .connect_failed
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.books.shared.settle();
+                }
+            }
+        }
+    }
+
+    /// Fails the followers still connecting at their deadline.
+    fn expire_connects(&mut self, now: Instant) {
+        while let Some(&(deadline, h, gen)) = self.deadlines.front() {
+            if deadline > now {
+                break;
+            }
+            self.deadlines.pop_front();
+            let Some(e) = self.conns.get_mut(h).and_then(|e| e.as_mut()) else {
+                continue;
+            };
+            if e.gen != gen || e.ended || !e.session.connecting() {
+                continue;
+            }
+            let server = self.books.followers[e.follower].plan.server;
+            let why = Failure::Connect(ClientError::Connect(format!(
+                "no answer from {server} within {} s",
+                self.cfg.connect_timeout.as_secs_f64()
+            )));
+            self.books.fail(e, why, now);
+            self.touch(h);
+        }
+    }
+
+    fn wait(&mut self) {
+        let timeout_ms: i32 =
+            if !self.touched.is_empty() || (!self.pending_tx.is_empty() && !self.tx_blocked) {
+                0
+            } else if self.stopping.is_some() {
+                10
+            } else {
+                let next_connect = (self.books.in_flight < self.max_in_flight)
+                    .then(|| self.books.followers.get(self.next_start))
+                    .flatten()
+                    .map(|f| f.start_at);
+                let next = [
+                    self.timers.next(),
+                    self.deadlines.front().map(|(d, ..)| *d),
+                    next_connect,
+                ]
+                .into_iter()
+                .flatten()
+                .min();
+                match next {
+                    Some(t) => {
+                        // The end of the slack window holding `t`.
+                        let slack = TIMER_SLACK.as_micros().max(1);
+                        let since = t.saturating_duration_since(self.cfg.started).as_micros();
+                        let end = self.cfg.started
+                            + Duration::from_micros((since.div_ceil(slack) * slack) as u64);
+                        let d = end.saturating_duration_since(Instant::now());
+                        // Rounded up so a timer is never handled early.
+                        (d.as_micros().div_ceil(1000)).min(MAX_WAIT_MS as u128) as i32
+                    }
+                    None => MAX_WAIT_MS,
+                }
+            };
+        let mut fds = [
+            libc::pollfd {
+                fd: self.sock.as_raw_fd(),
+                events: libc::POLLIN | if self.tx_blocked { libc::POLLOUT } else { 0 },
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: self.control.waker.fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: two valid pollfds that live across the call.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
+        if r > 0 {
+            if fds[0].revents & libc::POLLOUT != 0 {
+                self.tx_blocked = false;
+            }
+            // Errors too: the read reports (and clears) them.
+            self.sock_ready = fds[0].revents & !libc::POLLOUT != 0;
+            self.wake_ready = fds[1].revents != 0;
+        } else if r < 0 {
+            // Interrupted: look at everything again.
+            self.sock_ready = true;
+            self.wake_ready = true;
+        }
+    }
+
+    fn recv(&mut self, now: Instant) {
+        let batch = self.meta.len();
+        let mut buf = std::mem::take(&mut self.recv_buf);
+        for _round in 0..RECV_ROUNDS {
+            let n = {
+                let mut iovs: Vec<IoSliceMut<'_>> =
+                    buf.chunks_mut(RECV_SLOT).map(IoSliceMut::new).collect();
+                match self
+                    .udp
+                    .recv((&self.sock).into(), &mut iovs, &mut self.meta)
+                {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => break, // WouldBlock: drained; else drop this batch
+                }
+            };
+            for i in 0..n {
+                let m = self.meta[i];
+                let start = i * RECV_SLOT;
+                let mut data = BytesMut::from(&buf[start..start + m.len.min(RECV_SLOT)]);
+                while !data.is_empty() {
+                    let d = data.split_to(m.stride.max(1).min(data.len()));
+                    let ecn = m
+                        .ecn
+                        .and_then(|e| quinn_proto::EcnCodepoint::from_bits(e as u8));
+                    self.on_datagram(now, m.addr, m.dst_ip, ecn, d);
+                }
+            }
+            if n < batch {
+                break; // drained; poll(2) is level-triggered
+            }
+        }
+        self.recv_buf = buf;
+    }
+
+    fn on_datagram(
+        &mut self,
+        now: Instant,
+        addr: std::net::SocketAddr,
+        dst_ip: Option<std::net::IpAddr>,
+        ecn: Option<quinn_proto::EcnCodepoint>,
+        data: BytesMut,
+    ) {
+        let mut buf = std::mem::take(&mut self.scratch);
+        buf.clear();
+        match self.ep.handle(now, addr, dst_ip, ecn, data, &mut buf) {
+            Some(DatagramEvent::ConnectionEvent(ch, ev)) => {
+                if let Some(e) = self.conns.get_mut(ch.0).and_then(|e| e.as_mut()) {
+                    e.conn.handle_event(ev);
+                    self.touch(ch.0);
+                }
+            }
+            // A client endpoint has no server config: nobody connects to it.
+            Some(DatagramEvent::NewConnection(incoming)) => self.ep.ignore(incoming),
+            Some(DatagramEvent::Response(t)) => {
+                if !self.tx_blocked {
+                    if self.tx.is_full() {
+                        if let Flush::WouldBlock = self.tx.flush(self.sock.as_raw_fd()) {
+                            self.tx_blocked = true;
+                        }
+                    }
+                    if !self.tx.is_full() {
+                        self.tx
+                            .push_copy(t.destination, &buf[..t.size.min(buf.len())]);
+                    }
+                }
+            }
+            None => {}
+        }
+        self.scratch = buf;
+    }
+
+    fn expire_timers(&mut self, now: Instant) {
+        while let Some((t, h, gen)) = self.timers.pop_due(now) {
+            let Some(e) = self.conns.get_mut(h).and_then(|e| e.as_mut()) else {
+                continue;
+            };
+            if e.gen != gen || e.timer != Some(t) {
+                continue; // stale entry
+            }
+            e.timer = None;
+            e.conn.handle_timeout(now);
+            self.touch(h);
+        }
+        let conns = &self.conns;
+        self.timers.compact(self.live, || {
+            conns
+                .iter()
+                .enumerate()
+                .filter_map(|(h, e)| e.as_ref().and_then(|e| e.timer.map(|t| (t, h, e.gen))))
+                .collect()
+        });
+    }
+
+    fn drive_touched(&mut self, now: Instant) {
+        if !self.tx_blocked && !self.pending_tx.is_empty() {
+            for h in std::mem::take(&mut self.pending_tx) {
+                if let Some(e) = self.conns.get_mut(h).and_then(|e| e.as_mut()) {
+                    e.pending_tx = false;
+                }
+                self.touch(h);
+            }
+        }
+        let mut i = 0;
+        while i < self.touched.len() {
+            let h = self.touched[i];
+            i += 1;
+            self.drive(h, now);
+            if i % RECV_EVERY == 0 {
+                // A large round takes a while: read the socket in between
+                // so it does not overflow. Connections touched here join
+                // the end of this same list.
+                self.recv(now);
+            }
+        }
+        self.touched.clear();
+    }
+
+    /// Handles one connection's events and streams, then queues its packets.
+    fn drive(&mut self, h: usize, now: Instant) {
+        let Some(e) = self.conns.get_mut(h).and_then(|e| e.as_mut()) else {
+            return;
+        };
+        e.touched = false;
+        let mut drained = false;
+        while let Some(ev) = e.conn.poll_endpoint_events() {
+            drained |= ev.is_drained();
+            if let Some(cev) = self.ep.handle_event(ConnectionHandle(h), ev) {
+                e.conn.handle_event(cev);
+            }
+        }
+        let books = &mut self.books;
+        while let Some(ev) = e.conn.poll() {
+            let f = &mut books.followers[e.follower];
+            let (plan, out) = (&f.plan, &mut f.result);
+            let step = match ev {
+                Event::Connected => {
+                    e.session
+                        .on_connected(&mut e.conn, plan, &self.cfg.client_name)
+                }
+                Event::ConnectionLost { reason } => {
+                    Step::Failed(e.session.failure(reason.into(), plan.server))
+                }
+                Event::Stream(StreamEvent::Opened { dir: Dir::Uni }) => {
+                    e.session.accept_feed(&mut e.conn, plan, &books.shared, out)
+                }
+                Event::Stream(StreamEvent::Opened { dir: Dir::Bi }) => {
+                    // The server never opens one; refuse it.
+                    while let Some(id) = e.conn.streams().accept(Dir::Bi) {
+                        let _ = e.conn.recv_stream(id).stop(VarInt::from_u32(0));
+                        let _ = e.conn.send_stream(id).reset(VarInt::from_u32(0));
+                    }
+                    Step::Continue
+                }
+                Event::Stream(StreamEvent::Readable { id }) => {
+                    e.session
+                        .on_readable(&mut e.conn, id, plan, &books.shared, out)
+                }
+                Event::Stream(StreamEvent::Writable { .. }) => e.session.write_control(&mut e.conn),
+                Event::Stream(StreamEvent::Available { dir: Dir::Bi }) => {
+                    e.session.open_control(&mut e.conn)
+                }
+                Event::Stream(_)
+                | Event::HandshakeDataReady
+                | Event::DatagramReceived
+                | Event::DatagramsUnblocked => Step::Continue,
+            };
+            books.apply(step, e, now);
+        }
+        // Transmit.
+        if self.tx_blocked {
+            if !e.pending_tx {
+                e.pending_tx = true;
+                self.pending_tx.push(h);
+            }
+        } else {
+            let segs = if self.tx.gso_ok { self.gso } else { 1 };
+            loop {
+                if self.tx.is_full() {
+                    if let Flush::WouldBlock = self.tx.flush(self.sock.as_raw_fd()) {
+                        self.tx_blocked = true;
+                        if !e.pending_tx {
+                            e.pending_tx = true;
+                            self.pending_tx.push(h);
+                        }
+                        break;
+                    }
+                }
+                let buf = self.tx.next_buf();
+                match e.conn.poll_transmit(now, segs, buf) {
+                    Some(t) => self.tx.commit(t.destination, t.size, t.segment_size),
+                    None => break,
+                }
+            }
+        }
+        while let Some(ev) = e.conn.poll_endpoint_events() {
+            drained |= ev.is_drained();
+            if let Some(cev) = self.ep.handle_event(ConnectionHandle(h), ev) {
+                e.conn.handle_event(cev);
+            }
+        }
+        // Timer.
+        let t = e.conn.poll_timeout();
+        if t != e.timer {
+            e.timer = t;
+            if let Some(t) = t {
+                self.timers.push(t, h, e.gen);
+            }
+        }
+        if drained {
+            if let Some(mut e) = self.conns[h].take() {
+                if !e.ended {
+                    let server = self.books.followers[e.follower].plan.server;
+                    let why = e
+                        .session
+                        .failure(ClientError::Connect("connection drained".into()), server);
+                    self.books.fail(&mut e, why, now);
+                }
+            }
+            self.live = self.live.saturating_sub(1);
+        }
+    }
+
+    fn flush(&mut self) {
+        if self.tx_blocked || self.tx.is_empty() {
+            return;
+        }
+        if let Flush::WouldBlock = self.tx.flush(self.sock.as_raw_fd()) {
+            self.tx_blocked = true;
+        }
+    }
+}
