@@ -490,19 +490,19 @@ impl Loop {
             }
             // A client endpoint has no server config: nobody connects to it.
             Some(DatagramEvent::NewConnection(incoming)) => self.ep.ignore(incoming),
-            Some(DatagramEvent::Response(t)) => {
-                if !self.tx_blocked {
-                    if self.tx.is_full() {
-                        if let Flush::WouldBlock = self.tx.flush(self.sock.as_raw_fd()) {
-                            self.tx_blocked = true;
-                        }
-                    }
-                    if !self.tx.is_full() {
-                        self.tx
-                            .push_copy(t.destination, &buf[..t.size.min(buf.len())]);
+            Some(DatagramEvent::Response(t)) if !self.tx_blocked => {
+                if self.tx.is_full() {
+                    if let Flush::WouldBlock = self.tx.flush(self.sock.as_raw_fd()) {
+                        self.tx_blocked = true;
                     }
                 }
+                if !self.tx.is_full() {
+                    self.tx
+                        .push_copy(t.destination, &buf[..t.size.min(buf.len())]);
+                }
             }
+            // The socket is full: dropped (the peer retransmits).
+            Some(DatagramEvent::Response(_)) => {}
             None => {}
         }
         self.scratch = buf;

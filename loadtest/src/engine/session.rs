@@ -275,22 +275,19 @@ impl Session {
         let mut failed = None;
         let mut stream = conn.recv_stream(id);
         if let Ok(mut chunks) = stream.read(true) {
-            'read: loop {
-                match chunks.next(self.ctl_in.room()) {
-                    Ok(Some(c)) => {
-                        self.ctl_in.push(&c.bytes);
-                        loop {
-                            match self.ctl_in.next::<pb::ServerFrame>() {
-                                Ok(Some(f)) => frames.push(f),
-                                Ok(None) => break,
-                                Err(e) => {
-                                    failed = Some(e);
-                                    break 'read;
-                                }
-                            }
+            // Until blocked, finished or reset (the connection's close
+            // follows the last two).
+            'read: while let Ok(Some(c)) = chunks.next(self.ctl_in.room()) {
+                self.ctl_in.push(&c.bytes);
+                loop {
+                    match self.ctl_in.next::<pb::ServerFrame>() {
+                        Ok(Some(f)) => frames.push(f),
+                        Ok(None) => break,
+                        Err(e) => {
+                            failed = Some(e);
+                            break 'read;
                         }
                     }
-                    Ok(None) | Err(ReadError::Blocked) | Err(ReadError::Reset(_)) => break,
                 }
             }
             let _ = chunks.finalize();
