@@ -1,14 +1,15 @@
-//! One follower loop: an OS thread that owns a client-mode
-//! [`quinn_proto::Endpoint`], all of its connections (one per follower), one
-//! timer heap and one UDP socket.
+//! One follower loop: an OS thread that owns one or more lanes (a UDP
+//! socket, its client-mode [`quinn_proto::Endpoint`] and that endpoint's
+//! connections, one per follower, and its transmit batch) and one timer
+//! heap for all of them.
 //!
-//! A turn: read the socket (`recvmmsg` and GRO through quinn-udp) and feed
-//! the datagrams to the endpoint; look at the stop flag; fire due timers;
-//! fail connects past their deadline; start the connects that are due and
+//! A turn: read the readable sockets (`recvmmsg` and GRO through quinn-udp)
+//! and feed the datagrams to their endpoints; look at the stop flag; fire
+//! due timers; fail connects past their deadline; start the connects that are due and
 //! have a slot; drive every connection touched this turn (its events, its
 //! streams through its [`Session`], then its packets into the transmit
-//! batch); flush the batch with `sendmmsg`; then `poll(2)` on the socket and
-//! the stop eventfd until the next timer or connect.
+//! batch); flush the batches with `sendmmsg`; then `poll(2)` on the sockets
+//! and the stop eventfd until the next timer or connect.
 //!
 //! quinn-proto is called in the order its docs ask: after `handle_event` /
 //! `handle_timeout` / stream I/O the loop polls endpoint events, application
@@ -17,9 +18,9 @@
 //! Bounds: connections at most the loop's followers; connects in flight at
 //! most the loop's share of `--connect-concurrency` (and their deadlines,
 //! one each); the touched and pending-transmit lists hold each connection
-//! at most once; the timer heap is compacted ([`Timers`]); the transmit
-//! batch is [`TX_BATCH`] buffers and the receive buffers `BATCH_SIZE`
-//! slots of [`RECV_SLOT`]. Latency samples grow by one per post received,
+//! at most once; the timer heap is compacted ([`Timers`]); each lane's
+//! transmit batch is [`TX_BATCH`] buffers, and the loop's receive buffers
+//! are `BATCH_SIZE` slots of [`RECV_SLOT`]. Latency samples grow by one per post received,
 //! as in the `client` engine.
 //!
 //! Nothing read from the network is unwrapped: bad packets are
@@ -44,14 +45,14 @@ use super::tx_batch::{Flush, TxBatch};
 use super::{Control, EngineConfig, FollowerPlan};
 use crate::follower::{FollowerResult, Shared};
 
-/// Messages per `sendmmsg` (and transmit buffers per loop).
+/// Messages per `sendmmsg` (and transmit buffers per lane).
 pub(super) const TX_BATCH: usize = 64;
 /// Bytes of one receive slot (a GRO batch of datagrams lands in one slot).
 const RECV_SLOT: usize = 64 * 1024;
-/// Receive batches read per turn at most, so a flood cannot starve timers
-/// and transmits.
+/// Receive batches read per socket and turn at most, so a flood cannot
+/// starve timers and transmits.
 const RECV_ROUNDS: usize = 16;
-/// Connections driven between two reads of the socket in one turn.
+/// Connections driven between two reads of the sockets in one turn.
 const RECV_EVERY: usize = 256;
 /// Timers are handled at multiples of this (never early), so those of
 /// many connections falling in one window (ACK delays, keep-alives) are
@@ -66,6 +67,8 @@ const STOP_DRAIN: Duration = Duration::from_secs(2);
 struct Follower {
     plan: FollowerPlan,
     result: FollowerResult,
+    /// The lane (socket) it connects through.
+    lane: usize,
     /// When its connect may start (`--connect-rate`); its connect time
     /// counts from here, as the `client` engine counts from its task's start.
     start_at: Instant,
@@ -134,10 +137,58 @@ impl Books {
     }
 }
 
-pub(super) struct Loop {
+/// One socket of a loop, with its endpoint and connections.
+struct Lane {
     ep: quinn_proto::Endpoint,
     sock: UdpSocket,
     udp: quinn::udp::UdpSocketState,
+    /// By connection handle.
+    conns: Vec<Option<Entry>>,
+    tx: TxBatch,
+    /// The socket refused more: wait for POLLOUT.
+    tx_blocked: bool,
+    /// Connections with packets waiting for the socket (each at most once).
+    pending_tx: Vec<usize>,
+    gso: usize,
+    /// What the last `poll(2)` reported readable (set at start).
+    ready: bool,
+}
+
+impl Lane {
+    fn new(sock: UdpSocket) -> io::Result<Lane> {
+        let udp = quinn::udp::UdpSocketState::new((&sock).into())?;
+        let gso = udp.max_gso_segments().clamp(1, 10);
+        let ep = quinn_proto::Endpoint::new(
+            Arc::new(quinn_proto::EndpointConfig::default()),
+            None,
+            !udp.may_fragment(),
+            None,
+        );
+        Ok(Lane {
+            ep,
+            sock,
+            udp,
+            conns: Vec::new(),
+            tx: TxBatch::new(TX_BATCH),
+            tx_blocked: false,
+            pending_tx: Vec::new(),
+            gso,
+            ready: true,
+        })
+    }
+
+    fn flush(&mut self) {
+        if self.tx_blocked || self.tx.is_empty() {
+            return;
+        }
+        if let Flush::WouldBlock = self.tx.flush(self.sock.as_raw_fd()) {
+            self.tx_blocked = true;
+        }
+    }
+}
+
+pub(super) struct Loop {
+    lanes: Vec<Lane>,
     cfg: EngineConfig,
     control: Arc<Control>,
     books: Books,
@@ -145,49 +196,46 @@ pub(super) struct Loop {
     next_start: usize,
     max_in_flight: usize,
     /// Connect deadlines in start order (the timeout is one constant):
-    /// (deadline, handle, generation); at most one per connect in flight
+    /// (deadline, slot, generation); at most one per connect in flight
     /// or ended within the timeout.
     deadlines: VecDeque<(Instant, usize, u64)>,
-    conns: Vec<Option<Entry>>,
+    /// Connections over all lanes.
     live: usize,
     next_gen: u64,
+    /// Keyed by slot (see [`Loop::slot`]).
     timers: Timers,
+    /// Slots to drive this turn.
     touched: Vec<usize>,
-    pending_tx: Vec<usize>,
-    tx: TxBatch,
-    tx_blocked: bool,
-    gso: usize,
     recv_buf: Vec<u8>,
     meta: Vec<quinn::udp::RecvMeta>,
     scratch: Vec<u8>,
-    /// What the last `poll(2)` reported readable (both set at start).
-    sock_ready: bool,
+    pollfds: Vec<libc::pollfd>,
+    /// The last `poll(2)` reported the eventfd readable (set at start).
     wake_ready: bool,
     /// Set once stopping: until when to wait for the closes to drain.
     stopping: Option<Instant>,
 }
 
 impl Loop {
+    /// A loop over `socks` (at least one); each plan comes with the index
+    /// in `socks` of the socket it connects through.
     pub(super) fn new(
         cfg: &EngineConfig,
         max_in_flight: usize,
-        sock: UdpSocket,
-        plans: Vec<FollowerPlan>,
+        socks: Vec<UdpSocket>,
+        plans: Vec<(usize, FollowerPlan)>,
         shared: Arc<Shared>,
         control: Arc<Control>,
     ) -> io::Result<Loop> {
-        let udp = quinn::udp::UdpSocketState::new((&sock).into())?;
-        let gso = udp.max_gso_segments().clamp(1, 10);
+        let lanes = socks
+            .into_iter()
+            .map(Lane::new)
+            .collect::<io::Result<Vec<_>>>()?;
+        let n = lanes.len().max(1);
         let batch = quinn::udp::BATCH_SIZE.min(32);
-        let ep = quinn_proto::Endpoint::new(
-            Arc::new(quinn_proto::EndpointConfig::default()),
-            None,
-            !udp.may_fragment(),
-            None,
-        );
         let followers = plans
             .into_iter()
-            .map(|plan| {
+            .map(|(lane, plan)| {
                 let start_at = if cfg.connect_rate > 0 {
                     cfg.started
                         + Duration::from_secs_f64(plan.index as f64 / f64::from(cfg.connect_rate))
@@ -197,14 +245,13 @@ impl Loop {
                 Follower {
                     plan,
                     result: FollowerResult::default(),
+                    lane: lane.min(n - 1),
                     start_at,
                 }
             })
             .collect();
         Ok(Loop {
-            ep,
-            sock,
-            udp,
+            lanes,
             cfg: cfg.clone(),
             control,
             books: Books {
@@ -215,22 +262,36 @@ impl Loop {
             next_start: 0,
             max_in_flight,
             deadlines: VecDeque::new(),
-            conns: Vec::new(),
             live: 0,
             next_gen: 1,
             timers: Timers::default(),
             touched: Vec::new(),
-            pending_tx: Vec::new(),
-            tx: TxBatch::new(TX_BATCH),
-            tx_blocked: false,
-            gso,
             recv_buf: vec![0u8; RECV_SLOT * batch],
             meta: vec![quinn::udp::RecvMeta::default(); batch],
             scratch: Vec::new(),
-            sock_ready: true,
+            pollfds: Vec::new(),
             wake_ready: true,
             stopping: None,
         })
+    }
+
+    /// One number for connection `h` of lane `lane`.
+    fn slot(&self, lane: usize, h: usize) -> usize {
+        h * self.lanes.len() + lane
+    }
+
+    /// (lane, handle) of a slot.
+    fn unslot(&self, slot: usize) -> (usize, usize) {
+        let n = self.lanes.len().max(1);
+        (slot % n, slot / n)
+    }
+
+    fn entry(&mut self, slot: usize) -> Option<&mut Entry> {
+        let (l, h) = self.unslot(slot);
+        self.lanes
+            .get_mut(l)
+            .and_then(|lane| lane.conns.get_mut(h))
+            .and_then(|e| e.as_mut())
     }
 
     /// Runs until stopped and drained; returns every follower's result with
@@ -238,8 +299,10 @@ impl Loop {
     pub(super) fn run(mut self) -> Vec<(usize, FollowerResult)> {
         loop {
             let now = Instant::now();
-            if std::mem::take(&mut self.sock_ready) {
-                self.recv(now);
+            for l in 0..self.lanes.len() {
+                if std::mem::take(&mut self.lanes[l].ready) {
+                    self.recv(l, now);
+                }
             }
             if std::mem::take(&mut self.wake_ready) {
                 self.control.waker.drain();
@@ -257,21 +320,25 @@ impl Loop {
             self.expire_connects(now);
             self.start_connects(now);
             self.drive_touched(now);
-            self.flush();
+            for lane in &mut self.lanes {
+                lane.flush();
+            }
             self.wait();
         }
-        self.flush();
+        for lane in &mut self.lanes {
+            lane.flush();
+        }
         std::mem::take(&mut self.books.followers)
             .into_iter()
             .map(|f| (f.plan.index, f.result))
             .collect()
     }
 
-    fn touch(&mut self, h: usize) {
-        if let Some(e) = self.conns.get_mut(h).and_then(|e| e.as_mut()) {
+    fn touch(&mut self, slot: usize) {
+        if let Some(e) = self.entry(slot) {
             if !e.touched {
                 e.touched = true;
-                self.touched.push(h);
+                self.touched.push(slot);
             }
         }
     }
@@ -283,20 +350,25 @@ impl Loop {
             f.result.error = Some("stopped before connecting".into());
         }
         self.next_start = self.books.followers.len();
-        for h in 0..self.conns.len() {
-            let Some(e) = self.conns[h].as_mut() else {
-                continue;
-            };
-            if !e.ended {
-                e.ended = true;
-                e.conn.close(now, VarInt::from_u32(0), bye());
-                if e.session.connecting() {
-                    let f = &mut self.books.followers[e.follower];
-                    f.result.error = Some("stopped while connecting".into());
-                    self.books.in_flight = self.books.in_flight.saturating_sub(1);
+        let mut slots = Vec::new();
+        for (l, lane) in self.lanes.iter_mut().enumerate() {
+            for (h, e) in lane.conns.iter_mut().enumerate() {
+                let Some(e) = e.as_mut() else { continue };
+                if !e.ended {
+                    e.ended = true;
+                    e.conn.close(now, VarInt::from_u32(0), bye());
+                    if e.session.connecting() {
+                        let f = &mut self.books.followers[e.follower];
+                        f.result.error = Some("stopped while connecting".into());
+                        self.books.in_flight = self.books.in_flight.saturating_sub(1);
+                    }
                 }
+                slots.push((l, h));
             }
-            self.touch(h);
+        }
+        for (l, h) in slots {
+            let slot = self.slot(l, h);
+            self.touch(slot);
         }
     }
 
@@ -313,17 +385,19 @@ impl Loop {
             }
             self.next_start += 1;
             let server = f.plan.server;
-            match self
+            let l = f.lane;
+            let lane = &mut self.lanes[l];
+            match lane
                 .ep
                 .connect(now, self.cfg.client.clone(), server, &self.cfg.server_name)
             {
                 Ok((ch, conn)) => {
                     let gen = self.next_gen;
                     self.next_gen += 1;
-                    if self.conns.len() <= ch.0 {
-                        self.conns.resize_with(ch.0 + 1, || None);
+                    if lane.conns.len() <= ch.0 {
+                        lane.conns.resize_with(ch.0 + 1, || None);
                     }
-                    self.conns[ch.0] = Some(Entry {
+                    lane.conns[ch.0] = Some(Entry {
                         conn,
                         session: Session::new(self.cfg.max_feed_frame),
                         follower: k,
@@ -335,9 +409,10 @@ impl Loop {
                     });
                     self.live += 1;
                     self.books.in_flight += 1;
+                    let slot = self.slot(l, ch.0);
                     self.deadlines
-                        .push_back((now + self.cfg.connect_timeout, ch.0, gen));
-                    self.touch(ch.0);
+                        .push_back((now + self.cfg.connect_timeout, slot, gen));
+                    self.touch(slot);
                 }
                 Err(e) => {
                     let why = Failure::Connect(ClientError::Connect(format!("{server}: {e}")));
@@ -354,12 +429,19 @@ impl Loop {
 
     /// Fails the followers still connecting at their deadline.
     fn expire_connects(&mut self, now: Instant) {
-        while let Some(&(deadline, h, gen)) = self.deadlines.front() {
+        while let Some(&(deadline, slot, gen)) = self.deadlines.front() {
             if deadline > now {
                 break;
             }
             self.deadlines.pop_front();
-            let Some(e) = self.conns.get_mut(h).and_then(|e| e.as_mut()) else {
+            let timeout = self.cfg.connect_timeout;
+            let (l, h) = self.unslot(slot);
+            let Some(e) = self
+                .lanes
+                .get_mut(l)
+                .and_then(|lane| lane.conns.get_mut(h))
+                .and_then(|e| e.as_mut())
+            else {
                 continue;
             };
             if e.gen != gen || e.ended || !e.session.connecting() {
@@ -368,84 +450,99 @@ impl Loop {
             let server = self.books.followers[e.follower].plan.server;
             let why = Failure::Connect(ClientError::Connect(format!(
                 "no answer from {server} within {} s",
-                self.cfg.connect_timeout.as_secs_f64()
+                timeout.as_secs_f64()
             )));
             self.books.fail(e, why, now);
-            self.touch(h);
+            self.touch(slot);
         }
     }
 
     fn wait(&mut self) {
-        let timeout_ms: i32 =
-            if !self.touched.is_empty() || (!self.pending_tx.is_empty() && !self.tx_blocked) {
-                0
-            } else if self.stopping.is_some() {
-                10
-            } else {
-                let next_connect = (self.books.in_flight < self.max_in_flight)
-                    .then(|| self.books.followers.get(self.next_start))
-                    .flatten()
-                    .map(|f| f.start_at);
-                let next = [
-                    self.timers.next(),
-                    self.deadlines.front().map(|(d, ..)| *d),
-                    next_connect,
-                ]
-                .into_iter()
+        let pending = self
+            .lanes
+            .iter()
+            .any(|l| !l.pending_tx.is_empty() && !l.tx_blocked);
+        let timeout_ms: i32 = if !self.touched.is_empty() || pending {
+            0
+        } else if self.stopping.is_some() {
+            10
+        } else {
+            let next_connect = (self.books.in_flight < self.max_in_flight)
+                .then(|| self.books.followers.get(self.next_start))
                 .flatten()
-                .min();
-                match next {
-                    Some(t) => {
-                        // The end of the slack window holding `t`.
-                        let slack = TIMER_SLACK.as_micros().max(1);
-                        let since = t.saturating_duration_since(self.cfg.started).as_micros();
-                        let end = self.cfg.started
-                            + Duration::from_micros((since.div_ceil(slack) * slack) as u64);
-                        let d = end.saturating_duration_since(Instant::now());
-                        // Rounded up so a timer is never handled early.
-                        (d.as_micros().div_ceil(1000)).min(MAX_WAIT_MS as u128) as i32
-                    }
-                    None => MAX_WAIT_MS,
+                .map(|f| f.start_at);
+            let next = [
+                self.timers.next(),
+                self.deadlines.front().map(|(d, ..)| *d),
+                next_connect,
+            ]
+            .into_iter()
+            .flatten()
+            .min();
+            match next {
+                Some(t) => {
+                    // The end of the slack window holding `t`.
+                    let slack = TIMER_SLACK.as_micros().max(1);
+                    let since = t.saturating_duration_since(self.cfg.started).as_micros();
+                    let end = self.cfg.started
+                        + Duration::from_micros((since.div_ceil(slack) * slack) as u64);
+                    let d = end.saturating_duration_since(Instant::now());
+                    // Rounded up so a timer is never handled early.
+                    (d.as_micros().div_ceil(1000)).min(MAX_WAIT_MS as u128) as i32
                 }
-            };
-        let mut fds = [
-            libc::pollfd {
-                fd: self.sock.as_raw_fd(),
-                events: libc::POLLIN | if self.tx_blocked { libc::POLLOUT } else { 0 },
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: self.control.waker.fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: two valid pollfds that live across the call.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
-        if r > 0 {
-            if fds[0].revents & libc::POLLOUT != 0 {
-                self.tx_blocked = false;
+                None => MAX_WAIT_MS,
             }
-            // Errors too: the read reports (and clears) them.
-            self.sock_ready = fds[0].revents & !libc::POLLOUT != 0;
-            self.wake_ready = fds[1].revents != 0;
+        };
+        self.pollfds.clear();
+        for lane in &self.lanes {
+            self.pollfds.push(libc::pollfd {
+                fd: lane.sock.as_raw_fd(),
+                events: libc::POLLIN | if lane.tx_blocked { libc::POLLOUT } else { 0 },
+                revents: 0,
+            });
+        }
+        self.pollfds.push(libc::pollfd {
+            fd: self.control.waker.fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        // SAFETY: valid pollfds that live across the call.
+        let r = unsafe {
+            libc::poll(
+                self.pollfds.as_mut_ptr(),
+                self.pollfds.len() as libc::nfds_t,
+                timeout_ms,
+            )
+        };
+        if r > 0 {
+            for (lane, fd) in self.lanes.iter_mut().zip(&self.pollfds) {
+                if fd.revents & libc::POLLOUT != 0 {
+                    lane.tx_blocked = false;
+                }
+                // Errors too: the read reports (and clears) them.
+                lane.ready = fd.revents & !libc::POLLOUT != 0;
+            }
+            self.wake_ready = self.pollfds.last().is_some_and(|fd| fd.revents != 0);
         } else if r < 0 {
             // Interrupted: look at everything again.
-            self.sock_ready = true;
+            for lane in &mut self.lanes {
+                lane.ready = true;
+            }
             self.wake_ready = true;
         }
     }
 
-    fn recv(&mut self, now: Instant) {
+    fn recv(&mut self, l: usize, now: Instant) {
         let batch = self.meta.len();
         let mut buf = std::mem::take(&mut self.recv_buf);
         for _round in 0..RECV_ROUNDS {
             let n = {
+                let lane = &mut self.lanes[l];
                 let mut iovs: Vec<IoSliceMut<'_>> =
                     buf.chunks_mut(RECV_SLOT).map(IoSliceMut::new).collect();
-                match self
+                match lane
                     .udp
-                    .recv((&self.sock).into(), &mut iovs, &mut self.meta)
+                    .recv((&lane.sock).into(), &mut iovs, &mut self.meta)
                 {
                     Ok(n) => n,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -461,7 +558,7 @@ impl Loop {
                     let ecn = m
                         .ecn
                         .and_then(|e| quinn_proto::EcnCodepoint::from_bits(e as u8));
-                    self.on_datagram(now, m.addr, m.dst_ip, ecn, d);
+                    self.on_datagram(l, now, m.addr, m.dst_ip, ecn, d);
                 }
             }
             if n < batch {
@@ -473,6 +570,7 @@ impl Loop {
 
     fn on_datagram(
         &mut self,
+        l: usize,
         now: Instant,
         addr: std::net::SocketAddr,
         dst_ip: Option<std::net::IpAddr>,
@@ -481,23 +579,27 @@ impl Loop {
     ) {
         let mut buf = std::mem::take(&mut self.scratch);
         buf.clear();
-        match self.ep.handle(now, addr, dst_ip, ecn, data, &mut buf) {
+        let lanes = self.lanes.len();
+        let slot_of = |h: usize| h * lanes + l;
+        let lane = &mut self.lanes[l];
+        match lane.ep.handle(now, addr, dst_ip, ecn, data, &mut buf) {
             Some(DatagramEvent::ConnectionEvent(ch, ev)) => {
-                if let Some(e) = self.conns.get_mut(ch.0).and_then(|e| e.as_mut()) {
+                if let Some(e) = lane.conns.get_mut(ch.0).and_then(|e| e.as_mut()) {
                     e.conn.handle_event(ev);
-                    self.touch(ch.0);
+                    if !e.touched {
+                        e.touched = true;
+                        self.touched.push(slot_of(ch.0));
+                    }
                 }
             }
             // A client endpoint has no server config: nobody connects to it.
-            Some(DatagramEvent::NewConnection(incoming)) => self.ep.ignore(incoming),
-            Some(DatagramEvent::Response(t)) if !self.tx_blocked => {
-                if self.tx.is_full() {
-                    if let Flush::WouldBlock = self.tx.flush(self.sock.as_raw_fd()) {
-                        self.tx_blocked = true;
-                    }
+            Some(DatagramEvent::NewConnection(incoming)) => lane.ep.ignore(incoming),
+            Some(DatagramEvent::Response(t)) if !lane.tx_blocked => {
+                if lane.tx.is_full() {
+                    lane.flush();
                 }
-                if !self.tx.is_full() {
-                    self.tx
+                if !lane.tx.is_full() {
+                    lane.tx
                         .push_copy(t.destination, &buf[..t.size.min(buf.len())]);
                 }
             }
@@ -509,8 +611,8 @@ impl Loop {
     }
 
     fn expire_timers(&mut self, now: Instant) {
-        while let Some((t, h, gen)) = self.timers.pop_due(now) {
-            let Some(e) = self.conns.get_mut(h).and_then(|e| e.as_mut()) else {
+        while let Some((t, slot, gen)) = self.timers.pop_due(now) {
+            let Some(e) = self.entry(slot) else {
                 continue;
             };
             if e.gen != gen || e.timer != Some(t) {
@@ -518,52 +620,68 @@ impl Loop {
             }
             e.timer = None;
             e.conn.handle_timeout(now);
-            self.touch(h);
+            self.touch(slot);
         }
-        let conns = &self.conns;
+        let lanes = &self.lanes;
+        let n = lanes.len();
         self.timers.compact(self.live, || {
-            conns
-                .iter()
-                .enumerate()
-                .filter_map(|(h, e)| e.as_ref().and_then(|e| e.timer.map(|t| (t, h, e.gen))))
-                .collect()
+            let mut live = Vec::new();
+            for (l, lane) in lanes.iter().enumerate() {
+                for (h, e) in lane.conns.iter().enumerate() {
+                    if let Some(t) = e.as_ref().and_then(|e| e.timer.map(|t| (t, e.gen))) {
+                        live.push((t.0, h * n + l, t.1));
+                    }
+                }
+            }
+            live
         });
     }
 
     fn drive_touched(&mut self, now: Instant) {
-        if !self.tx_blocked && !self.pending_tx.is_empty() {
-            for h in std::mem::take(&mut self.pending_tx) {
-                if let Some(e) = self.conns.get_mut(h).and_then(|e| e.as_mut()) {
+        for l in 0..self.lanes.len() {
+            let lane = &mut self.lanes[l];
+            if lane.tx_blocked || lane.pending_tx.is_empty() {
+                continue;
+            }
+            for h in std::mem::take(&mut lane.pending_tx) {
+                if let Some(e) = self.lanes[l].conns.get_mut(h).and_then(|e| e.as_mut()) {
                     e.pending_tx = false;
                 }
-                self.touch(h);
+                let slot = self.slot(l, h);
+                self.touch(slot);
             }
         }
         let mut i = 0;
         while i < self.touched.len() {
-            let h = self.touched[i];
+            let slot = self.touched[i];
             i += 1;
-            self.drive(h, now);
+            self.drive(slot, now);
             if i % RECV_EVERY == 0 {
-                // A large round takes a while: read the socket in between
-                // so it does not overflow. Connections touched here join
+                // A large round takes a while: read the sockets in between
+                // so they do not overflow. Connections touched here join
                 // the end of this same list.
-                self.recv(now);
+                for l in 0..self.lanes.len() {
+                    self.recv(l, now);
+                }
             }
         }
         self.touched.clear();
     }
 
     /// Handles one connection's events and streams, then queues its packets.
-    fn drive(&mut self, h: usize, now: Instant) {
-        let Some(e) = self.conns.get_mut(h).and_then(|e| e.as_mut()) else {
+    fn drive(&mut self, slot: usize, now: Instant) {
+        let (l, h) = self.unslot(slot);
+        let Some(lane) = self.lanes.get_mut(l) else {
+            return;
+        };
+        let Some(e) = lane.conns.get_mut(h).and_then(|e| e.as_mut()) else {
             return;
         };
         e.touched = false;
         let mut drained = false;
         while let Some(ev) = e.conn.poll_endpoint_events() {
             drained |= ev.is_drained();
-            if let Some(cev) = self.ep.handle_event(ConnectionHandle(h), ev) {
+            if let Some(cev) = lane.ep.handle_event(ConnectionHandle(h), ev) {
                 e.conn.handle_event(cev);
             }
         }
@@ -606,34 +724,34 @@ impl Loop {
             books.apply(step, e, now);
         }
         // Transmit.
-        if self.tx_blocked {
+        if lane.tx_blocked {
             if !e.pending_tx {
                 e.pending_tx = true;
-                self.pending_tx.push(h);
+                lane.pending_tx.push(h);
             }
         } else {
-            let segs = if self.tx.gso_ok { self.gso } else { 1 };
+            let segs = if lane.tx.gso_ok { lane.gso } else { 1 };
             loop {
-                if self.tx.is_full() {
-                    if let Flush::WouldBlock = self.tx.flush(self.sock.as_raw_fd()) {
-                        self.tx_blocked = true;
+                if lane.tx.is_full() {
+                    if let Flush::WouldBlock = lane.tx.flush(lane.sock.as_raw_fd()) {
+                        lane.tx_blocked = true;
                         if !e.pending_tx {
                             e.pending_tx = true;
-                            self.pending_tx.push(h);
+                            lane.pending_tx.push(h);
                         }
                         break;
                     }
                 }
-                let buf = self.tx.next_buf();
+                let buf = lane.tx.next_buf();
                 match e.conn.poll_transmit(now, segs, buf) {
-                    Some(t) => self.tx.commit(t.destination, t.size, t.segment_size),
+                    Some(t) => lane.tx.commit(t.destination, t.size, t.segment_size),
                     None => break,
                 }
             }
         }
         while let Some(ev) = e.conn.poll_endpoint_events() {
             drained |= ev.is_drained();
-            if let Some(cev) = self.ep.handle_event(ConnectionHandle(h), ev) {
+            if let Some(cev) = lane.ep.handle_event(ConnectionHandle(h), ev) {
                 e.conn.handle_event(cev);
             }
         }
@@ -642,11 +760,11 @@ impl Loop {
         if t != e.timer {
             e.timer = t;
             if let Some(t) = t {
-                self.timers.push(t, h, e.gen);
+                self.timers.push(t, slot, e.gen);
             }
         }
         if drained {
-            if let Some(mut e) = self.conns[h].take() {
+            if let Some(mut e) = lane.conns[h].take() {
                 if !e.ended {
                     let server = self.books.followers[e.follower].plan.server;
                     let why = e
@@ -656,15 +774,6 @@ impl Loop {
                 }
             }
             self.live = self.live.saturating_sub(1);
-        }
-    }
-
-    fn flush(&mut self) {
-        if self.tx_blocked || self.tx.is_empty() {
-            return;
-        }
-        if let Flush::WouldBlock = self.tx.flush(self.sock.as_raw_fd()) {
-            self.tx_blocked = true;
         }
     }
 }

@@ -17,13 +17,17 @@
 //!
 //! # Threads
 //!
-//! One thread per `--endpoints` socket (follower `i` is on loop
-//! `i % endpoints`), not fewer threads each owning several sockets: a loop
-//! wakes once per burst whatever its number of followers, so two loops
-//! more than cores cost a couple of wake-ups per round, while one socket
-//! per loop keeps the loop simple (one endpoint, one `poll(2)` set, one
-//! transmit batch) and keeps each socket's kernel buffer its own. Run
-//! `--endpoints 2` on two cores for the fewest wake-ups.
+//! `min(--endpoints, available cores)` threads, each owning
+//! `--endpoints / threads` sockets (lanes: a socket, its endpoint and its
+//! connections), one `poll(2)` over all of them and one timer heap;
+//! follower `i` connects through socket `i % endpoints`, as with the
+//! `client` engine. Not one thread per socket: the load generator shares
+//! its cores with the server, and a loop's cost is per wake-up, so more
+//! loops than cores only split each fan-out round into more, smaller
+//! wake-ups and add context switches. Measured on two cores with 5,000
+//! followers: four loops of one socket cost 19.3 µs of load-generator CPU
+//! per delivery (latency p50 57 ms), two 14.3 µs (p50 35 ms). Sockets
+//! stay as many as asked, each with its own kernel buffer.
 //!
 //! # What it keeps of the `client` engine
 //!
@@ -87,7 +91,8 @@ pub struct EngineConfig {
     pub server_name: String,
     /// Sent in Hello.
     pub client_name: String,
-    /// Loops (threads), each with one socket.
+    /// Sockets (`--endpoints`), spread over at most one loop (thread) per
+    /// core.
     pub loops: usize,
     /// Receive and send buffer of each socket.
     pub buffer_bytes: usize,
@@ -151,31 +156,45 @@ impl Engine {
             ));
         }
         let total = followers.len();
-        let n = cfg.loops.min(total.max(1));
-        let mut per_loop: Vec<Vec<FollowerPlan>> = (0..n).map(|_| Vec::new()).collect();
+        let sockets = cfg.loops.min(total.max(1));
+        // One loop per core at most: more loops than cores only add
+        // wake-ups and context switches (see the module docs).
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let n = sockets.min(cores);
+        // Follower `k` connects through socket `k % sockets`, which is lane
+        // `s / n` of loop `s % n`.
+        let mut per_loop: Vec<Vec<(usize, FollowerPlan)>> = (0..n).map(|_| Vec::new()).collect();
         for (k, f) in followers.into_iter().enumerate() {
-            per_loop[k % n].push(f);
+            let s = k % sockets;
+            per_loop[s % n].push((s / n, f));
         }
         let mut loops = Vec::with_capacity(n);
         for (l, plans) in per_loop.into_iter().enumerate() {
-            let bind = match plans.first().map(|p| p.server) {
+            let bind = match plans.first().map(|p| p.1.server) {
                 Some(SocketAddr::V6(_)) => SocketAddr::from(([0u16; 8], 0)),
                 _ => SocketAddr::from(([0u8; 4], 0)),
             };
-            let sock = UdpSocket::bind(bind).map_err(EngineError::Socket)?;
-            crate::endpoints::set_buffers(&sock, cfg.buffer_bytes);
-            sock.set_nonblocking(true).map_err(EngineError::Socket)?;
+            let lanes = (l..sockets).step_by(n).count();
+            let socks = (0..lanes)
+                .map(|_| {
+                    let sock = UdpSocket::bind(bind)?;
+                    crate::endpoints::set_buffers(&sock, cfg.buffer_bytes);
+                    sock.set_nonblocking(true)?;
+                    Ok(sock)
+                })
+                .collect::<std::io::Result<Vec<_>>>()
+                .map_err(EngineError::Socket)?;
             let control = Arc::new(Control {
                 stop: AtomicBool::new(false),
                 waker: wake::Waker::new().map_err(EngineError::Socket)?,
             });
             // Loop `l`'s share of the handshakes in flight.
             let share = cfg.connect_concurrency / n + usize::from(l < cfg.connect_concurrency % n);
-            let indices = plans.iter().map(|p| p.index).collect();
+            let indices = plans.iter().map(|p| p.1.index).collect();
             let lp = event_loop::Loop::new(
                 &cfg,
                 share.max(1),
-                sock,
+                socks,
                 plans,
                 shared.clone(),
                 control.clone(),
