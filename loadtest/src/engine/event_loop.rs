@@ -149,15 +149,18 @@ struct Lane {
     tx_blocked: bool,
     /// Connections with packets waiting for the socket (each at most once).
     pending_tx: Vec<usize>,
+    /// Most datagrams per GSO message (1: none).
     gso: usize,
     /// What the last `poll(2)` reported readable (set at start).
     ready: bool,
+    /// Datagrams received (for the debug log at the end).
+    datagrams_in: u64,
 }
 
 impl Lane {
     fn new(sock: UdpSocket) -> io::Result<Lane> {
         let udp = quinn::udp::UdpSocketState::new((&sock).into())?;
-        let gso = udp.max_gso_segments().clamp(1, 10);
+        let gso = udp.max_gso_segments().max(1);
         let ep = quinn_proto::Endpoint::new(
             Arc::new(quinn_proto::EndpointConfig::default()),
             None,
@@ -169,11 +172,12 @@ impl Lane {
             sock,
             udp,
             conns: Vec::new(),
-            tx: TxBatch::new(TX_BATCH),
+            tx: TxBatch::new(TX_BATCH, gso),
             tx_blocked: false,
             pending_tx: Vec::new(),
             gso,
             ready: true,
+            datagrams_in: 0,
         })
     }
 
@@ -214,6 +218,8 @@ pub(super) struct Loop {
     wake_ready: bool,
     /// Set once stopping: until when to wait for the closes to drain.
     stopping: Option<Instant>,
+    /// Turns run (for the debug log at the end).
+    turns: u64,
 }
 
 impl Loop {
@@ -272,6 +278,7 @@ impl Loop {
             pollfds: Vec::new(),
             wake_ready: true,
             stopping: None,
+            turns: 0,
         })
     }
 
@@ -298,6 +305,7 @@ impl Loop {
     /// its index in the run.
     pub(super) fn run(mut self) -> Vec<(usize, FollowerResult)> {
         loop {
+            self.turns += 1;
             let now = Instant::now();
             for l in 0..self.lanes.len() {
                 if std::mem::take(&mut self.lanes[l].ready) {
@@ -328,6 +336,23 @@ impl Loop {
         for lane in &mut self.lanes {
             lane.flush();
         }
+        let (mut turns_in, mut sys, mut msgs, mut dgrams, mut dropped) = (0, 0, 0, 0, 0);
+        for lane in &self.lanes {
+            turns_in += lane.datagrams_in;
+            sys += lane.tx.syscalls;
+            msgs += lane.tx.messages;
+            dgrams += lane.tx.datagrams;
+            dropped += lane.tx.dropped;
+        }
+        tracing::debug!(
+            turns = self.turns,
+            datagrams_in = turns_in,
+            sendmmsg_calls = sys,
+            messages_out = msgs,
+            datagrams_out = dgrams,
+            dropped,
+            "follower loop done"
+        );
         std::mem::take(&mut self.books.followers)
             .into_iter()
             .map(|f| (f.plan.index, f.result))
@@ -555,6 +580,7 @@ impl Loop {
                 let mut data = BytesMut::from(&buf[start..start + m.len.min(RECV_SLOT)]);
                 while !data.is_empty() {
                     let d = data.split_to(m.stride.max(1).min(data.len()));
+                    self.lanes[l].datagrams_in += 1;
                     let ecn = m
                         .ecn
                         .and_then(|e| quinn_proto::EcnCodepoint::from_bits(e as u8));

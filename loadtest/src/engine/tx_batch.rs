@@ -1,9 +1,15 @@
-//! Batched UDP transmit for one loop: the packets of many connections leave
-//! in one `sendmmsg(2)`; a transmit holding several same-sized datagrams
-//! goes as one message with a `UDP_SEGMENT` control message (GSO).
+//! Batched UDP transmit for one socket: the packets of many connections
+//! leave in one `sendmmsg(2)`, and same-sized datagrams for one destination
+//! go as one message with a `UDP_SEGMENT` control message (GSO): a
+//! transmit of several datagrams from one connection, and also consecutive
+//! single datagrams of different connections, since every connection of a
+//! socket talks to the same server. A follower's ACKs mostly have one size,
+//! so a round's ACKs leave as a few GSO messages, each one trip through the
+//! kernel's UDP path (and, on loopback, one datagram batch for the
+//! server's GRO) instead of one per ACK.
 //!
-//! Every destination is a server address, so each message carries its
-//! address as a plain `sockaddr_storage` converted here.
+//! Each message carries its address as a plain `sockaddr_storage`
+//! converted here.
 //!
 //! Bound: a fixed pool of `capacity` buffers (the loop's [`TX_BATCH`]),
 //! reused from turn to turn; the loop flushes before queueing more, and
@@ -18,6 +24,9 @@ use std::os::fd::RawFd;
 
 /// One queued message's address and GSO segment size.
 struct Meta {
+    addr: SocketAddr,
+    /// Datagrams in the message.
+    segments: usize,
     dest: libc::sockaddr_storage,
     dest_len: libc::socklen_t,
     segment_size: Option<u16>,
@@ -36,13 +45,22 @@ pub(super) struct TxBatch {
     ctrl: Vec<[u64; 4]>,
     /// GSO stays on until the kernel refuses it once (EIO/EINVAL).
     pub(super) gso_ok: bool,
+    /// Most datagrams one GSO message may carry (1: no GSO).
+    max_segments: usize,
     /// Datagrams refused for good (QUIC retransmits).
     pub(super) dropped: u64,
+    /// `sendmmsg` calls, messages and datagrams handed to the kernel.
+    pub(super) syscalls: u64,
+    pub(super) messages: u64,
+    pub(super) datagrams: u64,
 }
 
 // SAFETY: the raw pointers in `hdrs`/`iovs` are rebuilt before each syscall
 // and never dereferenced outside `send_some`; one thread owns the batch.
 unsafe impl Send for TxBatch {}
+
+/// Largest GSO message (the UDP length field's bound, less headers).
+const MAX_GSO_BYTES: usize = 65_000;
 
 pub(super) enum Flush {
     /// Everything queued is sent (or dropped after a non-retryable error).
@@ -88,7 +106,8 @@ fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
 }
 
 impl TxBatch {
-    pub(super) fn new(capacity: usize) -> Self {
+    /// A batch of `capacity` messages of up to `max_segments` datagrams.
+    pub(super) fn new(capacity: usize, max_segments: usize) -> Self {
         Self {
             bufs: (0..capacity).map(|_| Vec::new()).collect(),
             meta: Vec::with_capacity(capacity),
@@ -98,7 +117,11 @@ impl TxBatch {
             iovs: Vec::with_capacity(capacity),
             ctrl: vec![[0u64; 4]; capacity],
             gso_ok: true,
+            max_segments: max_segments.max(1),
             dropped: 0,
+            syscalls: 0,
+            messages: 0,
+            datagrams: 0,
         }
     }
 
@@ -118,17 +141,47 @@ impl TxBatch {
         b
     }
 
-    /// Queues the message just written into `next_buf()` (first `size` bytes).
+    /// Queues the message just written into `next_buf()` (first `size`
+    /// bytes; datagrams of `segment_size` if several). A single datagram
+    /// joins the message before it as one more GSO segment when that one
+    /// goes to the same address, has not been handed to the kernel, holds
+    /// only datagrams of this size (a shorter one may end it) and has room.
     pub(super) fn commit(&mut self, dest: SocketAddr, size: usize, segment_size: Option<usize>) {
+        let single = segment_size.is_none_or(|s| s >= size);
+        if single && self.gso_ok && self.len > self.sent && size > 0 {
+            let (before, after) = self.bufs.split_at_mut(self.len);
+            let prev = &mut before[self.len - 1];
+            let m = &mut self.meta[self.len - 1];
+            let seg = if m.segments == 1 {
+                prev.len()
+            } else {
+                usize::from(m.segment_size.unwrap_or(0))
+            };
+            if m.addr == dest
+                && seg > 0
+                && size <= seg
+                && prev.len() % seg == 0
+                && m.segments < self.max_segments
+                && prev.len() + size <= MAX_GSO_BYTES
+                && u16::try_from(seg).is_ok()
+            {
+                prev.extend_from_slice(&after[0][..size]);
+                m.segments += 1;
+                m.segment_size = u16::try_from(seg).ok();
+                return;
+            }
+        }
         self.bufs[self.len].truncate(size);
         let seg = match segment_size {
             Some(s) if s < size => u16::try_from(s).ok(),
             _ => None,
         };
-        let (dest, dest_len) = sockaddr(dest);
+        let (sa, sa_len) = sockaddr(dest);
         let meta = Meta {
-            dest,
-            dest_len,
+            addr: dest,
+            segments: seg.map_or(1, |s| size.div_ceil(usize::from(s))),
+            dest: sa,
+            dest_len: sa_len,
             segment_size: seg,
         };
         if self.meta.len() > self.len {
@@ -151,7 +204,15 @@ impl TxBatch {
     pub(super) fn flush(&mut self, fd: RawFd) -> Flush {
         while self.sent < self.len {
             match self.send_some(fd) {
-                Ok(n) => self.sent += n.max(1).min(self.len - self.sent),
+                Ok(n) => {
+                    let n = n.max(1).min(self.len - self.sent);
+                    self.messages += n as u64;
+                    self.datagrams += self.meta[self.sent..self.sent + n]
+                        .iter()
+                        .map(|m| m.segments as u64)
+                        .sum::<u64>();
+                    self.sent += n;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Flush::WouldBlock,
                 Err(e) => {
@@ -227,6 +288,7 @@ impl TxBatch {
             }
             self.hdrs.push(h);
         }
+        self.syscalls += 1;
         // SAFETY: the headers point into buffers, addresses and control
         // blocks that live until this call returns.
         let r = unsafe { libc::sendmmsg(fd, self.hdrs.as_mut_ptr(), n as _, 0) };
@@ -247,7 +309,7 @@ mod tests {
         let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let dest = rx.local_addr().unwrap();
-        let mut b = TxBatch::new(4);
+        let mut b = TxBatch::new(4, 1);
         for i in 0..3u8 {
             b.push_copy(dest, &[i; 10]);
         }
@@ -259,5 +321,36 @@ mod tests {
             let (n, _) = rx.recv_from(&mut buf).unwrap();
             assert_eq!(&buf[..n], &[i; 10]);
         }
+    }
+
+    #[test]
+    fn same_sized_datagrams_share_a_gso_message() {
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let dest = rx.local_addr().unwrap();
+        let other: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let mut b = TxBatch::new(8, 3);
+        // Four of 10 bytes (three fit one message), one short, one elsewhere.
+        for (d, n) in [
+            (dest, 10),
+            (dest, 10),
+            (dest, 10),
+            (dest, 10),
+            (dest, 4),
+            (other, 10),
+        ] {
+            b.push_copy(d, &vec![7u8; n]);
+        }
+        let sizes: Vec<_> = (0..b.len)
+            .map(|i| (b.bufs[i].len(), b.meta[i].segments))
+            .collect();
+        assert_eq!(sizes, vec![(30, 3), (14, 2), (10, 1)]);
+        assert_eq!(b.meta[0].segment_size, Some(10));
+        assert_eq!(b.meta[1].segment_size, Some(10));
+        assert_eq!(b.meta[2].segment_size, None);
+        // A longer datagram never joins shorter ones.
+        let mut b = TxBatch::new(8, 64);
+        b.push_copy(dest, &[1u8; 10]);
+        b.push_copy(dest, &[1u8; 12]);
+        assert_eq!(b.len, 2);
     }
 }
