@@ -246,7 +246,7 @@ pub async fn run_on(
                 )?,
                 server_name: base.server_name.clone(),
                 client_name: base.client_name.clone(),
-                loops: opts.endpoints,
+                sockets: opts.endpoints,
                 buffer_bytes: opts.client_buffer_mib.saturating_mul(1 << 20),
                 connect_rate: opts.connect_rate,
                 connect_concurrency: opts.connect_concurrency,

@@ -114,7 +114,7 @@ async fn refused_followers_fail_with_the_reason_and_the_rest_verify() {
         .unwrap(),
         server_name: "localhost".into(),
         client_name: "loop-engine-test".into(),
-        loops: 2,
+        sockets: 2,
         buffer_bytes: 1 << 20,
         connect_rate: 0,
         connect_concurrency: 8,

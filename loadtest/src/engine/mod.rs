@@ -93,7 +93,7 @@ pub struct EngineConfig {
     pub client_name: String,
     /// Sockets (`--endpoints`), spread over at most one loop (thread) per
     /// core.
-    pub loops: usize,
+    pub sockets: usize,
     /// Receive and send buffer of each socket.
     pub buffer_bytes: usize,
     /// New connections per second over all loops (0: no pacing).
@@ -147,8 +147,8 @@ impl Engine {
         followers: Vec<FollowerPlan>,
         shared: Arc<Shared>,
     ) -> Result<Engine, EngineError> {
-        if cfg.loops == 0 {
-            return Err(EngineError::Config("loops must be at least 1"));
+        if cfg.sockets == 0 {
+            return Err(EngineError::Config("sockets must be at least 1"));
         }
         if cfg.connect_concurrency == 0 {
             return Err(EngineError::Config(
@@ -156,7 +156,7 @@ impl Engine {
             ));
         }
         let total = followers.len();
-        let sockets = cfg.loops.min(total.max(1));
+        let sockets = cfg.sockets.min(total.max(1));
         // One loop per core at most: more loops than cores only add
         // wake-ups and context switches (see the module docs).
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
