@@ -58,7 +58,7 @@ pub fn open(
 }
 
 /// Asks for `bytes` each way: forced (root), else as far as the caps allow.
-fn set_buffers(socket: &UdpSocket, bytes: usize) {
+pub(crate) fn set_buffers(socket: &UdpSocket, bytes: usize) {
     let fd = socket.as_raw_fd();
     let v = bytes.min(i32::MAX as usize) as libc::c_int;
     for (forced, plain) in [

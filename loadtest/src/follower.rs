@@ -73,7 +73,9 @@ impl Shared {
         }
     }
 
-    fn settle_ok(&self, channels: &[ChannelTally]) {
+    /// A follower is connected and following `channels`: expects their
+    /// posts and counts it settled.
+    pub(crate) fn settle_ok(&self, channels: &[ChannelTally]) {
         let expected: u64 = channels
             .iter()
             .map(|t| {
@@ -91,7 +93,8 @@ impl Shared {
         self.settle();
     }
 
-    fn settle(&self) {
+    /// A follower is done connecting (failed, or after [`Shared::settle_ok`]).
+    pub(crate) fn settle(&self) {
         if self.settled.fetch_add(1, Ordering::AcqRel) + 1 == self.followers {
             self.all_settled.notify_one();
         }
@@ -201,7 +204,14 @@ pub async fn run(
             break;
         };
         match ev {
-            Event::Post(p) => on_post(&shared, &mut out, &index, &p),
+            Event::Post(p) => record_post(
+                &shared,
+                &mut out,
+                |_, ch| index.get(&ch).copied(),
+                p.channel.as_str(),
+                p.seq,
+                &p.text,
+            ),
             Event::Reset { .. } => out.resets += 1,
             Event::Error { message, .. } => {
                 out.errors += 1;
@@ -249,45 +259,50 @@ async fn connect_and_follow(
     Ok(client)
 }
 
-fn now_us() -> u64 {
+pub(crate) fn now_us() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as u64)
 }
 
-fn on_post(
+/// Tallies one received post (both engines): order, gaps, latency (arrival
+/// taken now, when the frame has been decoded), and the shared progress.
+/// `find` maps a channel index to the follower's tally of it.
+pub(crate) fn record_post(
     shared: &Shared,
     out: &mut FollowerResult,
-    index: &HashMap<usize, usize>,
-    p: &herald_server::model::Post,
+    find: impl FnOnce(&[ChannelTally], usize) -> Option<usize>,
+    channel: &str,
+    seq: u64,
+    text: &str,
 ) {
     let now = now_us();
     shared.delivered.fetch_add(1, Ordering::Relaxed);
     shared.last_delivery_at_us.fetch_max(now, Ordering::Relaxed);
-    let Some(&ch) = shared.channel_index.get(p.channel.as_str()) else {
+    let Some(&ch) = shared.channel_index.get(channel) else {
         out.unexpected += 1;
         return;
     };
-    let Some(t) = index.get(&ch).and_then(|&i| out.channels.get_mut(i)) else {
+    let Some(t) = find(&out.channels, ch).and_then(|i| out.channels.get_mut(i)) else {
         out.unexpected += 1;
         return;
     };
-    if p.seq <= t.last {
+    if seq <= t.last {
         t.out_of_order += 1;
         return;
     }
-    let advance = p.seq - t.last;
+    let advance = seq - t.last;
     t.gaps += advance - 1;
-    t.last = p.seq;
+    t.last = seq;
     t.received += 1;
-    let latency = parse_send_time(&p.text).map(|sent| now.saturating_sub(sent));
+    let latency = parse_send_time(text).map(|sent| now.saturating_sub(sent));
     if let Some(l) = latency {
         out.latencies_us.push(l.min(u64::from(u32::MAX)) as u32);
     }
     match shared
         .last_arrival_us
         .get(ch)
-        .and_then(|v| v.get((p.seq - 1) as usize))
+        .and_then(|v| v.get((seq - 1) as usize))
     {
         Some(slot) => {
             slot.fetch_max(latency.unwrap_or(0), Ordering::Relaxed);

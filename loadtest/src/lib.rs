@@ -5,7 +5,8 @@
 //! bounded connect rate, has each follow a few channels picked with a
 //! Zipf-skewed popularity ([`plan`]), publishes P posts over the HTTP API at a
 //! rate or in a burst ([`publisher`]), and measures what arrives
-//! ([`follower`]). Every post carries its send time, so each delivery gives a
+//! ([`follower`]; with `--engine loop`, by a few event-loop threads instead
+//! of a task per follower: [`engine`]). Every post carries its send time, so each delivery gives a
 //! publish-to-delivery latency. The run then checks what it measured
 //! ([`verify`]): every follower must get every post of its channels exactly
 //! once and in order within the timeout. The result is a [`Report`]
@@ -21,6 +22,7 @@
 
 pub mod campaign;
 pub mod endpoints;
+pub mod engine;
 pub mod follower;
 pub mod options;
 pub mod plan;
@@ -54,6 +56,8 @@ pub enum LoadError {
     Api(#[from] herald::cli::ApiCallError),
     #[error("client setup failed: {0}")]
     Client(#[from] herald_client::ClientError),
+    #[error("cannot start the follower loops: {0}")]
+    Engine(#[from] crate::engine::EngineError),
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
 }

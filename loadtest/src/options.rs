@@ -6,6 +6,20 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+/// Which follower engine simulates the followers of a run.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Engine {
+    /// One `herald_client::Client` per follower on shared quinn endpoints:
+    /// the reference client, with reconnect and resume (several tokio task
+    /// wake-ups per delivered packet).
+    Client,
+    /// A few OS threads, each an event loop over one UDP socket and its
+    /// `quinn_proto` connections, speaking the follower protocol itself
+    /// ([`crate::engine`]): no task per follower, batched I/O.
+    Loop,
+}
+
 /// Run options. Every loop the run makes is bounded by these counts and by
 /// `timeout_secs`.
 #[derive(clap::Args, Debug, Clone, Serialize)]
@@ -13,9 +27,16 @@ pub struct Options {
     /// Follower connections to open.
     #[arg(long, default_value_t = 1000)]
     pub followers: usize,
-    /// Client endpoints (UDP sockets) the followers are spread over.
+    /// Client endpoints (UDP sockets) the followers are spread over; with
+    /// `--engine loop`, one event-loop thread each.
     #[arg(long, default_value_t = 4)]
     pub endpoints: usize,
+    /// Follower engine: `loop` (event-loop threads, about 13 µs of
+    /// load-generator CPU per delivery) or `client` (a `herald_client`
+    /// task per follower, about 30 µs, with reconnect and failover). The
+    /// soak always uses `client`.
+    #[arg(long, value_enum, default_value_t = Engine::Loop)]
+    pub engine: Engine,
     /// Receive and send buffer of each client endpoint, in MiB (forced past
     /// the kernel's cap when run as root): it must hold a fan-out round
     /// until the load generator reads it.
@@ -70,11 +91,12 @@ pub struct Options {
 }
 
 impl Options {
-    /// A small run, for tests.
+    /// A small run, for tests (with the default engine, `loop`).
     pub fn small(followers: usize, channels: usize, posts: usize) -> Options {
         Options {
             followers,
             endpoints: 2,
+            engine: Engine::Loop,
             client_buffer_mib: 4,
             connect_rate: 0,
             connect_concurrency: 64,

@@ -11,12 +11,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use herald::cli::ApiClient;
-use herald_client::ClientOptions;
+use herald_client::{quic_client_config, ClientOptions};
 use herald_server::auth::TokenIssuer;
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::sync::{watch, Semaphore};
 
 use crate::follower::{self, FollowerResult, FollowerSpec, Shared};
+use crate::options::Engine;
 use crate::plan::Plan;
 use crate::probe::Sample;
 use crate::publisher::publish_all;
@@ -54,6 +55,56 @@ fn bar(len: u64, msg: &'static str, quiet: bool) -> ProgressBar {
     }
     pb.set_message(msg);
     pb
+}
+
+/// The followers of a run, as the chosen engine runs them.
+enum Followers {
+    /// One task per follower, on shared quinn endpoints.
+    Client {
+        tasks: Vec<tokio::task::JoinHandle<FollowerResult>>,
+        endpoints: Vec<quinn::Endpoint>,
+    },
+    /// Event-loop threads ([`crate::engine`]).
+    Loop(crate::engine::Engine),
+}
+
+impl Followers {
+    /// Stops every follower (the client engine's tasks were told through
+    /// the run's stop signal) and collects their results in follower order,
+    /// within [`STOP_GRACE`].
+    async fn stop(self) -> Vec<FollowerResult> {
+        match self {
+            Followers::Loop(engine) => engine.stop(STOP_GRACE).await,
+            Followers::Client { tasks, endpoints } => {
+                let grace = tokio::time::Instant::now() + STOP_GRACE;
+                let mut results: Vec<FollowerResult> = Vec::with_capacity(tasks.len());
+                for t in tasks {
+                    let abort = t.abort_handle();
+                    match tokio::time::timeout_at(grace, t).await {
+                        Ok(Ok(r)) => results.push(r),
+                        Ok(Err(e)) => results.push(FollowerResult {
+                            error: Some(format!("follower task failed: {e}")),
+                            ..FollowerResult::default()
+                        }),
+                        Err(_) => {
+                            abort.abort();
+                            results.push(FollowerResult {
+                                error: Some("follower did not stop in time".into()),
+                                ..FollowerResult::default()
+                            });
+                        }
+                    }
+                }
+                for e in &endpoints {
+                    e.close(0u32.into(), b"done");
+                }
+                for e in &endpoints {
+                    let _ = tokio::time::timeout(Duration::from_secs(2), e.wait_idle()).await;
+                }
+                results
+            }
+        }
+    }
 }
 
 /// Runs one measurement against `target`. An `Err` means the run could not
@@ -114,54 +165,99 @@ pub async fn run_on(
     // would count a slow but sound handshake as a failure. The connect
     // phase as a whole is still bounded by `--timeout`.
     base.connect_timeout = CONNECT_TIMEOUT;
-    let endpoints = crate::endpoints::open(
-        &base,
-        opts.endpoints,
-        opts.client_buffer_mib.saturating_mul(1 << 20),
-    )?;
     let issuer = TokenIssuer::hs256(target.jwt_secret.as_bytes());
-    let handshakes = Arc::new(Semaphore::new(opts.connect_concurrency));
     let (stop_tx, stop_rx) = watch::channel(false);
     let pb = bar(opts.followers as u64, "connect", opts.quiet);
-    let mut pacer = (opts.connect_rate > 0).then(|| {
-        let mut t =
-            tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(opts.connect_rate)));
-        t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-        t
-    });
     let connect_started = Instant::now();
     let deadline = tokio::time::Instant::now() + opts.timeout();
-    let mut tasks = Vec::with_capacity(opts.followers);
-    for (i, follows) in plan.follows.iter().enumerate() {
-        if let Some(p) = pacer.as_mut() {
-            p.tick().await;
-        }
-        if i % 64 == 0 {
-            pb.set_position(shared.settled.load(Ordering::Relaxed));
-        }
-        let token = issuer
+    let mint = |i: usize| {
+        issuer
             .mint(&format!("{run_id}-f{i}"), TOKEN_TTL)
-            .map_err(|e| LoadError::Target(format!("cannot mint a token: {e}")))?;
-        // Node `i % n` first, then the others: a follower whose node dies
-        // moves to the next one.
-        let mut servers: Vec<std::net::SocketAddr> = nodes.iter().map(|n| n.quic).collect();
-        servers.rotate_left(i % nodes.len());
-        let spec = FollowerSpec {
-            endpoint: endpoints[i % endpoints.len()].clone(),
-            opts: ClientOptions {
-                token,
-                servers,
-                ..base.clone()
-            },
-            channels: follows.iter().map(|&c| channels[c].clone()).collect(),
-        };
-        tasks.push(tokio::spawn(follower::run(
-            spec,
-            shared.clone(),
-            handshakes.clone(),
-            stop_rx.clone(),
-        )));
-    }
+            .map_err(|e| LoadError::Target(format!("cannot mint a token: {e}")))
+    };
+    let followers = match opts.engine {
+        Engine::Client => {
+            let endpoints = crate::endpoints::open(
+                &base,
+                opts.endpoints,
+                opts.client_buffer_mib.saturating_mul(1 << 20),
+            )?;
+            let handshakes = Arc::new(Semaphore::new(opts.connect_concurrency));
+            let mut pacer = (opts.connect_rate > 0).then(|| {
+                let mut t = tokio::time::interval(Duration::from_secs_f64(
+                    1.0 / f64::from(opts.connect_rate),
+                ));
+                t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                t
+            });
+            let mut tasks = Vec::with_capacity(opts.followers);
+            for (i, follows) in plan.follows.iter().enumerate() {
+                if let Some(p) = pacer.as_mut() {
+                    p.tick().await;
+                }
+                if i % 64 == 0 {
+                    pb.set_position(shared.settled.load(Ordering::Relaxed));
+                }
+                let token = mint(i)?;
+                // Node `i % n` first, then the others: a follower whose node
+                // dies moves to the next one.
+                let mut servers: Vec<std::net::SocketAddr> = nodes.iter().map(|n| n.quic).collect();
+                servers.rotate_left(i % nodes.len());
+                let spec = FollowerSpec {
+                    endpoint: endpoints[i % endpoints.len()].clone(),
+                    opts: ClientOptions {
+                        token,
+                        servers,
+                        ..base.clone()
+                    },
+                    channels: follows.iter().map(|&c| channels[c].clone()).collect(),
+                };
+                tasks.push(tokio::spawn(follower::run(
+                    spec,
+                    shared.clone(),
+                    handshakes.clone(),
+                    stop_rx.clone(),
+                )));
+            }
+            Followers::Client { tasks, endpoints }
+        }
+        Engine::Loop => {
+            // Follower `i` connects to node `i % n` (no failover: the loop
+            // engine does not reconnect).
+            let plans = plan
+                .follows
+                .iter()
+                .enumerate()
+                .map(|(i, follows)| {
+                    Ok(crate::engine::FollowerPlan {
+                        index: i,
+                        token: mint(i)?,
+                        channels: follows.iter().map(|&c| channels[c].clone()).collect(),
+                        server: nodes[i % nodes.len()].quic,
+                    })
+                })
+                .collect::<Result<Vec<_>, LoadError>>()?;
+            let cfg = crate::engine::EngineConfig {
+                client: quic_client_config(
+                    &base.trust,
+                    herald_proto::ALPN,
+                    base.keep_alive,
+                    base.idle_timeout,
+                )?,
+                server_name: base.server_name.clone(),
+                client_name: base.client_name.clone(),
+                sockets: opts.endpoints,
+                buffer_bytes: opts.client_buffer_mib.saturating_mul(1 << 20),
+                connect_rate: opts.connect_rate,
+                connect_concurrency: opts.connect_concurrency,
+                connect_timeout: CONNECT_TIMEOUT,
+                max_feed_frame: base.max_feed_frame,
+                started: connect_started,
+            };
+            let engine = crate::engine::Engine::start(cfg, plans, shared.clone())?;
+            Followers::Loop(engine)
+        }
+    };
     let settled_all = loop {
         let settled = shared.settled.load(Ordering::Acquire);
         pb.set_position(settled);
@@ -235,31 +331,7 @@ pub async fn run_on(
 
     // Stop the followers and collect their tallies.
     let _ = stop_tx.send(true);
-    let grace = tokio::time::Instant::now() + STOP_GRACE;
-    let mut results: Vec<FollowerResult> = Vec::with_capacity(tasks.len());
-    for t in tasks {
-        let abort = t.abort_handle();
-        match tokio::time::timeout_at(grace, t).await {
-            Ok(Ok(r)) => results.push(r),
-            Ok(Err(e)) => results.push(FollowerResult {
-                error: Some(format!("follower task failed: {e}")),
-                ..FollowerResult::default()
-            }),
-            Err(_) => {
-                abort.abort();
-                results.push(FollowerResult {
-                    error: Some("follower did not stop in time".into()),
-                    ..FollowerResult::default()
-                });
-            }
-        }
-    }
-    for e in &endpoints {
-        e.close(0u32.into(), b"done");
-    }
-    for e in &endpoints {
-        let _ = tokio::time::timeout(Duration::from_secs(2), e.wait_idle()).await;
-    }
+    let results = followers.stop().await;
 
     let mut verdict = verify(&results, &published.heads, published.failed);
     if let Some(c) = &campaign {

@@ -1,8 +1,10 @@
 //! CI smoke: a few hundred followers and tens of posts against an in-process
-//! server must verify clean, and the server's `/metrics` must show the run.
+//! server must verify clean, and the server's `/metrics` must show the run;
+//! with the default (`loop`) follower engine, and once with `client`.
 
 mod common;
 
+use herald_loadtest::options::Engine;
 use herald_loadtest::{run, Options};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -39,6 +41,22 @@ async fn small_run_verifies_clean() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_engine_run_verifies_clean() {
+    let server = common::InProcess::start().await;
+    let opts = Options {
+        engine: Engine::Client,
+        connect_rate: 2000,
+        ..Options::small(200, 3, 30)
+    };
+    let report = run(&opts, &server.target).await.unwrap();
+    assert!(report.verify.ok, "{report}");
+    assert_eq!(report.connect.connected, 200);
+    assert_eq!(report.delivery.delivered, report.delivery.expected);
+    assert_eq!(report.delivery.latency_ms.count, report.delivery.delivered);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paced_run_on_one_channel_verifies_clean() {
     let server = common::InProcess::start().await;
     let opts = Options {
@@ -58,6 +76,8 @@ async fn campaign_impressions_equal_promoted_frames_received() {
     let server = common::InProcess::start().await;
     let opts = Options {
         campaign: true,
+        // Promoted frames with receipts (Seen), through the client library.
+        engine: Engine::Client,
         ..Options::small(200, 3, 30)
     };
     let report = run(&opts, &server.target).await.unwrap();
