@@ -40,10 +40,10 @@ use herald_client::ClientError;
 use quinn_proto::{ConnectionHandle, DatagramEvent, Dir, Event, StreamEvent, VarInt};
 
 use super::session::{bye, Failure, Session, Step};
-use super::timers::Timers;
 use super::tx_batch::{Flush, TxBatch};
 use super::{Control, EngineConfig, FollowerPlan};
 use crate::follower::{FollowerResult, Shared};
+use herald_server::transport::timers::Timers;
 
 /// Messages per `sendmmsg` (and transmit buffers per lane).
 pub(super) const TX_BATCH: usize = 64;

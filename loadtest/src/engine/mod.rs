@@ -49,14 +49,14 @@
 //! | `event_loop` | one loop: receive, timers, connects, drive, transmit, wait |
 //! | `session` | one follower's protocol: Hello, Follow, control and feed frames |
 //! | `frames` | a bounded, non-async frame decoder |
-//! | `timers` | the loop's timer heap |
 //! | `tx_batch` | `sendmmsg` + GSO batches |
 //! | `wake` | the eventfd that wakes a loop to stop |
+//!
+//! The timer heap is the server transport's own ([`herald_server::transport::timers`]).
 
 mod event_loop;
 mod frames;
 mod session;
-mod timers;
 mod tx_batch;
 mod wake;
 

@@ -71,7 +71,7 @@ mod entry;
 mod event_loop;
 pub mod socket;
 mod steering;
-mod timers;
+pub mod timers;
 mod tx_batch;
 mod wake;
 

@@ -1,5 +1,6 @@
 //! One timer heap per loop for all of its connections' QUIC timers (loss
-//! detection, idle timeout, ACK delay, pacing, close).
+//! detection, idle timeout, ACK delay, pacing, close). Public because the
+//! load generator's follower loops (crate herald-loadtest) use the same heap.
 //!
 //! quinn-proto reports one deadline per connection (`poll_timeout`); each
 //! time it changes the loop pushes the new one. An entry is `(deadline,
@@ -15,23 +16,25 @@ use std::time::Instant;
 /// Stale entries tolerated beyond twice the live connections.
 const SLACK: usize = 1024;
 
+/// A min-heap of `(deadline, slot, generation)` with lazy deletion.
 #[derive(Default)]
-pub(super) struct Timers {
+pub struct Timers {
     heap: BinaryHeap<Reverse<(Instant, usize, u64)>>,
 }
 
 impl Timers {
-    pub(super) fn push(&mut self, at: Instant, slot: usize, gen: u64) {
+    /// Adds a deadline for `slot` in its generation `gen`.
+    pub fn push(&mut self, at: Instant, slot: usize, gen: u64) {
         self.heap.push(Reverse((at, slot, gen)));
     }
 
     /// The earliest deadline (possibly stale: waking early is harmless).
-    pub(super) fn next(&self) -> Option<Instant> {
+    pub fn next(&self) -> Option<Instant> {
         self.heap.peek().map(|Reverse((t, _, _))| *t)
     }
 
     /// Pops an entry due at `now`.
-    pub(super) fn pop_due(&mut self, now: Instant) -> Option<(Instant, usize, u64)> {
+    pub fn pop_due(&mut self, now: Instant) -> Option<(Instant, usize, u64)> {
         match self.heap.peek() {
             Some(Reverse((t, _, _))) if *t <= now => self.heap.pop().map(|Reverse(e)| e),
             _ => None,
@@ -39,11 +42,7 @@ impl Timers {
     }
 
     /// Rebuilds the heap from the live deadlines when stale entries pile up.
-    pub(super) fn compact(
-        &mut self,
-        live: usize,
-        current: impl FnOnce() -> Vec<(Instant, usize, u64)>,
-    ) {
+    pub fn compact(&mut self, live: usize, current: impl FnOnce() -> Vec<(Instant, usize, u64)>) {
         if self.heap.len() > 2 * live + SLACK {
             self.heap = current().into_iter().map(Reverse).collect();
         }
