@@ -40,10 +40,10 @@ use herald_client::ClientError;
 use quinn_proto::{ConnectionHandle, DatagramEvent, Dir, Event, StreamEvent, VarInt};
 
 use super::session::{bye, Failure, Session, Step};
-use super::tx_batch::{Flush, TxBatch};
 use super::{Control, EngineConfig, FollowerPlan};
 use crate::follower::{FollowerResult, Shared};
 use herald_server::transport::timers::Timers;
+use herald_server::transport::tx_batch::{Flush, TxBatch};
 
 /// Messages per `sendmmsg` (and transmit buffers per lane).
 pub(super) const TX_BATCH: usize = 64;
@@ -172,7 +172,7 @@ impl Lane {
             sock,
             udp,
             conns: Vec::new(),
-            tx: TxBatch::new(TX_BATCH, gso),
+            tx: TxBatch::new(TX_BATCH),
             tx_blocked: false,
             pending_tx: Vec::new(),
             gso,
@@ -339,10 +339,10 @@ impl Loop {
         let (mut turns_in, mut sys, mut msgs, mut dgrams, mut dropped) = (0, 0, 0, 0, 0);
         for lane in &self.lanes {
             turns_in += lane.datagrams_in;
-            sys += lane.tx.syscalls;
-            msgs += lane.tx.messages;
-            dgrams += lane.tx.datagrams;
-            dropped += lane.tx.dropped;
+            sys += lane.tx.stats.syscalls;
+            msgs += lane.tx.stats.messages;
+            dgrams += lane.tx.stats.datagrams;
+            dropped += lane.tx.stats.dropped;
         }
         tracing::debug!(
             turns = self.turns,
@@ -626,7 +626,7 @@ impl Loop {
                 }
                 if !lane.tx.is_full() {
                     lane.tx
-                        .push_copy(t.destination, &buf[..t.size.min(buf.len())]);
+                        .push_copy(t.destination, &buf[..t.size.min(buf.len())], None);
                 }
             }
             // The socket is full: dropped (the peer retransmits).

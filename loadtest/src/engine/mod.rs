@@ -49,15 +49,16 @@
 //! | `event_loop` | one loop: receive, timers, connects, drive, transmit, wait |
 //! | `session` | one follower's protocol: Hello, Follow, control and feed frames |
 //! | `frames` | a bounded, non-async frame decoder |
-//! | `tx_batch` | `sendmmsg` + GSO batches |
 //! | `wake` | the eventfd that wakes a loop to stop |
 //!
-//! The timer heap is the server transport's own ([`herald_server::transport::timers`]).
+//! The timer heap and the `sendmmsg` batch are the server transport's own
+//! ([`herald_server::transport::timers`], [`herald_server::transport::tx_batch`]):
+//! every datagram leaves as its own message (no GSO across connections), as
+//! real followers' ACKs reach a server one by one.
 
 mod event_loop;
 mod frames;
 mod session;
-mod tx_batch;
 mod wake;
 
 use std::net::{SocketAddr, UdpSocket};

@@ -72,7 +72,7 @@ mod event_loop;
 pub mod socket;
 mod steering;
 pub mod timers;
-mod tx_batch;
+pub mod tx_batch;
 mod wake;
 
 pub use config::TransportConfig;

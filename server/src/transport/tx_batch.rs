@@ -6,6 +6,11 @@
 //! turn, so transmit memory is per event loop, not per connection: a connection
 //! that once sent a burst keeps no transmit buffer of its own afterwards.
 //!
+//! Public because the load generator's follower loops (crate
+//! herald-loadtest) send with it too: each of their datagrams stays its own
+//! message, as real followers' are (no GSO across connections), so the
+//! server's receive path sees what it would see in the field.
+//!
 //! Bound: at most `capacity` messages are queued; the loop flushes before
 //! queueing more (and, when the socket is full, stops driving connections
 //! until it can write again, so nothing here grows).
@@ -20,7 +25,8 @@ struct Meta {
     segment_size: Option<u16>,
 }
 
-pub(super) struct TxBatch {
+/// A fixed pool of transmit buffers sent with one `sendmmsg`.
+pub struct TxBatch {
     bufs: Vec<Vec<u8>>,
     meta: Vec<Meta>,
     /// Messages filled.
@@ -33,24 +39,32 @@ pub(super) struct TxBatch {
     iovs: Vec<libc::iovec>,
     ctrl: Vec<[u64; 4]>,
     /// GSO stays on until the kernel refuses it once (EIO/EINVAL).
-    pub(super) gso_ok: bool,
-    pub(super) stats: TxStats,
+    pub gso_ok: bool,
+    /// What was sent so far.
+    pub stats: TxStats,
 }
 
+/// Counts of a [`TxBatch`].
 #[derive(Default, Clone, Copy, Debug)]
-pub(super) struct TxStats {
-    pub(super) syscalls: u64,
-    pub(super) messages: u64,
-    pub(super) datagrams: u64,
-    pub(super) dropped: u64,
-    pub(super) would_block: u64,
+pub struct TxStats {
+    /// `sendmmsg` (or fallback) calls.
+    pub syscalls: u64,
+    /// Messages handed to the kernel (a GSO message holds several datagrams).
+    pub messages: u64,
+    /// Datagrams handed to the kernel.
+    pub datagrams: u64,
+    /// Datagrams refused for good (QUIC retransmits them).
+    pub dropped: u64,
+    /// Flushes that found the socket buffer full.
+    pub would_block: u64,
 }
 
 // SAFETY: the raw pointers in `hdrs`/`iovs` are rebuilt before each syscall and never
 // dereferenced outside `flush`; the batch is owned by one thread at a time.
 unsafe impl Send for TxBatch {}
 
-pub(super) enum Flush {
+/// How a [`TxBatch::flush`] ended.
+pub enum Flush {
     /// Everything queued is sent (or dropped after a non-retryable error).
     Done,
     /// The socket buffer is full: wait for POLLOUT and flush again.
@@ -58,7 +72,8 @@ pub(super) enum Flush {
 }
 
 impl TxBatch {
-    pub(super) fn new(capacity: usize) -> Self {
+    /// A batch of at most `capacity` messages.
+    pub fn new(capacity: usize) -> Self {
         Self {
             bufs: (0..capacity).map(|_| Vec::new()).collect(),
             meta: Vec::with_capacity(capacity),
@@ -73,24 +88,26 @@ impl TxBatch {
         }
     }
 
-    pub(super) fn is_full(&self) -> bool {
+    /// No room for another message: flush first.
+    pub fn is_full(&self) -> bool {
         self.len == self.capacity
     }
 
-    pub(super) fn is_empty(&self) -> bool {
+    /// Nothing left to send.
+    pub fn is_empty(&self) -> bool {
         self.len == self.sent
     }
 
     /// The buffer for the next message (cleared); call [`commit`](Self::commit) after filling it.
     /// Must not be called when full.
-    pub(super) fn next_buf(&mut self) -> &mut Vec<u8> {
+    pub fn next_buf(&mut self) -> &mut Vec<u8> {
         let b = &mut self.bufs[self.len];
         b.clear();
         b
     }
 
     /// Queues the message just written into `next_buf()` (first `size` bytes).
-    pub(super) fn commit(&mut self, dest: SocketAddr, size: usize, segment_size: Option<usize>) {
+    pub fn commit(&mut self, dest: SocketAddr, size: usize, segment_size: Option<usize>) {
         let b = &mut self.bufs[self.len];
         b.truncate(size);
         let seg = match segment_size {
@@ -110,7 +127,7 @@ impl TxBatch {
     }
 
     /// Copies a ready-made datagram in (e.g. an endpoint response).
-    pub(super) fn push_copy(&mut self, dest: SocketAddr, data: &[u8], segment_size: Option<usize>) {
+    pub fn push_copy(&mut self, dest: SocketAddr, data: &[u8], segment_size: Option<usize>) {
         let b = self.next_buf();
         b.extend_from_slice(data);
         self.commit(dest, data.len(), segment_size);
@@ -118,7 +135,7 @@ impl TxBatch {
 
     /// Sends everything queued. Datagrams the kernel refuses for good are dropped
     /// (QUIC's loss recovery owns retransmission).
-    pub(super) fn flush(&mut self, fd: RawFd) -> Flush {
+    pub fn flush(&mut self, fd: RawFd) -> Flush {
         while self.sent < self.len {
             match self.send_some(fd) {
                 Ok(n) => {
