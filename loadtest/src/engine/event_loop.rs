@@ -143,7 +143,9 @@ struct Lane {
     sock: UdpSocket,
     udp: quinn::udp::UdpSocketState,
     /// By connection handle.
-    conns: Vec<Option<Entry>>,
+    /// Boxed: growing the vector past a power of two then moves pointers,
+    /// not thousands of quinn-proto connections (kilobytes each).
+    conns: Vec<Option<Box<Entry>>>,
     tx: TxBatch,
     /// The socket refused more: wait for POLLOUT.
     tx_blocked: bool,
@@ -298,7 +300,7 @@ impl Loop {
         self.lanes
             .get_mut(l)
             .and_then(|lane| lane.conns.get_mut(h))
-            .and_then(|e| e.as_mut())
+            .and_then(|e| e.as_deref_mut())
     }
 
     /// Runs until stopped and drained; returns every follower's result with
@@ -422,7 +424,7 @@ impl Loop {
                     if lane.conns.len() <= ch.0 {
                         lane.conns.resize_with(ch.0 + 1, || None);
                     }
-                    lane.conns[ch.0] = Some(Entry {
+                    lane.conns[ch.0] = Some(Box::new(Entry {
                         conn,
                         session: Session::new(self.cfg.max_feed_frame),
                         follower: k,
@@ -431,7 +433,7 @@ impl Loop {
                         touched: false,
                         pending_tx: false,
                         ended: false,
-                    });
+                    }));
                     self.live += 1;
                     self.books.in_flight += 1;
                     let slot = self.slot(l, ch.0);
