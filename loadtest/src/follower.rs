@@ -292,7 +292,7 @@ pub(crate) fn record_post(
         return;
     }
     let advance = seq - t.last;
-    t.gaps += advance - 1;
+    t.gaps = t.gaps.saturating_add(advance - 1);
     t.last = seq;
     t.received += 1;
     let latency = parse_send_time(text).map(|sent| now.saturating_sub(sent));

@@ -28,10 +28,11 @@ pub struct Options {
     #[arg(long, default_value_t = 1000)]
     pub followers: usize,
     /// Client endpoints (UDP sockets) the followers are spread over; with
-    /// `--engine loop`, one event-loop thread each.
+    /// `--engine loop`, shared out over at most one event-loop thread per
+    /// core.
     #[arg(long, default_value_t = 4)]
     pub endpoints: usize,
-    /// Follower engine: `loop` (event-loop threads, about 13 µs of
+    /// Follower engine: `loop` (event-loop threads, about 15 µs of
     /// load-generator CPU per delivery) or `client` (a `herald_client`
     /// task per follower, about 30 µs, with reconnect and failover). The
     /// soak always uses `client`.

@@ -25,7 +25,8 @@ async fn loop_engine_run_verifies_clean() {
         engine: EngineKind::Loop,
         connect_rate: 2000,
         connect_concurrency: 16,
-        // More sockets than a two-core machine gets loops: several per loop.
+        // More sockets than a two-core machine gets loops: several per loop
+        // there (on four or more cores, one each).
         endpoints: 4,
         ..Options::small(200, 2, 20)
     };

@@ -106,6 +106,10 @@ impl Books {
     fn apply(&mut self, step: Step, e: &mut Entry, now: Instant) {
         match step {
             Step::Continue => {}
+            // A connection the loop already ended (connect deadline, stop)
+            // may still hand over a Followed it had buffered: it was
+            // counted then, not again now.
+            Step::Settled if e.ended => {}
             Step::Settled => {
                 let f = &mut self.followers[e.follower];
                 f.result.connected = true;

@@ -127,8 +127,26 @@ pub(crate) struct Control {
     waker: wake::Waker,
 }
 
+impl Control {
+    fn request_stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.waker.wake();
+    }
+}
+
+/// Asks its loop to stop when dropped: an engine dropped without
+/// [`Engine::stop`] (an error after start, or a start that failed part-way)
+/// leaves no loop running with its connections and keep-alives.
+struct StopOnDrop(Arc<Control>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.request_stop();
+    }
+}
+
 struct LoopHandle {
-    control: Arc<Control>,
+    control: StopOnDrop,
     indices: Vec<usize>,
     done: oneshot::Receiver<Vec<(usize, FollowerResult)>>,
     thread: std::thread::JoinHandle<()>,
@@ -209,7 +227,7 @@ impl Engine {
                 })
                 .map_err(EngineError::Thread)?;
             loops.push(LoopHandle {
-                control,
+                control: StopOnDrop(control),
                 indices,
                 done,
                 thread,
@@ -227,8 +245,7 @@ impl Engine {
     /// is reported as such).
     pub async fn stop(self, grace: Duration) -> Vec<FollowerResult> {
         for l in &self.loops {
-            l.control.stop.store(true, Ordering::SeqCst);
-            l.control.waker.wake();
+            l.control.0.request_stop();
         }
         let deadline = tokio::time::Instant::now() + grace;
         let mut slots: Vec<Option<FollowerResult>> = (0..self.followers).map(|_| None).collect();

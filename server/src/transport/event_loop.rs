@@ -7,7 +7,8 @@
 //! fire due timers; drive every connection touched this turn (its events,
 //! then its packets into the transmit batch); flush the batch with
 //! `sendmmsg` (GSO when one connection has several packets); then `poll(2)`
-//! on the socket and the loop's eventfd until the next timer.
+//! on the socket and the loop's eventfd until the next timer (and, when only
+//! the socket woke it, a short wait to gather more datagrams: [`RX_GATHER`]).
 //!
 //! quinn-proto is called in the order its docs ask: after `handle_event` /
 //! `handle_timeout` / application I/O the loop polls endpoint events,
@@ -67,14 +68,17 @@ const MAX_WAIT_MS: i32 = 60_000;
 /// timers of many connections falling in one window (ACK delays, idle and
 /// loss timers; with 100k idle followers, thousands a second) are handled
 /// in one turn and their packets leave in one `sendmmsg`. Timers fire at
-/// most this late, never early.
+/// most this late (plus up to 1 ms of `poll(2)` rounding), never early; the
+/// receive-gathering wait never runs past the wake-up a timer asked for.
 const TIMER_SLACK: Duration = Duration::from_millis(2);
 /// Receive gathering: when the socket alone woke the loop less than this
 /// after its previous read, the loop waits out the rest of the window (still
 /// woken at once by the application) so one read takes the followers' ACKs
 /// and keep-alives of the whole window. Nothing received is urgent to the
 /// microsecond; each turn saved is a `poll(2)`, a context switch and a
-/// short `recvmmsg`.
+/// short `recvmmsg`. Not when the last read left datagrams in the socket
+/// (a flood is read at full speed), when packets wait for the socket to
+/// take them, or past the loop's next timer.
 const RX_GATHER: Duration = Duration::from_millis(2);
 
 /// The generation of the connection in a slot (0: empty) and the deadline
@@ -179,6 +183,8 @@ pub(super) struct Loop {
     epoch: Instant,
     /// When the socket was last read.
     last_recv: Instant,
+    /// The last read emptied the socket (see [`RX_GATHER`]).
+    recv_drained: bool,
 }
 
 impl Loop {
@@ -235,6 +241,7 @@ impl Loop {
             wake_ready: true,
             epoch: Instant::now(),
             last_recv: Instant::now(),
+            recv_drained: true,
             cfg,
         })
     }
@@ -324,6 +331,8 @@ impl Loop {
     }
 
     fn wait(&mut self) {
+        // When the loop must wake up again at the latest (None: no deadline).
+        let mut wake_at = None;
         let timeout_ms: i32 =
             if !self.touched.is_empty() || (!self.pending_tx.is_empty() && !self.tx_blocked) {
                 0
@@ -346,6 +355,7 @@ impl Loop {
                         let since = t.saturating_duration_since(self.epoch).as_micros();
                         let end = self.epoch
                             + Duration::from_micros((since.div_ceil(slack) * slack) as u64);
+                        wake_at = Some(end);
                         let d = end.saturating_duration_since(Instant::now());
                         // Round up so a timer is never handled early.
                         (d.as_micros().div_ceil(1000)).min(MAX_WAIT_MS as u128) as i32
@@ -368,14 +378,21 @@ impl Loop {
         // SAFETY: two valid pollfds that live across the call.
         let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
         if r > 0 {
-            if fds[0].revents & libc::POLLOUT != 0 {
+            let writable = fds[0].revents & libc::POLLOUT != 0;
+            if writable {
                 self.tx_blocked = false;
             }
             // Errors too: the read reports (and clears) them.
             self.sock_ready = fds[0].revents & !libc::POLLOUT != 0;
             self.wake_ready = fds[1].revents != 0;
-            if self.sock_ready && !self.wake_ready && self.shutting_down.is_none() {
-                self.gather();
+            if self.sock_ready
+                && !self.wake_ready
+                && !writable
+                && self.pending_tx.is_empty()
+                && self.recv_drained
+                && self.shutting_down.is_none()
+            {
+                self.gather(wake_at);
             }
         } else if r < 0 {
             // Interrupted: look at everything again.
@@ -385,9 +402,14 @@ impl Loop {
     }
 
     /// Waits out the rest of the receive-gathering window (see
-    /// [`RX_GATHER`]), returning early if the application wakes the loop.
-    fn gather(&mut self) {
-        let left = RX_GATHER.saturating_sub(self.last_recv.elapsed());
+    /// [`RX_GATHER`]), but not past `wake_at`, returning early if the
+    /// application wakes the loop.
+    fn gather(&mut self, wake_at: Option<Instant>) {
+        let now = Instant::now();
+        let mut left = RX_GATHER.saturating_sub(now.saturating_duration_since(self.last_recv));
+        if let Some(at) = wake_at {
+            left = left.min(at.saturating_duration_since(now));
+        }
         if left.is_zero() {
             return;
         }
@@ -397,7 +419,7 @@ impl Loop {
             revents: 0,
         };
         let ts = libc::timespec {
-            tv_sec: 0,
+            tv_sec: left.as_secs() as libc::time_t,
             tv_nsec: left.subsec_nanos() as libc::c_long,
         };
         // SAFETY: one valid pollfd and a timespec that live across the call.
@@ -411,6 +433,7 @@ impl Loop {
         self.last_recv = Instant::now();
         let batch = self.meta.len();
         let mut buf = std::mem::take(&mut self.recv_buf);
+        let mut drained = false;
         for _round in 0..RECV_ROUNDS {
             let n = {
                 let mut iovs: Vec<IoSliceMut<'_>> =
@@ -421,7 +444,10 @@ impl Loop {
                 {
                     Ok(n) => n,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(_) => break, // WouldBlock: drained; else drop this batch
+                    Err(_) => {
+                        drained = true; // WouldBlock: drained; else drop this batch
+                        break;
+                    }
                 }
             };
             for i in 0..n {
@@ -438,9 +464,11 @@ impl Loop {
                 }
             }
             if n < batch {
-                break; // drained; poll(2) is level-triggered
+                drained = true; // poll(2) is level-triggered
+                break;
             }
         }
+        self.recv_drained = drained;
         self.recv_buf = buf;
     }
 
