@@ -76,24 +76,6 @@ async fn three_followers_get_exactly_their_channels_in_order() {
     let a = server.api.channel("a").await.unwrap();
     assert_eq!(a.head_seq, 100);
     assert_eq!(a.followers, 3);
-
-    // The transport's figures are exported (the recorder is process-wide
-    // and shared with the other tests here, so presence and a floor only).
-    let (status, text) = server.http_text("/metrics").await;
-    assert_eq!(status, 200);
-    for name in [
-        "herald_connections_open",
-        "herald_quic_loop_turns_total{loop=\"0\"}",
-        "herald_quic_datagrams_received_total{loop=\"0\"}",
-        "herald_quic_datagrams_sent_total{loop=\"0\"}",
-        "herald_quic_send_calls_total{loop=\"0\"}",
-    ] {
-        let value = text
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.trim().parse::<f64>().ok());
-        let value = value.unwrap_or_else(|| panic!("{name} not in /metrics:\n{text}"));
-        assert!(value >= 1.0, "{name} = {value}");
-    }
     drop((f1, f2, f3));
     server.stop().await;
 }

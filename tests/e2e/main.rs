@@ -18,6 +18,7 @@ mod follower_auth;
 mod http_limits;
 mod lagging;
 mod lifecycle;
+mod metrics;
 mod netem;
 mod promo;
 mod promo_crash;
