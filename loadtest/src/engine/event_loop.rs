@@ -756,29 +756,18 @@ impl Loop {
             books.apply(step, e, now);
         }
         // Transmit.
-        if lane.tx_blocked {
+        // Blocked (before or now): driven again once the socket is writable.
+        if lane.tx_blocked
+            || matches!(
+                lane.tx
+                    .fill_from(&mut e.conn, now, lane.gso, lane.sock.as_raw_fd()),
+                Flush::WouldBlock
+            )
+        {
+            lane.tx_blocked = true;
             if !e.pending_tx {
                 e.pending_tx = true;
                 lane.pending_tx.push(h);
-            }
-        } else {
-            let segs = if lane.tx.gso_ok { lane.gso } else { 1 };
-            loop {
-                if lane.tx.is_full() {
-                    if let Flush::WouldBlock = lane.tx.flush(lane.sock.as_raw_fd()) {
-                        lane.tx_blocked = true;
-                        if !e.pending_tx {
-                            e.pending_tx = true;
-                            lane.pending_tx.push(h);
-                        }
-                        break;
-                    }
-                }
-                let buf = lane.tx.next_buf();
-                match e.conn.poll_transmit(now, segs, buf) {
-                    Some(t) => lane.tx.commit(t.destination, t.size, t.segment_size),
-                    None => break,
-                }
             }
         }
         while let Some(ev) = e.conn.poll_endpoint_events() {

@@ -23,7 +23,7 @@ use herald_client::ClientError;
 use herald_proto::frame::encode_frame;
 use herald_proto::v1 as pb;
 use herald_proto::{ErrorCode, FrameError};
-use quinn_proto::{Connection, Dir, ReadError, StreamId, VarInt, WriteError};
+use quinn_proto::{Connection, Dir, StreamId, VarInt, WriteError};
 
 use super::frames::FrameBuf;
 use super::FollowerPlan;
@@ -225,34 +225,9 @@ impl Session {
         let Some(id) = self.feed else {
             return Step::Continue;
         };
-        let mut stream = conn.recv_stream(id);
-        let Ok(mut chunks) = stream.read(true) else {
-            return Step::Continue;
-        };
-        let mut failed = None;
-        'read: loop {
-            let room = self.feed_in.room();
-            match chunks.next(room) {
-                Ok(Some(c)) => {
-                    self.feed_in.push(&c.bytes);
-                    loop {
-                        match self.feed_in.next::<pb::FeedFrame>() {
-                            Ok(Some(f)) => on_feed(f, plan, shared, out),
-                            Ok(None) => break,
-                            Err(e) => {
-                                failed = Some(e);
-                                break 'read;
-                            }
-                        }
-                    }
-                }
-                // Finished or reset: the connection's close follows.
-                Ok(None) | Err(ReadError::Blocked) | Err(ReadError::Reset(_)) => break,
-            }
-        }
-        // Transmits (the window update this read released) are polled by
-        // the loop after this call.
-        let _ = chunks.finalize();
+        let failed = read_frames(conn, id, &mut self.feed_in, |f: pb::FeedFrame| {
+            on_feed(f, plan, shared, out)
+        });
         match failed {
             Some(e) => self.protocol(e),
             None => Step::Continue,
@@ -272,26 +247,9 @@ impl Session {
         // Answers are collected first (the stream borrows the connection),
         // at most one per request sent.
         let mut frames = Vec::new();
-        let mut failed = None;
-        let mut stream = conn.recv_stream(id);
-        if let Ok(mut chunks) = stream.read(true) {
-            // Until blocked, finished or reset (the connection's close
-            // follows the last two).
-            'read: while let Ok(Some(c)) = chunks.next(self.ctl_in.room()) {
-                self.ctl_in.push(&c.bytes);
-                loop {
-                    match self.ctl_in.next::<pb::ServerFrame>() {
-                        Ok(Some(f)) => frames.push(f),
-                        Ok(None) => break,
-                        Err(e) => {
-                            failed = Some(e);
-                            break 'read;
-                        }
-                    }
-                }
-            }
-            let _ = chunks.finalize();
-        }
+        let failed = read_frames(conn, id, &mut self.ctl_in, |f: pb::ServerFrame| {
+            frames.push(f)
+        });
         let mut step = Step::Continue;
         for f in frames {
             match self.on_control(conn, f, plan, shared, out) {
@@ -427,6 +385,39 @@ fn on_feed(f: pb::FeedFrame, plan: &FollowerPlan, shared: &Shared, out: &mut Fol
 pub(super) const BYE: &[u8] = b"bye";
 
 /// [`BYE`] as the close reason quinn-proto takes.
+/// Reads stream `id` through `buf` until it is blocked, finished or reset
+/// (the connection's close follows the last two), handing each whole frame
+/// to `each`; stops at the first bad frame and returns its error. The
+/// transmits the read releases (window updates) are polled by the loop
+/// after the caller returns.
+fn read_frames<M: prost::Message + Default>(
+    conn: &mut Connection,
+    id: StreamId,
+    buf: &mut FrameBuf,
+    mut each: impl FnMut(M),
+) -> Option<FrameError> {
+    let mut stream = conn.recv_stream(id);
+    let Ok(mut chunks) = stream.read(true) else {
+        return None;
+    };
+    let mut failed = None;
+    'read: while let Ok(Some(c)) = chunks.next(buf.room()) {
+        buf.push(&c.bytes);
+        loop {
+            match buf.next::<M>() {
+                Ok(Some(f)) => each(f),
+                Ok(None) => break,
+                Err(e) => {
+                    failed = Some(e);
+                    break 'read;
+                }
+            }
+        }
+    }
+    let _ = chunks.finalize();
+    failed
+}
+
 pub(super) fn bye() -> Bytes {
     Bytes::from_static(BYE)
 }

@@ -845,29 +845,18 @@ impl Loop {
             }
         }
         // Transmit.
-        if self.tx_blocked {
+        // Blocked (before or now): driven again once the socket is writable.
+        if self.tx_blocked
+            || matches!(
+                self.tx
+                    .fill_from(&mut e.conn, now, self.gso, self.sock.as_raw_fd()),
+                Flush::WouldBlock
+            )
+        {
+            self.tx_blocked = true;
             if !e.pending_tx {
                 e.pending_tx = true;
                 self.pending_tx.push(h);
-            }
-        } else {
-            let segs = if self.tx.gso_ok { self.gso } else { 1 };
-            loop {
-                if self.tx.is_full() {
-                    if let Flush::WouldBlock = self.tx.flush(self.sock.as_raw_fd()) {
-                        self.tx_blocked = true;
-                        if !e.pending_tx {
-                            e.pending_tx = true;
-                            self.pending_tx.push(h);
-                        }
-                        break;
-                    }
-                }
-                let buf = self.tx.next_buf();
-                match e.conn.poll_transmit(now, segs, buf) {
-                    Some(t) => self.tx.commit(t.destination, t.size, t.segment_size),
-                    None => break,
-                }
             }
         }
         while let Some(ev) = e.conn.poll_endpoint_events() {

@@ -133,6 +133,33 @@ impl TxBatch {
         self.commit(dest, data.len(), segment_size);
     }
 
+    /// Moves `conn`'s packets into the batch (up to `max_segments` datagrams
+    /// per GSO message while the kernel takes GSO), flushing whenever the
+    /// batch is full, until the connection has nothing more to send
+    /// ([`Flush::Done`]) or the socket is full ([`Flush::WouldBlock`]: call
+    /// again once it is writable).
+    pub fn fill_from(
+        &mut self,
+        conn: &mut quinn_proto::Connection,
+        now: std::time::Instant,
+        max_segments: usize,
+        fd: RawFd,
+    ) -> Flush {
+        let segs = if self.gso_ok { max_segments } else { 1 };
+        loop {
+            if self.is_full() {
+                if let Flush::WouldBlock = self.flush(fd) {
+                    return Flush::WouldBlock;
+                }
+            }
+            let buf = self.next_buf();
+            match conn.poll_transmit(now, segs, buf) {
+                Some(t) => self.commit(t.destination, t.size, t.segment_size),
+                None => return Flush::Done,
+            }
+        }
+    }
+
     /// Sends everything queued. Datagrams the kernel refuses for good are dropped
     /// (QUIC's loss recovery owns retransmission).
     pub fn flush(&mut self, fd: RawFd) -> Flush {
