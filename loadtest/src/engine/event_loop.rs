@@ -755,8 +755,8 @@ impl Loop {
             };
             books.apply(step, e, now);
         }
-        // Transmit.
-        // Blocked (before or now): driven again once the socket is writable.
+        // Transmit; when blocked (before or now), driven again once the
+        // socket is writable.
         if lane.tx_blocked
             || matches!(
                 lane.tx

@@ -844,8 +844,8 @@ impl Loop {
                 Event::DatagramsUnblocked => {}
             }
         }
-        // Transmit.
-        // Blocked (before or now): driven again once the socket is writable.
+        // Transmit; when blocked (before or now), driven again once the
+        // socket is writable.
         if self.tx_blocked
             || matches!(
                 self.tx
