@@ -227,6 +227,7 @@ impl Conn {
                 client_name: opts.client_name.clone(),
                 // The driver confirms every promoted post (Seen).
                 receipts: true,
+                live_datagrams: false,
             })),
         };
         ctl_send

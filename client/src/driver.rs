@@ -696,7 +696,8 @@ impl Driver {
                     after_seq: p.after_seq,
                 }
             }
-            None => return true,
+            // Only sent to clients with live datagrams, which this one is not yet.
+            Some(Kind::Head(_)) | None => return true,
         };
         self.emit(event).await
     }

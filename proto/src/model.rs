@@ -15,6 +15,8 @@ pub const MAX_CHANNEL_ID_LEN: usize = 64;
 pub const MAX_TOKEN_BYTES: usize = 8 * 1024;
 /// Most receipts one Seen frame may carry.
 pub const MAX_RECEIPTS_PER_SEEN: usize = 1024;
+/// Most posts one Resend may ask for.
+pub const MAX_RESEND: u64 = 1024;
 
 /// A field a peer sent was invalid. The message names the field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -186,6 +188,8 @@ pub enum ClientRequest {
         client_name: String,
         /// The client confirms promoted posts with Seen.
         receipts: bool,
+        /// The client takes live posts as QUIC datagrams.
+        live_datagrams: bool,
     },
     /// Follow a channel.
     Follow(FollowRequest),
@@ -209,6 +213,16 @@ pub enum ClientRequest {
         /// Their receipts.
         receipts: Vec<u64>,
     },
+    /// Send posts `from..=to` of a followed channel again on the feed
+    /// stream (1 ≤ from ≤ to, at most [`MAX_RESEND`] posts).
+    Resend {
+        /// The channel.
+        channel: ChannelId,
+        /// The first seq.
+        from: u64,
+        /// The last seq.
+        to: u64,
+    },
 }
 
 impl ClientRequest {
@@ -217,7 +231,9 @@ impl ClientRequest {
         match self {
             ClientRequest::Follow(f) => Some(&f.channel),
             ClientRequest::Unfollow(c) => Some(c),
-            ClientRequest::Click { channel, .. } => Some(channel),
+            ClientRequest::Click { channel, .. } | ClientRequest::Resend { channel, .. } => {
+                Some(channel)
+            }
             ClientRequest::Hello { .. }
             | ClientRequest::Refresh { .. }
             | ClientRequest::Seen { .. } => None,
@@ -254,6 +270,7 @@ impl TryFrom<pb::ClientFrame> for (u64, ClientRequest) {
                     token: check_token(h.token)?,
                     client_name,
                     receipts: h.receipts,
+                    live_datagrams: h.live_datagrams,
                 }
             }
             Some(Kind::Follow(f)) => ClientRequest::Follow(f.try_into()?),
@@ -278,6 +295,19 @@ impl TryFrom<pb::ClientFrame> for (u64, ClientRequest) {
                 }
                 ClientRequest::Seen {
                     receipts: s.receipts,
+                }
+            }
+            Some(Kind::Resend(r)) => {
+                if r.from_seq == 0 || r.to_seq < r.from_seq || r.to_seq - r.from_seq >= MAX_RESEND {
+                    return Err(invalid(format!(
+                        "Resend must ask for 1 to {MAX_RESEND} posts from seq 1 on (from_seq {} to_seq {})",
+                        r.from_seq, r.to_seq
+                    )));
+                }
+                ClientRequest::Resend {
+                    channel: ChannelId::parse(&r.channel)?,
+                    from: r.from_seq,
+                    to: r.to_seq,
                 }
             }
         };
@@ -315,6 +345,30 @@ mod tests {
         match <(u64, ClientRequest)>::try_from(seen(MAX_RECEIPTS_PER_SEEN)) {
             Ok((9, ClientRequest::Seen { receipts })) => {
                 assert_eq!(receipts.len(), MAX_RECEIPTS_PER_SEEN)
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn resend_asks_for_one_to_max_posts() {
+        let resend = |from: u64, to: u64| pb::ClientFrame {
+            request_id: 3,
+            kind: Some(pb::client_frame::Kind::Resend(pb::Resend {
+                channel: "c".into(),
+                from_seq: from,
+                to_seq: to,
+            })),
+        };
+        for (from, to) in [(0, 0), (0, 5), (5, 4), (1, MAX_RESEND + 1)] {
+            assert!(
+                <(u64, ClientRequest)>::try_from(resend(from, to)).is_err(),
+                "{from}..={to}"
+            );
+        }
+        match <(u64, ClientRequest)>::try_from(resend(1, MAX_RESEND)) {
+            Ok((3, ClientRequest::Resend { channel, from, to })) => {
+                assert_eq!((channel.as_str(), from, to), ("c", 1, MAX_RESEND))
             }
             other => panic!("{other:?}"),
         }

@@ -41,6 +41,7 @@ fn hello(token: &str) -> Vec<u8> {
             token: token.into(),
             client_name: "test".into(),
             receipts: false,
+            live_datagrams: false,
         })),
     })
     .to_vec()

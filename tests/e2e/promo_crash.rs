@@ -153,6 +153,7 @@ async fn impressions_equal_frames_received_across_kill_9() {
                 token: issuer.mint("silent", Duration::from_secs(3600)).unwrap(),
                 client_name: "silent".into(),
                 receipts: true,
+                live_datagrams: false,
             }),
         ),
         (

@@ -215,17 +215,18 @@ impl Session {
                 Ok(Err(e)) => return Err(close(&self.conn, frame_error_code(&e), &e.to_string())),
                 Ok(Ok(Some(f))) => f,
             };
-        let (hello_id, token, receipts) = match <(u64, ClientRequest)>::try_from(first) {
+        let (hello_id, token, receipts, _live_datagrams) = match <(u64, ClientRequest)>::try_from(first) {
             Ok((
                 id,
                 ClientRequest::Hello {
                     token,
                     client_name,
                     receipts,
+                    live_datagrams,
                 },
             )) => {
-                tracing::debug!(client = %client_name, receipts, "hello");
-                (id, token, receipts)
+                tracing::debug!(client = %client_name, receipts, live_datagrams, "hello");
+                (id, token, receipts, live_datagrams)
             }
             Ok(_) => {
                 return Err(close(
@@ -309,6 +310,7 @@ impl Session {
                 max_frame_bytes: limits.max_frame_bytes as u32,
                 max_follows: limits.max_follows_per_connection as u32,
                 queue_bytes: limits.session_queue_bytes as u32,
+                live_datagrams: false,
             })),
         };
         self.conn
@@ -468,6 +470,9 @@ impl Session {
                     Err(e) => error_frame(request_id, ErrorCode::NotFound, e.to_string(), ""),
                 }
             }
+            ClientRequest::Resend { channel, .. } => reply(Kind::Resent(pb::Resent {
+                channel: channel.to_string(),
+            })),
             ClientRequest::Seen { receipts } => {
                 let counted = self.ctx.promo.settle(&follower.id, &receipts);
                 // Answered once the counts are durable: the client forgets
