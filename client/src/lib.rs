@@ -39,6 +39,7 @@
 
 mod conn;
 mod driver;
+pub mod ordering;
 mod token_expiry;
 mod trust;
 pub mod udp;
