@@ -16,6 +16,11 @@ pub(crate) const HELLO_REQUEST_ID: u64 = 1;
 /// Largest control frame the client accepts.
 const MAX_CONTROL_FRAME: usize = 64 * 1024;
 
+/// Bytes of received QUIC datagrams (live posts, `docs/protocol.md` §8.5)
+/// buffered until the driver reads them. When it is full, quinn drops the
+/// oldest; the ordering rules notice the missing seqs and ask for them again.
+pub const DATAGRAM_RECEIVE_BUFFER: usize = 1024 * 1024;
+
 /// A client operation failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ClientError {
@@ -118,6 +123,9 @@ pub fn quic_client_config(
     t.max_concurrent_uni_streams(4u32.into());
     t.max_concurrent_bidi_streams(0u32.into());
     t.mtu_discovery_config(None);
+    // Allows the server to send live datagrams (it sends them only to a
+    // Hello that asks).
+    t.datagram_receive_buffer_size(Some(DATAGRAM_RECEIVE_BUFFER));
     cfg.transport_config(Arc::new(t));
     Ok(cfg)
 }
@@ -185,6 +193,8 @@ pub(crate) struct Conn {
     pub ctl_send: SendStream,
     pub ctl_recv: FrameReader<RecvStream>,
     pub session_id: u64,
+    /// The server sends live posts as datagrams too (Welcome said so).
+    pub live_datagrams: bool,
 }
 
 impl Conn {
@@ -227,7 +237,7 @@ impl Conn {
                 client_name: opts.client_name.clone(),
                 // The driver confirms every promoted post (Seen).
                 receipts: true,
-                live_datagrams: false,
+                live_datagrams: opts.live_datagrams,
             })),
         };
         ctl_send
@@ -259,6 +269,9 @@ impl Conn {
                 ctl_send,
                 ctl_recv,
                 session_id: w.session_id,
+                // Only if asked for: a server that grants what was not asked
+                // is not believed.
+                live_datagrams: w.live_datagrams && opts.live_datagrams,
             }),
             Some(pb::server_frame::Kind::Error(e)) => Err(ClientError::Refused {
                 code: ErrorCode::from_u32(e.code),

@@ -8,6 +8,11 @@
 //! connection if the answer did not come: so the server counts each
 //! promoted post this follower got exactly once, even across its crash.
 //!
+//! Feed frames and live datagrams go through each channel's ordering
+//! ([`crate::ordering`], glued in [`delivery`]): posts are delivered once,
+//! in seq order, whichever path brought them, and what is missing is asked
+//! for with `Resend`.
+//!
 //! With a [`super::TokenRefresher`], it also keeps the token fresh: at about
 //! 80 % of the token's remaining lifetime (read from its `exp`, unverified)
 //! it asks the application for a new one and sends it in band (Refresh);
@@ -26,19 +31,14 @@ use super::conn::{ClientError, Conn};
 use super::{
     ClientOptions, ClientStats, Command, Event, FollowFrom, Followed, RefreshError, RefreshFuture,
 };
+use crate::ordering::Release;
+use delivery::{Change, ChannelState, Retries};
 use herald_proto::frame::{encode_frame, FrameReader};
-use herald_proto::model::{ChannelId, Media, Post};
+use herald_proto::model::{ChannelId, Post};
 use herald_proto::v1 as pb;
 use herald_proto::ErrorCode;
 
-/// What the client knows of one followed channel.
-#[derive(Debug, Clone, Copy, Default)]
-struct ChannelState {
-    /// Seq of the last post delivered to the application.
-    last_seq: Option<u64>,
-    epoch: Option<u64>,
-    tail: u32,
-}
+mod delivery;
 
 enum Pending {
     Follow {
@@ -50,6 +50,8 @@ enum Pending {
     Refresh,
     /// The first this many receipts of `Driver::receipts`.
     Seen(usize),
+    /// A Resend for this channel.
+    Resend(String),
 }
 
 /// Share of a token's remaining lifetime after which it is refreshed.
@@ -113,6 +115,14 @@ pub(crate) struct Driver {
     receipts: VecDeque<u64>,
     /// When to send the next Seen (`None`: nothing to send).
     seen_due: Option<tokio::time::Instant>,
+    /// Whether the current connection has live datagrams.
+    live_datagrams: bool,
+    /// What the orderings released and the application has not been given
+    /// yet (emptied after each frame).
+    released: Vec<Release<Post, Change>>,
+    /// Channels whose ordering may have a Resend to ask (emptied after each
+    /// frame, timer or answer).
+    touched: Vec<String>,
 }
 
 impl Driver {
@@ -136,6 +146,9 @@ impl Driver {
             closing: None,
             receipts: VecDeque::new(),
             seen_due: None,
+            live_datagrams: false,
+            released: Vec::new(),
+            touched: Vec::new(),
         }
     }
 
@@ -284,15 +297,32 @@ impl Driver {
     /// Serves one connection until it ends.
     async fn serve(&mut self, c: &mut Conn) -> End {
         let mut pending: HashMap<u64, Pending> = HashMap::new();
+        // Resends answered, waiting to be asked again if still needed.
+        let mut retries = Retries::default();
+        self.live_datagrams = c.live_datagrams;
+        self.touched.clear();
+        for st in self.channels.values_mut() {
+            st.order
+                .new_connection(c.live_datagrams, &mut self.released);
+        }
+        if self.emit_released().await.is_err() {
+            return End::Closed;
+        }
         // Re-follow what we followed before, from where we are.
-        let resume: Vec<(String, ChannelState)> =
-            self.channels.iter().map(|(k, v)| (k.clone(), *v)).collect();
-        for (channel, st) in resume {
-            let from = FollowFrom {
-                after_seq: st.last_seq,
-                epoch: st.epoch,
-                tail: if st.last_seq.is_some() { 0 } else { st.tail },
-            };
+        let resume: Vec<(String, FollowFrom)> = self
+            .channels
+            .iter()
+            .map(|(k, st)| {
+                let last = st.order.last_seq();
+                let from = FollowFrom {
+                    after_seq: last,
+                    epoch: st.order.epoch(),
+                    tail: if last.is_some() { 0 } else { st.tail },
+                };
+                (k.clone(), from)
+            })
+            .collect();
+        for (channel, from) in resume {
             let (id, frame) = self.follow_frame(&channel, from);
             if let Err(e) = c.ctl_send.write_all(&encode_frame(&frame)).await {
                 return End::Failed(write_error(&c.conn, e));
@@ -315,8 +345,31 @@ impl Driver {
             .and_then(|_| refresh_deadline(&self.opts.token));
         let mut refreshing: Option<RefreshFuture> = None;
         loop {
+            // Resends the last frame, answer or timer made due.
+            while let Some(channel) = self.touched.pop() {
+                if let Err(e) = self.ask_resend(c, &mut pending, &channel).await {
+                    fail_pending(pending);
+                    return End::Failed(e);
+                }
+            }
             let seen_in_flight = pending.values().any(|p| matches!(p, Pending::Seen(_)));
             tokio::select! {
+                _ = wait_until(retries.next()), if retries.next().is_some() => {
+                    retries.due(tokio::time::Instant::now(), &mut self.touched);
+                }
+                datagram = c.conn.read_datagram(), if self.live_datagrams => {
+                    match datagram {
+                        Ok(d) => {
+                            if self.on_datagram(&d).await.is_err() {
+                                return End::Closed;
+                            }
+                        }
+                        Err(e) => {
+                            fail_pending(pending);
+                            return End::Failed(e.into());
+                        }
+                    }
+                }
                 _ = wait_until(self.seen_due), if !seen_in_flight && self.seen_due.is_some() => {
                     self.seen_due = None;
                     let n = self.receipts.len().min(herald_proto::model::MAX_RECEIPTS_PER_SEEN);
@@ -384,11 +437,17 @@ impl Driver {
                                 }));
                                 continue;
                             }
-                            let st = self.channels.entry(channel.clone()).or_default();
+                            let live_datagrams = self.live_datagrams;
+                            let st = self
+                                .channels
+                                .entry(channel.clone())
+                                .or_insert_with(|| ChannelState::new(live_datagrams, from.tail));
                             st.tail = from.tail;
-                            if from.after_seq.is_some() {
-                                st.last_seq = from.after_seq;
-                                st.epoch = from.epoch;
+                            if let Some(after) = from.after_seq {
+                                st.order.resume_from(after, from.epoch, &mut self.released);
+                            }
+                            if self.emit_released().await.is_err() {
+                                return End::Closed;
                             }
                             let (id, frame) = self.follow_frame(&channel, from);
                             pending.insert(id, Pending::Follow { channel, reply: Some(reply) });
@@ -423,6 +482,15 @@ impl Driver {
                 frame = c.ctl_recv.read_frame::<pb::ServerFrame>() => {
                     match frame {
                         Ok(Some(f)) => {
+                            if matches!(pending.get(&f.request_id), Some(Pending::Resend(_))) {
+                                if let Some(Pending::Resend(channel)) = pending.remove(&f.request_id) {
+                                    if let Some(pb::server_frame::Kind::Error(e)) = &f.kind {
+                                        tracing::debug!(%channel, error = %e.message, "resend refused");
+                                    }
+                                    self.on_resend_answer(channel, &mut retries);
+                                }
+                                continue;
+                            }
                             if let Some(end) = self.on_control(f, &mut pending).await {
                                 return end;
                             }
@@ -450,7 +518,7 @@ impl Driver {
                 frame = read_feed(&mut feed), if feed.is_some() => {
                     match frame {
                         Ok(Some(f)) => {
-                            if !self.on_feed(f).await {
+                            if self.on_feed(f).await.is_err() {
                                 return End::Closed;
                             }
                         }
@@ -479,16 +547,20 @@ impl Driver {
         match (f.kind, waiting) {
             (Some(Kind::Followed(fd)), Some(Pending::Follow { channel, reply })) => {
                 if let Some(st) = self.channels.get_mut(&channel) {
-                    if st.last_seq.is_none() {
-                        st.last_seq = Some(fd.head_seq.saturating_sub(u64::from(st.tail)));
-                    }
-                    st.epoch = Some(fd.epoch);
+                    // The position of a follow without one (§9); datagram
+                    // posts may have waited for it.
+                    st.order
+                        .followed(fd.head_seq, fd.epoch, st.tail, &mut self.released);
+                    self.touched.push(channel);
                 }
                 if let Some(r) = reply {
                     let _ = r.send(Ok(Followed {
                         head_seq: fd.head_seq,
                         epoch: fd.epoch,
                     }));
+                }
+                if self.emit_released().await.is_err() {
+                    return Some(End::Closed);
                 }
             }
             (Some(Kind::Unfollowed(_)), Some(Pending::Unfollow(reply))) => {
@@ -564,6 +636,8 @@ impl Driver {
                         tracing::debug!(error = %e.message, "receipts not taken; will send them again");
                         self.seen_due = Some(tokio::time::Instant::now() + SEEN_RETRY);
                     }
+                    // Answered in `serve` (never here).
+                    Some(Pending::Resend(_)) => {}
                     Some(Pending::Refresh) | None => {
                         if !self
                             .emit(Event::Error {
@@ -592,114 +666,6 @@ impl Driver {
             _ => {}
         }
         None
-    }
-
-    /// Handles one feed frame; `false` if the application went away.
-    async fn on_feed(&mut self, f: pb::FeedFrame) -> bool {
-        use pb::feed_frame::Kind;
-        let event = match f.kind {
-            Some(Kind::Post(p)) => {
-                let Some(st) = self.channels.get_mut(&p.channel) else {
-                    return true;
-                };
-                if let Some(last) = st.last_seq {
-                    if p.seq <= last {
-                        self.stats
-                            .duplicates_dropped
-                            .fetch_add(1, Ordering::Relaxed);
-                        return true;
-                    }
-                    if p.seq > last + 1 {
-                        self.stats.gaps.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(channel = %p.channel, last, got = p.seq, "gap in feed");
-                    }
-                }
-                st.last_seq = Some(p.seq);
-                st.epoch = Some(p.epoch);
-                let Ok(channel) = ChannelId::parse(&p.channel) else {
-                    return true;
-                };
-                self.stats.posts.fetch_add(1, Ordering::Relaxed);
-                Event::Post(Post {
-                    channel,
-                    seq: p.seq,
-                    epoch: p.epoch,
-                    id: p.id,
-                    text: p.text,
-                    media: p
-                        .media
-                        .into_iter()
-                        .map(|m| Media {
-                            url: m.url,
-                            mime: m.mime,
-                        })
-                        .collect(),
-                    created_at_ms: p.created_at_ms,
-                    edited_at_ms: p.edited_at_ms,
-                    deleted: p.deleted,
-                    damaged: p.damaged,
-                })
-            }
-            Some(Kind::Edited(e)) => {
-                if !self.channels.contains_key(&e.channel) {
-                    return true;
-                }
-                Event::Edited {
-                    channel: e.channel,
-                    seq: e.seq,
-                    epoch: e.epoch,
-                    text: e.text,
-                    edited_at_ms: e.edited_at_ms,
-                }
-            }
-            Some(Kind::Deleted(d)) => {
-                if !self.channels.contains_key(&d.channel) {
-                    return true;
-                }
-                Event::Deleted {
-                    channel: d.channel,
-                    seq: d.seq,
-                    epoch: d.epoch,
-                }
-            }
-            Some(Kind::Reset(r)) => {
-                let Some(st) = self.channels.get_mut(&r.channel) else {
-                    return true;
-                };
-                st.last_seq = Some(r.oldest_seq.saturating_sub(1));
-                st.epoch = Some(r.epoch);
-                Event::Reset {
-                    channel: r.channel,
-                    epoch: r.epoch,
-                    oldest_seq: r.oldest_seq,
-                }
-            }
-            Some(Kind::Promoted(p)) => {
-                if !self.channels.contains_key(&p.channel) {
-                    return true;
-                }
-                self.stats.promoted.fetch_add(1, Ordering::Relaxed);
-                if p.receipt != 0 {
-                    self.note_receipt(p.receipt);
-                }
-                Event::Promoted {
-                    channel: p.channel,
-                    campaign_id: p.campaign_id,
-                    label: p.label,
-                    title: p.title,
-                    text: p.text,
-                    media: p.media.map(|m| Media {
-                        url: m.url,
-                        mime: m.mime,
-                    }),
-                    cta_url: p.cta_url,
-                    after_seq: p.after_seq,
-                }
-            }
-            // Only sent to clients with live datagrams, which this one is not yet.
-            Some(Kind::Head(_)) | None => return true,
-        };
-        self.emit(event).await
     }
 
     /// Keeps `receipt` until the server acknowledges it, and schedules a Seen.

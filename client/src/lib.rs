@@ -38,13 +38,14 @@
 #![warn(missing_docs)]
 
 mod conn;
+mod datagram;
 mod driver;
 pub mod ordering;
 mod token_expiry;
 mod trust;
 pub mod udp;
 
-pub use conn::{connect_raw, quic_client_config, ClientError};
+pub use conn::{connect_raw, quic_client_config, ClientError, DATAGRAM_RECEIVE_BUFFER};
 
 /// Most receipts of promoted posts kept unconfirmed (the server has not
 /// acknowledged them); past it the oldest is dropped, and that promoted post
@@ -108,11 +109,17 @@ pub struct ClientOptions {
     pub backoff_min: Duration,
     /// Largest pause between reconnect attempts.
     pub backoff_max: Duration,
+    /// Ask the server for live posts as QUIC datagrams (`docs/protocol.md`
+    /// §8.5): cheaper for the server, and a lost datagram costs no stream
+    /// head-of-line blocking. The client then orders posts by seq across
+    /// both paths and asks for what it missed (see [`ordering`]); the
+    /// application sees the same events either way. Default: on.
+    pub live_datagrams: bool,
 }
 
 impl ClientOptions {
     /// Defaults: reconnect on, 15 s keep-alive, 30 s idle timeout, 5 s to
-    /// connect, 1024 buffered events.
+    /// connect, 1024 buffered events, live datagrams asked for.
     pub fn new(server: SocketAddr, trust: ClientTrust, token: String) -> ClientOptions {
         ClientOptions::with_servers(vec![server], trust, token)
     }
@@ -140,6 +147,7 @@ impl ClientOptions {
             connect_timeout: Duration::from_secs(5),
             backoff_min: Duration::from_millis(50),
             backoff_max: Duration::from_secs(5),
+            live_datagrams: true,
         }
     }
 }
@@ -274,6 +282,18 @@ pub struct ClientStats {
     /// Index in [`ClientOptions::servers`] of the server of the current (or
     /// last) connection.
     pub server_index: AtomicU64,
+    /// Posts received as QUIC datagrams (live datagrams, §8.5), before
+    /// ordering (duplicates included).
+    pub datagram_posts: AtomicU64,
+    /// Datagrams that were not one well-formed, length-prefixed `Post`
+    /// feed frame: dropped.
+    pub datagrams_malformed: AtomicU64,
+    /// Resend requests sent for posts that did not arrive.
+    pub resends: AtomicU64,
+    /// Posts or changes dropped because the channel already held
+    /// [`ordering::MAX_HELD_POSTS`] posts or [`ordering::MAX_HELD_CHANGES`]
+    /// changes waiting (a dropped post is asked for again).
+    pub held_dropped: AtomicU64,
 }
 
 impl ClientStats {
