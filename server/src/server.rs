@@ -182,7 +182,8 @@ impl Server {
         promo.set_receipt_window(Duration::from_secs(config.promo.receipt_window_secs));
         let stage_promo = promo.clone();
         // After an organic post, the channel's promoted slot may open.
-        let fanout = FanoutStage::start(hub.clone(), move |p, followers| {
+        let heads = config.limits.live_datagrams.then_some(HEAD_AFTER);
+        let fanout = FanoutStage::start(hub.clone(), heads, move |p, followers| {
             stage_promo.after_post(&p.channel, p.seq, followers)
         })
         .map_err(|e| ServerError::Fanout(e.to_string()))?;
@@ -537,6 +538,10 @@ impl DataDirLock {
         Ok(DataDirLock { _file: file })
     }
 }
+
+/// A channel quiet this long after a post gets a Head frame to followers
+/// with live datagrams (protocol §8.5).
+const HEAD_AFTER: Duration = Duration::from_secs(1);
 
 /// Largest QUIC DATAGRAM frame a follower may send (the server reads none).
 const DATAGRAM_IN_BYTES: usize = 1500;

@@ -215,28 +215,29 @@ impl Session {
                 Ok(Err(e)) => return Err(close(&self.conn, frame_error_code(&e), &e.to_string())),
                 Ok(Ok(Some(f))) => f,
             };
-        let (hello_id, token, receipts, live_datagrams) = match <(u64, ClientRequest)>::try_from(first) {
-            Ok((
-                id,
-                ClientRequest::Hello {
-                    token,
-                    client_name,
-                    receipts,
-                    live_datagrams,
-                },
-            )) => {
-                tracing::debug!(client = %client_name, receipts, live_datagrams, "hello");
-                (id, token, receipts, live_datagrams)
-            }
-            Ok(_) => {
-                return Err(close(
-                    &self.conn,
-                    ErrorCode::HelloRequired,
-                    "the first frame must be Hello",
-                ))
-            }
-            Err(e) => return Err(close(&self.conn, ErrorCode::MalformedFrame, &e.to_string())),
-        };
+        let (hello_id, token, receipts, live_datagrams) =
+            match <(u64, ClientRequest)>::try_from(first) {
+                Ok((
+                    id,
+                    ClientRequest::Hello {
+                        token,
+                        client_name,
+                        receipts,
+                        live_datagrams,
+                    },
+                )) => {
+                    tracing::debug!(client = %client_name, receipts, live_datagrams, "hello");
+                    (id, token, receipts, live_datagrams)
+                }
+                Ok(_) => {
+                    return Err(close(
+                        &self.conn,
+                        ErrorCode::HelloRequired,
+                        "the first frame must be Hello",
+                    ))
+                }
+                Err(e) => return Err(close(&self.conn, ErrorCode::MalformedFrame, &e.to_string())),
+            };
         let mut follower = match self.ctx.verifier.verify(&token) {
             Ok(f) => f,
             Err(e) => return Err(close(&self.conn, e.code(), &e.to_string())),
@@ -268,9 +269,8 @@ impl Session {
         }
         // Live datagrams when the follower asked, the operator allows them
         // and the connection negotiated them (protocol §8.5).
-        let live_datagrams = live_datagrams
-            && limits.live_datagrams
-            && self.conn.max_datagram_size().is_some();
+        let live_datagrams =
+            live_datagrams && limits.live_datagrams && self.conn.max_datagram_size().is_some();
         let outbox = Arc::new(Outbox::with_control_bound(
             limits.session_queue_bytes,
             limits.max_follows_per_connection + MAX_PENDING_CONTROL,
