@@ -140,6 +140,9 @@ pub struct Limits {
     pub session_queue_bytes: usize,
     /// Most channels one connection may follow.
     pub max_follows_per_connection: usize,
+    /// Send live posts as QUIC DATAGRAM frames to followers that ask for
+    /// them (protocol §8.5): cheaper for the server than stream frames.
+    pub live_datagrams: bool,
     /// Most QUIC connections at once; further handshakes are refused.
     pub max_connections: usize,
     /// Most handshakes in progress at once (a reconnect storm waits its turn).
@@ -214,6 +217,7 @@ impl Default for Limits {
             max_frame_bytes: herald_proto::frame::DEFAULT_MAX_CONTROL_FRAME,
             session_queue_bytes: 256 * 1024,
             max_follows_per_connection: 1024,
+            live_datagrams: true,
             max_connections: 200_000,
             max_concurrent_handshakes: 256,
             handshake_timeout_secs: 5,

@@ -30,6 +30,13 @@ pub const QUIC_DATAGRAMS_IN: &str = "herald_quic_datagrams_received_total";
 pub const QUIC_DATAGRAMS_OUT: &str = "herald_quic_datagrams_sent_total";
 /// Counter: `sendmmsg` (or `sendto`) calls of each event loop (label `loop`).
 pub const QUIC_SEND_CALLS: &str = "herald_quic_send_calls_total";
+/// Counter: live posts each event loop sent as QUIC DATAGRAM frames (label
+/// `loop`; protocol §8.5).
+pub const FEED_DATAGRAMS: &str = "herald_feed_datagrams_total";
+/// Counter: Resend requests of followers with live datagrams (protocol §8.5).
+pub const RESENDS: &str = "herald_resends_total";
+/// Counter: Head frames written (protocol §8.5).
+pub const HEADS: &str = "herald_heads_total";
 /// Counter: handshakes by how they ended, label `result` = `ok` | `failed` |
 /// `timed_out` | `retry` (sent a stateless Retry to validate the address) |
 /// `refused` (over the per-address limit).

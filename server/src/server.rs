@@ -182,7 +182,8 @@ impl Server {
         promo.set_receipt_window(Duration::from_secs(config.promo.receipt_window_secs));
         let stage_promo = promo.clone();
         // After an organic post, the channel's promoted slot may open.
-        let fanout = FanoutStage::start(hub.clone(), move |p, followers| {
+        let heads = config.limits.live_datagrams.then_some(HEAD_AFTER);
+        let fanout = FanoutStage::start(hub.clone(), heads, move |p, followers| {
             stage_promo.after_post(&p.channel, p.seq, followers)
         })
         .map_err(|e| ServerError::Fanout(e.to_string()))?;
@@ -538,6 +539,13 @@ impl DataDirLock {
     }
 }
 
+/// A channel quiet this long after a post gets a Head frame to followers
+/// with live datagrams (protocol §8.5).
+const HEAD_AFTER: Duration = Duration::from_secs(1);
+
+/// Largest QUIC DATAGRAM frame a follower may send (the server reads none).
+const DATAGRAM_IN_BYTES: usize = 1500;
+
 fn transport(config: &Config) -> Result<quinn_proto::TransportConfig, ServerError> {
     let limits = &config.limits;
     let mut t = quinn_proto::TransportConfig::default();
@@ -548,7 +556,17 @@ fn transport(config: &Config) -> Result<quinn_proto::TransportConfig, ServerErro
     t.stream_receive_window((64u32 * 1024).into());
     t.receive_window((128u32 * 1024).into());
     t.send_window(1024 * 1024);
-    t.datagram_receive_buffer_size(None);
+    // Datagrams go one way, to followers that ask (protocol §8.5); quinn
+    // sends none unless receiving is enabled too. What a follower sends is
+    // discarded; 1,500 bytes is its most (the advertised frame size).
+    // Unsent live datagrams are bounded like the session's queue; past it
+    // quinn drops the oldest, which the follower asks for again.
+    if limits.live_datagrams {
+        t.datagram_receive_buffer_size(Some(DATAGRAM_IN_BYTES));
+        t.datagram_send_buffer_size(limits.session_queue_bytes);
+    } else {
+        t.datagram_receive_buffer_size(None);
+    }
     t.mtu_discovery_config(None);
     t.keep_alive_interval(None);
     let idle = quinn_proto::IdleTimeout::try_from(limits.idle_timeout())

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use herald_proto::encode_frame;
 
-use super::frames::{deleted_frame, edited_frame};
+use super::frames::{deleted_frame, edited_frame, head_frame};
 use super::promoted::PromotedSlot;
 use crate::model::ChannelId;
 use crate::store::LogEvent;
@@ -23,6 +23,11 @@ pub enum EventKind {
     Delete,
     /// A promoted post (no seq of its own; `seq` is the post it follows).
     Promoted,
+    /// Every post up to `seq` has been fanned out, and the channel has been
+    /// quiet since: written (on the stream) only to followers with live
+    /// datagrams, so that one whose last datagram was lost notices it
+    /// (protocol §8.5).
+    Head,
 }
 
 /// An event encoded once and shared by every follower's queue.
@@ -53,6 +58,17 @@ impl FeedEvent {
             seq: post.seq,
             kind,
             frame,
+            slot: None,
+        }
+    }
+
+    /// The Head event of `channel` at `seq` of `epoch`.
+    pub fn head(channel: &ChannelId, epoch: u64, seq: u64) -> FeedEvent {
+        FeedEvent {
+            channel: channel.clone(),
+            seq,
+            kind: EventKind::Head,
+            frame: encode_frame(&head_frame(channel, epoch, seq)),
             slot: None,
         }
     }

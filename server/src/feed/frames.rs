@@ -1,4 +1,4 @@
-//! The feed frames built from the log: post, edit, delete, reset. (A promoted
+//! The feed frames built from the log: post, edit, delete, reset, head. (A promoted
 //! post's frame is built by the promo engine from its campaign, once per slot.)
 
 use herald_proto::v1 as pb;
@@ -30,6 +30,17 @@ pub fn deleted_frame(p: &Post) -> pb::FeedFrame {
             channel: p.channel.to_string(),
             seq: p.seq,
             epoch: p.epoch,
+        })),
+    }
+}
+
+/// The Head frame: every post of `channel` up to `seq` was sent.
+pub fn head_frame(channel: &ChannelId, epoch: u64, seq: u64) -> pb::FeedFrame {
+    pb::FeedFrame {
+        kind: Some(pb::feed_frame::Kind::Head(pb::Head {
+            channel: channel.to_string(),
+            epoch,
+            seq,
         })),
     }
 }

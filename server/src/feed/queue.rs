@@ -43,6 +43,16 @@ pub enum Item {
     Follow(FollowRequest),
     /// Stop delivering a channel.
     Unfollow(ChannelId),
+    /// Write posts `from..=to` of a channel again, from the log (protocol
+    /// §8.5), as far as they were written before.
+    Resend {
+        /// The channel.
+        channel: ChannelId,
+        /// The first seq.
+        from: u64,
+        /// The last seq.
+        to: u64,
+    },
 }
 
 #[derive(Default)]

@@ -182,6 +182,7 @@ enum Got {
     Deleted(u64),
     Reset { epoch: u64, oldest_seq: u64 },
     Promoted(String),
+    Head(u64),
 }
 
 fn reset(epoch: u64, oldest_seq: u64) -> Got {
@@ -199,6 +200,7 @@ fn decode(frame: &Bytes) -> Got {
             oldest_seq: r.oldest_seq,
         },
         pb::feed_frame::Kind::Promoted(p) => Got::Promoted(p.campaign_id),
+        pb::feed_frame::Kind::Head(h) => Got::Head(h.seq),
     }
 }
 
@@ -206,6 +208,8 @@ thread_local! {
     /// Whether the running test drives the live path too (see the macro at
     /// the end).
     static LIVE_PATH: Cell<bool> = const { Cell::new(false) };
+    /// Whether the follower takes live datagrams (only the datagram tests).
+    static DATAGRAMS: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Bytes the stand-in loop asks for per pull (small, so that pulls stop
@@ -218,6 +222,8 @@ struct Rig {
     log: Arc<MemLog>,
     outbox: Arc<Outbox>,
     frames: mpsc::Receiver<Bytes>,
+    /// What the live path handed out as datagrams.
+    datagrams: mpsc::UnboundedReceiver<Bytes>,
     task: tokio::task::JoinHandle<Result<FeedStats, FeedError>>,
 }
 
@@ -240,6 +246,7 @@ impl Rig {
         let outbox = Arc::new(Outbox::new(bound));
         let (sink, frames) = MemorySink::new(sink_capacity);
         let pump_tx = sink.sender();
+        let (dgram_tx, datagrams) = mpsc::unbounded_channel();
         let mut writer = FeedWriter::new(
             sink,
             outbox.clone(),
@@ -248,6 +255,7 @@ impl Rig {
                 slots,
                 follower: "f".into(),
                 receipts: false,
+                live_datagrams: DATAGRAMS.with(Cell::get),
                 catchup_batch: batch,
                 lag_policy: LagPolicy {
                     max_events: 1000,
@@ -267,11 +275,14 @@ impl Rig {
             outbox.set_live_waker(Box::new(move || waker.notify_one()));
             if let Some(tx) = pump_tx {
                 tokio::spawn(async move {
-                    let mut out = Vec::new();
+                    let (mut out, mut dgrams) = (Vec::new(), Vec::new());
                     loop {
                         wake.notified().await;
                         loop {
-                            let more = live.pull(PULL_ROOM, &mut out);
+                            let more = live.pull(PULL_ROOM, &mut out, &mut dgrams);
+                            for f in dgrams.drain(..) {
+                                let _ = dgram_tx.send(f);
+                            }
                             for f in out.drain(..) {
                                 if tx.send(f).await.is_err() {
                                     return;
@@ -289,6 +300,7 @@ impl Rig {
             log,
             outbox,
             frames,
+            datagrams,
             task: tokio::spawn(writer.run()),
         }
     }
@@ -874,6 +886,113 @@ async fn a_promoted_post_leaves_only_once_its_impression_is_durable() {
     assert_eq!(seqs(&rig.read(1).await), vec![2]);
     let (rest, _) = rig.finish().await;
     assert!(rest.is_empty(), "{rest:?}");
+}
+
+/// With live datagrams, the live path hands live posts out as datagrams
+/// (nothing on the stream), and a Head event becomes a stream frame; a
+/// follower without them gets no Head.
+#[tokio::test]
+async fn live_posts_go_as_datagrams_and_head_on_the_stream() {
+    LIVE_PATH.with(|l| l.set(true));
+    for datagrams in [true, false] {
+        DATAGRAMS.with(|d| d.set(datagrams));
+        let log = MemLog::with_posts("a", 3, 8);
+        let mut rig = Rig::start(log.clone(), 1 << 16, 64);
+        rig.follow("a", None, None);
+        rig.settle().await;
+        for _ in 0..5 {
+            assert!(rig.fan_out(&log.post("a", 8)));
+        }
+        let head = Arc::new(FeedEvent::head(&ch("a"), 1, 8));
+        assert!(rig.outbox.push_event(&head));
+        rig.settle().await;
+        if datagrams {
+            let mut got = Vec::new();
+            for _ in 0..5 {
+                let f = tokio::time::timeout(WAIT, rig.datagrams.recv())
+                    .await
+                    .expect("datagram in time")
+                    .expect("a datagram");
+                got.push(decode(&f));
+            }
+            assert_eq!(seqs(&got), posts(4..=8));
+            assert_eq!(rig.read(1).await, vec![Got::Head(8)]);
+            let (rest, stats) = rig.finish().await;
+            assert_eq!(rest, vec![]);
+            assert_eq!(stats.live_frames, 5);
+        } else {
+            assert_eq!(seqs(&rig.read(5).await), posts(4..=8));
+            assert!(rig.datagrams.try_recv().is_err(), "no datagrams unasked");
+            let (rest, _) = rig.finish().await;
+            assert_eq!(rest, vec![], "no Head without datagrams");
+        }
+    }
+    DATAGRAMS.with(|d| d.set(false));
+}
+
+/// A Resend writes the posts asked for again, from the log and in their
+/// current state, but none the follower was not sent yet (above the
+/// cursor); posts trimmed meanwhile are announced with a Reset; a Resend of
+/// a channel not followed writes nothing. The cursor does not move: the next
+/// live post still comes once.
+#[tokio::test]
+async fn resend_writes_the_posts_asked_for_as_they_are_now() {
+    LIVE_PATH.with(|l| l.set(true));
+    DATAGRAMS.with(|d| d.set(true));
+    let log = MemLog::with_posts("a", 3, 8);
+    let mut rig = Rig::start(log.clone(), 1 << 16, 64);
+    rig.follow("a", None, None);
+    rig.settle().await;
+    for _ in 0..3 {
+        assert!(rig.fan_out(&log.post("a", 8)));
+    }
+    for _ in 0..3 {
+        tokio::time::timeout(WAIT, rig.datagrams.recv())
+            .await
+            .expect("datagram in time")
+            .expect("a datagram");
+    }
+    log.edit("a", 5, "edited");
+    // Committed, not fanned out yet: not sent, so not resent.
+    let seven = log.post("a", 8);
+    let resend = |channel: &str, from, to| Item::Resend {
+        channel: ch(channel),
+        from,
+        to,
+    };
+    rig.outbox.push_control(resend("a", 4, 9)).unwrap();
+    assert_eq!(
+        rig.read(3).await,
+        vec![
+            Got::Post(4, "00000004".into()),
+            Got::Post(5, "edited".into()),
+            Got::Post(6, "00000006".into()),
+        ]
+    );
+    log.trim_below("a", 6);
+    rig.outbox.push_control(resend("a", 4, 6)).unwrap();
+    assert_eq!(
+        rig.read(2).await,
+        vec![reset(1, 6), Got::Post(6, "00000006".into())]
+    );
+    rig.outbox.push_control(resend("b", 1, 3)).unwrap();
+    assert!(rig.fan_out(&seven));
+    // Live again: as a datagram, or on the stream if the task still had
+    // the queue when it came.
+    let f = tokio::time::timeout(WAIT, async {
+        tokio::select! {
+            Some(f) = rig.datagrams.recv() => f,
+            Some(f) = rig.frames.recv() => f,
+        }
+    })
+    .await
+    .expect("post 7 in time");
+    assert_eq!(decode(&f), Got::Post(7, "00000007".into()));
+    let (rest, stats) = rig.finish().await;
+    assert_eq!(rest, vec![]);
+    assert_eq!(stats.live_frames, 4);
+    assert_eq!(stats.catchup_frames, 4);
+    DATAGRAMS.with(|d| d.set(false));
 }
 
 /// Runs each scenario on both paths.

@@ -136,6 +136,9 @@ pub struct FeedDeps {
     /// The follower's client confirms promoted posts with Seen (it said so
     /// in Hello).
     pub receipts: bool,
+    /// The follower takes live posts as QUIC datagrams (protocol §8.5): the
+    /// live path hands its posts out as datagrams and writes Head frames.
+    pub live_datagrams: bool,
     /// Posts read from the log per catch-up step.
     pub catchup_batch: usize,
     /// When to give up on a follower that keeps lagging.
@@ -191,6 +194,15 @@ enum Step {
     /// A promoted post met by the live path: its impression must be durable
     /// before the frame goes out, which may wait, so the task handles it.
     Promoted,
+    /// Write posts `from..=to` of `channel` again, from the log.
+    Resend {
+        /// The channel.
+        channel: ChannelId,
+        /// The first seq.
+        from: u64,
+        /// The last seq.
+        to: u64,
+    },
 }
 
 /// The writer's state both paths use: per channel the seq of the last post
@@ -199,6 +211,10 @@ enum Step {
 pub struct Core {
     cursors: HashMap<ChannelId, u64>,
     chunks: Vec<Bytes>,
+    /// Live posts the live path hands out as datagrams
+    /// ([`FeedDeps::live_datagrams`]); always empty otherwise.
+    datagrams: Vec<Bytes>,
+    live_datagrams: bool,
     /// Promoted impressions in `chunks`, counted once they are written.
     claims: Vec<Box<dyn Impression>>,
     follower: String,
@@ -212,10 +228,12 @@ pub struct Core {
 }
 
 impl Core {
-    fn new(follower: String, receipts: bool) -> Core {
+    fn new(follower: String, receipts: bool, live_datagrams: bool) -> Core {
         Core {
             cursors: HashMap::new(),
             chunks: Vec::new(),
+            datagrams: Vec::new(),
+            live_datagrams,
             claims: Vec::new(),
             follower,
             receipts,
@@ -233,6 +251,13 @@ impl Core {
             Item::Unfollow(ch) => {
                 self.cursors.remove(ch);
                 return Step::Done;
+            }
+            Item::Resend { channel, from, to } => {
+                return Step::Resend {
+                    channel: channel.clone(),
+                    from: *from,
+                    to: *to,
+                }
             }
             Item::Event(ev) => ev,
         };
@@ -255,8 +280,19 @@ impl Core {
                 if super::fault::skip_delivery() {
                     return Step::Done;
                 }
-                self.chunks.push(ev.frame.clone());
+                // Datagrams only from the live path: the task writes what
+                // follows a catch-up or gap fill, rare, and on the stream.
+                if live && self.live_datagrams {
+                    self.datagrams.push(ev.frame.clone());
+                } else {
+                    self.chunks.push(ev.frame.clone());
+                }
                 self.stats.live_frames += 1;
+            }
+            EventKind::Head => {
+                if self.live_datagrams && ev.seq <= *cur {
+                    self.chunks.push(ev.frame.clone());
+                }
             }
             EventKind::Promoted if live => return Step::Promoted,
             EventKind::Promoted => {
@@ -348,15 +384,17 @@ impl LiveFeed {
 
     /// Called by the transport's loop when the follower's feed stream can
     /// take `room` bytes: moves the frames of the live events at the front of
-    /// the queue (about `room` bytes of them) into `out`, and returns whether
-    /// more may be waiting. Never waits. Does nothing while the task drains.
+    /// the queue (about `room` bytes of them) into `out`, the posts to go as
+    /// datagrams ([`FeedDeps::live_datagrams`]) into `datagrams`, and returns
+    /// whether more may be waiting. Never waits. Does nothing while the task
+    /// drains.
     ///
     /// Frames handed out here go into the stream before anything the task
     /// writes after it takes the queue back: when something needs the task,
     /// a pull that handed out frames keeps the queue and says "more"; the
     /// next pull — which the transport makes only once those frames are in
     /// the stream — hands the queue over.
-    pub fn pull(&self, room: usize, out: &mut Vec<Bytes>) -> bool {
+    pub fn pull(&self, room: usize, out: &mut Vec<Bytes>, datagrams: &mut Vec<Bytes>) -> bool {
         let mut guard = self.core();
         let Some(core) = guard.as_mut() else {
             return false;
@@ -366,7 +404,7 @@ impl LiveFeed {
             self.outbox.live_commit(0, true, true);
             return false;
         }
-        PEEKED.with_borrow_mut(|items| self.pull_peeked(core, room, items, out))
+        PEEKED.with_borrow_mut(|items| self.pull_peeked(core, room, items, out, datagrams))
     }
 
     fn pull_peeked(
@@ -375,6 +413,7 @@ impl LiveFeed {
         room: usize,
         items: &mut Vec<Item>,
         out: &mut Vec<Bytes>,
+        datagrams: &mut Vec<Bytes>,
     ) -> bool {
         items.clear();
         if self.outbox.live_peek(room, items).is_none() {
@@ -385,15 +424,21 @@ impl LiveFeed {
         for item in items.iter() {
             match core.handle(item, true) {
                 Step::Done => handled += 1,
-                Step::Gap { .. } | Step::Follow(_) | Step::Promoted => {
+                Step::Gap { .. } | Step::Follow(_) | Step::Promoted | Step::Resend { .. } => {
                     stopped = true;
                     break;
                 }
             }
         }
-        let frames = core.chunks.len() as u64;
-        let bytes: usize = core.chunks.iter().map(Bytes::len).sum();
+        let frames = (core.chunks.len() + core.datagrams.len()) as u64;
+        let bytes: usize = core
+            .chunks
+            .iter()
+            .chain(core.datagrams.iter())
+            .map(Bytes::len)
+            .sum();
         out.append(&mut core.chunks);
+        datagrams.append(&mut core.datagrams);
         // The transport takes every frame handed to it.
         core.written();
         let (drained, needed, left) = self.outbox.live_commit(handled, stopped, frames == 0);
@@ -433,7 +478,7 @@ impl<S: FeedSink> FeedWriter<S> {
             outbox,
             log: deps.log,
             slots: deps.slots,
-            core: Core::new(deps.follower, deps.receipts),
+            core: Core::new(deps.follower, deps.receipts, deps.live_datagrams),
             catchup_batch: deps.catchup_batch.max(1),
             lag_policy: deps.lag_policy,
             recent_lags: VecDeque::new(),
@@ -492,6 +537,11 @@ impl<S: FeedSink> FeedWriter<S> {
                         }
                         // Only the live path is handed this one.
                         Step::Promoted => break,
+                        Step::Resend { channel, from, to } => {
+                            self.flush().await?;
+                            self.resend(&channel, from, to).await?;
+                            break;
+                        }
                     }
                 }
             }
@@ -529,7 +579,7 @@ impl<S: FeedSink> FeedWriter<S> {
         let Some(live) = self.live.clone() else {
             return;
         };
-        let core = std::mem::replace(&mut self.core, Core::new(String::new(), false));
+        let core = std::mem::replace(&mut self.core, Core::new(String::new(), false, false));
         *live.core() = Some(core);
         if self.outbox.try_go_live() {
             self.outbox.live_ended().await;
@@ -681,6 +731,54 @@ impl<S: FeedSink> FeedWriter<S> {
             self.flush().await?;
             after = last;
         }
+    }
+
+    /// Writes posts `from..=to` of `ch` again, in their current state, as
+    /// far as they were written before (up to the cursor), for a follower
+    /// whose datagram carrying them was lost (protocol §8.5). The cursor
+    /// does not move. Posts trimmed meanwhile are announced with a Reset,
+    /// as in a catch-up.
+    async fn resend(&mut self, ch: &ChannelId, from: u64, to: u64) -> Result<(), FeedError> {
+        let Some(&cur) = self.core.cursors.get(ch) else {
+            return Ok(());
+        };
+        let to = to.min(cur);
+        let mut after = from.saturating_sub(1);
+        while after < to {
+            let want = ((to - after) as usize).min(self.catchup_batch);
+            let step = self.catchups.step().await;
+            let posts = self.log.read(ch.clone(), after, want).await?;
+            let Some(first) = posts.first() else {
+                drop(step);
+                if let Some(info) = self.log.channel(ch) {
+                    self.core.chunks.push(encode_frame(&reset_frame(
+                        ch,
+                        info.epoch,
+                        info.oldest_seq,
+                    )));
+                }
+                break;
+            };
+            if first.seq > after + 1 {
+                self.core
+                    .chunks
+                    .push(encode_frame(&reset_frame(ch, first.epoch, first.seq)));
+            }
+            let mut last = after;
+            for p in posts.iter().take_while(|p| p.seq <= to) {
+                self.core.chunks.push(encode_frame(&post_frame(p)));
+                self.core.stats.catchup_frames += 1;
+                last = p.seq;
+            }
+            drop(posts);
+            drop(step);
+            self.flush().await?;
+            if last == after {
+                break;
+            }
+            after = last;
+        }
+        self.flush().await
     }
 
     /// Writes posts from the log until the channel's cursor reaches `upto`.

@@ -1,6 +1,7 @@
 //! Hub unit tests: registration, ordering, lag marking, and parallel fan-out.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::*;
 use crate::feed::{EventKind, Item, Outbox};
@@ -231,7 +232,7 @@ async fn the_fan_out_stage_fans_batches_out_in_commit_order_off_the_caller() {
     let hub = Arc::new(Hub::new(2));
     let o = Arc::new(Outbox::new(1 << 20));
     hub.follow(&ch("a"), 1, &o, follow_item("a")).unwrap();
-    let stage = FanoutStage::start(hub.clone(), |_, _| None).unwrap();
+    let stage = FanoutStage::start(hub.clone(), None, |_, _| None).unwrap();
     let post = |seq: u64| {
         crate::store::LogEvent::Posted(crate::model::Post {
             channel: ch("a"),
@@ -259,6 +260,72 @@ async fn the_fan_out_stage_fans_batches_out_in_commit_order_off_the_caller() {
         })
         .collect();
     assert_eq!(seqs, (1..=100).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn a_channel_quiet_after_posts_gets_one_head_at_its_last_seq() {
+    let hub = Arc::new(Hub::new(1));
+    let o = Arc::new(Outbox::new(1 << 20));
+    hub.follow(&ch("a"), 1, &o, follow_item("a")).unwrap();
+    hub.follow(&ch("b"), 1, &o, follow_item("b")).unwrap();
+    let stage =
+        FanoutStage::start(hub.clone(), Some(Duration::from_millis(30)), |_, _| None).unwrap();
+    let post = |c: &str, seq: u64| {
+        crate::store::LogEvent::Posted(crate::model::Post {
+            channel: ch(c),
+            seq,
+            epoch: 4,
+            id: format!("{c}{seq}"),
+            text: "t".into(),
+            media: vec![],
+            created_at_ms: 0,
+            edited_at_ms: 0,
+            deleted: false,
+            damaged: false,
+        })
+    };
+    stage.submit(&[post("a", 1), post("b", 1), post("a", 2)]);
+    stage.submit(&[post("a", 3)]);
+    // Everything up to both Heads, in queue order.
+    let mut got = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while got
+            .iter()
+            .filter(|(_, kind, _)| *kind == EventKind::Head)
+            .count()
+            < 2
+        {
+            for item in drain(&o).await {
+                if let Item::Event(e) = item {
+                    got.push((e.channel.to_string(), e.kind, e.seq));
+                }
+            }
+        }
+    })
+    .await
+    .expect("both heads come");
+    stage.close();
+    let heads: Vec<_> = got
+        .iter()
+        .filter(|(_, kind, _)| *kind == EventKind::Head)
+        .cloned()
+        .collect();
+    assert_eq!(
+        heads,
+        vec![
+            ("b".into(), EventKind::Head, 1),
+            ("a".into(), EventKind::Head, 3)
+        ]
+    );
+    // Each Head comes after its channel's last post.
+    let last_a = got
+        .iter()
+        .rposition(|g| g == &("a".into(), EventKind::Post, 3));
+    let head_a = got
+        .iter()
+        .position(|g| g.1 == EventKind::Head && g.0 == "a");
+    assert!(last_a < head_a, "{got:?}");
+    assert_eq!(o.queued_items(), 0, "one Head per quiet channel");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -41,7 +41,9 @@ impl LivePull {
 }
 
 impl FeedSource for LivePull {
-    fn pull(&self, room: usize, out: &mut Vec<Bytes>) -> bool {
-        self.0.upgrade().is_some_and(|live| live.pull(room, out))
+    fn pull(&self, room: usize, out: &mut Vec<Bytes>, datagrams: &mut Vec<Bytes>) -> bool {
+        self.0
+            .upgrade()
+            .is_some_and(|live| live.pull(room, out, datagrams))
     }
 }

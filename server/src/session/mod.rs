@@ -215,28 +215,29 @@ impl Session {
                 Ok(Err(e)) => return Err(close(&self.conn, frame_error_code(&e), &e.to_string())),
                 Ok(Ok(Some(f))) => f,
             };
-        let (hello_id, token, receipts, _live_datagrams) = match <(u64, ClientRequest)>::try_from(first) {
-            Ok((
-                id,
-                ClientRequest::Hello {
-                    token,
-                    client_name,
-                    receipts,
-                    live_datagrams,
-                },
-            )) => {
-                tracing::debug!(client = %client_name, receipts, live_datagrams, "hello");
-                (id, token, receipts, live_datagrams)
-            }
-            Ok(_) => {
-                return Err(close(
-                    &self.conn,
-                    ErrorCode::HelloRequired,
-                    "the first frame must be Hello",
-                ))
-            }
-            Err(e) => return Err(close(&self.conn, ErrorCode::MalformedFrame, &e.to_string())),
-        };
+        let (hello_id, token, receipts, live_datagrams) =
+            match <(u64, ClientRequest)>::try_from(first) {
+                Ok((
+                    id,
+                    ClientRequest::Hello {
+                        token,
+                        client_name,
+                        receipts,
+                        live_datagrams,
+                    },
+                )) => {
+                    tracing::debug!(client = %client_name, receipts, live_datagrams, "hello");
+                    (id, token, receipts, live_datagrams)
+                }
+                Ok(_) => {
+                    return Err(close(
+                        &self.conn,
+                        ErrorCode::HelloRequired,
+                        "the first frame must be Hello",
+                    ))
+                }
+                Err(e) => return Err(close(&self.conn, ErrorCode::MalformedFrame, &e.to_string())),
+            };
         let mut follower = match self.ctx.verifier.verify(&token) {
             Ok(f) => f,
             Err(e) => return Err(close(&self.conn, e.code(), &e.to_string())),
@@ -266,6 +267,10 @@ impl Session {
                 ))
             }
         }
+        // Live datagrams when the follower asked, the operator allows them
+        // and the connection negotiated them (protocol §8.5).
+        let live_datagrams =
+            live_datagrams && limits.live_datagrams && self.conn.max_datagram_size().is_some();
         let outbox = Arc::new(Outbox::with_control_bound(
             limits.session_queue_bytes,
             limits.max_follows_per_connection + MAX_PENDING_CONTROL,
@@ -281,6 +286,7 @@ impl Session {
                 }),
                 follower: follower.id.clone(),
                 receipts,
+                live_datagrams,
                 catchup_batch: limits.catchup_batch,
                 lag_policy: LagPolicy {
                     max_events: limits.max_lag_events,
@@ -310,7 +316,7 @@ impl Session {
                 max_frame_bytes: limits.max_frame_bytes as u32,
                 max_follows: limits.max_follows_per_connection as u32,
                 queue_bytes: limits.session_queue_bytes as u32,
-                live_datagrams: false,
+                live_datagrams,
             })),
         };
         self.conn
@@ -470,9 +476,40 @@ impl Session {
                     Err(e) => error_frame(request_id, ErrorCode::NotFound, e.to_string(), ""),
                 }
             }
-            ClientRequest::Resend { channel, .. } => reply(Kind::Resent(pb::Resent {
-                channel: channel.to_string(),
-            })),
+            ClientRequest::Resend { channel, from, to } => {
+                // Nothing to resend of a channel not followed (its posts
+                // were never sent on this session).
+                if subs.channels.contains(&channel) {
+                    metrics::counter!(crate::metrics::RESENDS).increment(1);
+                    let item = Item::Resend {
+                        channel: channel.clone(),
+                        from,
+                        to,
+                    };
+                    match subs.outbox.push_control(item) {
+                        Ok(()) => {}
+                        Err(ControlRefused::Full) => {
+                            return Ok(error_frame(
+                                request_id,
+                                ErrorCode::RateLimited,
+                                "too many requests pending; retry later".into(),
+                                channel.as_str(),
+                            ))
+                        }
+                        Err(ControlRefused::Closed) => {
+                            return Ok(error_frame(
+                                request_id,
+                                ErrorCode::ShuttingDown,
+                                "session is closing".into(),
+                                channel.as_str(),
+                            ))
+                        }
+                    }
+                }
+                reply(Kind::Resent(pb::Resent {
+                    channel: channel.to_string(),
+                }))
+            }
             ClientRequest::Seen { receipts } => {
                 let counted = self.ctx.promo.settle(&follower.id, &receipts);
                 // Answered once the counts are durable: the client forgets

@@ -19,7 +19,7 @@ use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll, Waker};
 
@@ -74,9 +74,20 @@ pub struct Closed;
 /// woken per delivery. The application makes the loop pull with
 /// [`FeedWaker::wake`].
 pub trait FeedSource: Send + Sync {
-    /// Moves up to about `room` bytes of frames into `out`; returns whether
-    /// more may be waiting. Must not block.
-    fn pull(&self, room: usize, out: &mut Vec<Bytes>) -> bool;
+    /// Moves up to about `room` bytes of frames into `out` (for the feed
+    /// stream) and `datagrams` (each to go as one QUIC DATAGRAM frame if it
+    /// fits, else on the stream too); returns whether more may be waiting.
+    /// Must not block.
+    fn pull(&self, room: usize, out: &mut Vec<Bytes>, datagrams: &mut Vec<Bytes>) -> bool;
+}
+
+/// The loop's reused buffers for frames pulled from a [`FeedSource`].
+#[derive(Default)]
+pub(super) struct FeedScratch {
+    pub(super) stream: Vec<Bytes>,
+    pub(super) datagrams: Vec<Bytes>,
+    /// Frames sent as QUIC DATAGRAM frames so far (for the metrics).
+    pub(super) datagrams_sent: u64,
 }
 
 /// How the peer's control stream ended.
@@ -138,6 +149,9 @@ pub(super) struct ConnShared {
     pub(super) ctl_out_cap: usize,
     /// Where the loop pulls live frames from, once set.
     pub(super) source: OnceLock<Arc<dyn FeedSource>>,
+    /// The largest QUIC DATAGRAM payload the peer takes, set when the
+    /// handshake completes (0: the peer takes none).
+    pub(super) datagram_max: AtomicUsize,
 }
 
 impl ConnShared {
@@ -182,6 +196,7 @@ impl ConnShared {
             ctl_in_cap: cfg.control_in_bytes.max(1),
             ctl_out_cap: cfg.control_out_bytes.max(1),
             source: OnceLock::new(),
+            datagram_max: AtomicUsize::new(0),
         }
     }
 
@@ -224,6 +239,13 @@ impl Connection {
     /// The peer's address.
     pub fn remote_address(&self) -> SocketAddr {
         self.shared.remote
+    }
+
+    /// The largest QUIC DATAGRAM payload the peer takes on this path, or
+    /// `None` if it did not negotiate datagrams (or this server does not
+    /// allow them: [`TransportConfig`](super::TransportConfig)).
+    pub fn max_datagram_size(&self) -> Option<usize> {
+        Some(self.shared.datagram_max.load(Ordering::Relaxed)).filter(|&n| n > 0)
     }
 
     /// Resolves once the peer has opened its control stream, or with why

@@ -17,7 +17,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use quinn_proto::{ReadError, StreamId, VarInt, WriteError};
 
-use super::connection::{CloseReason, ConnShared, InEnd};
+use super::connection::{CloseReason, ConnShared, FeedScratch, InEnd};
 use super::wake::lock;
 use crate::admission::Ticket;
 
@@ -141,7 +141,7 @@ impl Entry {
     }
 
     /// Opens the feed stream if the peer allows it now.
-    pub(super) fn open_feed(&mut self, scratch: &mut Vec<Bytes>) {
+    pub(super) fn open_feed(&mut self, scratch: &mut FeedScratch) {
         if self.feed.is_some() || self.lost {
             return;
         }
@@ -262,7 +262,12 @@ impl Entry {
     /// order they were queued or pulled, and the queue stays within its
     /// bound: a pull asks for at most `feed_cap` bytes, and only into an
     /// empty queue. `scratch` is the loop's, reused.
-    pub(super) fn write_feed(&mut self, scratch: &mut Vec<Bytes>) {
+    ///
+    /// Frames the source hands out as datagrams go as QUIC DATAGRAM frames
+    /// when they fit one (quinn drops the oldest unsent datagram if its
+    /// bounded send buffer is full: the follower then asks for it again,
+    /// protocol §8.5), otherwise into the stream with the rest.
+    pub(super) fn write_feed(&mut self, scratch: &mut FeedScratch) {
         let Some(id) = self.feed else { return };
         let mut pulls = 0;
         loop {
@@ -319,10 +324,31 @@ impl Entry {
                 return;
             }
             pulls += 1;
+            let FeedScratch {
+                stream: scratch,
+                datagrams,
+                datagrams_sent,
+            } = &mut *scratch;
             scratch.clear();
-            let more = source.pull(self.shared.feed_cap, scratch);
+            datagrams.clear();
+            let more = source.pull(self.shared.feed_cap, scratch, datagrams);
+            if !datagrams.is_empty() {
+                let max = self.conn.datagrams().max_size().unwrap_or(0);
+                for f in datagrams.drain(..) {
+                    if f.len() > max {
+                        scratch.push(f);
+                    } else if self.conn.datagrams().send(f, true).is_ok() {
+                        *datagrams_sent += 1;
+                    }
+                    // (`send` fails only for a frame too large or a peer
+                    // without datagrams, both ruled out above.)
+                }
+            }
             if scratch.is_empty() {
-                return;
+                if !more {
+                    return;
+                }
+                continue;
             }
             let written = match write_until_blocked(&mut self.conn, id, scratch) {
                 Ok((taken, _)) => taken,

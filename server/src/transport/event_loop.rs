@@ -43,7 +43,7 @@ use bytes::{Bytes, BytesMut};
 use quinn_proto::{ConnectionError, ConnectionHandle, DatagramEvent, Dir, Event, StreamEvent};
 use tokio::sync::mpsc;
 
-use super::connection::{CloseReason, ConnShared, Connection};
+use super::connection::{CloseReason, ConnShared, Connection, FeedScratch};
 use super::entry::Entry;
 use super::timers::Timers;
 use super::tx_batch::{Flush, TxBatch};
@@ -95,6 +95,7 @@ struct LoopCounters {
     datagrams_in: metrics::Counter,
     datagrams_out: metrics::Counter,
     send_calls: metrics::Counter,
+    feed_datagrams: metrics::Counter,
 }
 
 impl LoopCounters {
@@ -105,7 +106,8 @@ impl LoopCounters {
             turns: metrics::counter!(m::QUIC_LOOP_TURNS, "loop" => l.clone()),
             datagrams_in: metrics::counter!(m::QUIC_DATAGRAMS_IN, "loop" => l.clone()),
             datagrams_out: metrics::counter!(m::QUIC_DATAGRAMS_OUT, "loop" => l.clone()),
-            send_calls: metrics::counter!(m::QUIC_SEND_CALLS, "loop" => l),
+            send_calls: metrics::counter!(m::QUIC_SEND_CALLS, "loop" => l.clone()),
+            feed_datagrams: metrics::counter!(m::FEED_DATAGRAMS, "loop" => l),
         }
     }
 }
@@ -169,7 +171,7 @@ pub(super) struct Loop {
     scratch: Vec<u8>,
     dirty_scratch: Vec<(usize, u64)>,
     /// Frames pulled from a feed source, reused.
-    frames_scratch: Vec<Bytes>,
+    frames_scratch: FeedScratch,
     datagrams_in: u64,
     shutting_down: Option<Instant>,
     open_gauge: metrics::Gauge,
@@ -232,7 +234,7 @@ impl Loop {
             meta: vec![quinn::udp::RecvMeta::default(); batch],
             scratch: Vec::new(),
             dirty_scratch: Vec::new(),
-            frames_scratch: Vec::new(),
+            frames_scratch: FeedScratch::default(),
             datagrams_in: 0,
             shutting_down: None,
             open_gauge: metrics::gauge!(crate::metrics::CONNECTIONS_OPEN),
@@ -281,6 +283,8 @@ impl Loop {
         c.datagrams_in.absolute(self.datagrams_in);
         c.datagrams_out.absolute(self.tx.stats.datagrams);
         c.send_calls.absolute(self.tx.stats.syscalls);
+        c.feed_datagrams
+            .absolute(self.frames_scratch.datagrams_sent);
         let s = &self.shared.stats;
         s.turns.fetch_add(1, Ordering::Relaxed);
         s.datagrams_in.store(self.datagrams_in, Ordering::Relaxed);
@@ -786,6 +790,10 @@ impl Loop {
                     self.handshaking = self.handshaking.saturating_sub(1);
                     e.established = true;
                     e.ticket = None;
+                    e.shared.datagram_max.store(
+                        e.conn.datagrams().max_size().unwrap_or(0),
+                        Ordering::Relaxed,
+                    );
                     metrics::counter!(crate::metrics::HANDSHAKES, "result" => "ok").increment(1);
                     e.open_feed(&mut self.frames_scratch);
                     let app = Connection {
