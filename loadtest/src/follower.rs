@@ -147,6 +147,15 @@ pub struct FollowerResult {
     pub client_duplicates: u64,
     /// Closed for good before the run ended.
     pub closed: Option<String>,
+    /// `--engine loop`: posts tallied that came as a QUIC datagram, and on
+    /// the feed stream (with datagrams off every post counts as a stream
+    /// post). The `client` engine counts neither.
+    pub datagram_posts: u64,
+    pub stream_posts: u64,
+    /// Resend requests sent for posts missed (lost datagrams).
+    pub resends: u64,
+    /// Live-post datagrams dropped by `--drop-datagrams-every`.
+    pub datagrams_dropped: u64,
 }
 
 /// How one follower connects.
@@ -228,7 +237,15 @@ pub async fn run(
             Event::Reconnected | Event::Edited { .. } | Event::Deleted { .. } => {}
         }
     }
-    out.client_duplicates = client.stats().get(&client.stats().duplicates_dropped);
+    let stats = client.stats();
+    out.client_duplicates = stats.get(&stats.duplicates_dropped);
+    out.resends = stats.get(&stats.resends);
+    let malformed = stats.get(&stats.datagrams_malformed);
+    if malformed > 0 {
+        out.errors += malformed;
+        out.error
+            .get_or_insert_with(|| format!("{malformed} malformed datagrams"));
+    }
     client.close().await;
     out
 }

@@ -89,6 +89,18 @@ pub struct Options {
     /// reports equal the promoted frames the followers received.
     #[arg(long)]
     pub campaign: bool,
+    /// Followers take live posts on the feed stream only: without this,
+    /// their Hello asks for live datagrams (docs/protocol.md §8.5) and
+    /// posts are ordered across the feed stream and QUIC datagrams, the
+    /// gaps asked for again with Resend.
+    #[arg(long = "no-live-datagrams", action = clap::ArgAction::SetFalse)]
+    pub live_datagrams: bool,
+    /// Test knob, `--engine loop` only: each follower drops every Nth live
+    /// post that reaches it as a QUIC datagram before looking at it, as if
+    /// the network had lost it, so the repair (Resend, Head) is exercised.
+    /// 0 (the default) drops none.
+    #[arg(long, default_value_t = 0)]
+    pub drop_datagrams_every: u32,
 }
 
 impl Options {
@@ -113,6 +125,8 @@ impl Options {
             seed: 1,
             quiet: true,
             campaign: false,
+            live_datagrams: true,
+            drop_datagrams_every: 0,
         }
     }
 
@@ -148,6 +162,12 @@ impl Options {
         }
         if self.connect_concurrency == 0 || self.publish_concurrency == 0 {
             return bad("concurrency limits must be at least 1");
+        }
+        if self.drop_datagrams_every > 0 && self.engine != Engine::Loop {
+            return bad("drop-datagrams-every works with --engine loop only");
+        }
+        if self.drop_datagrams_every > 0 && !self.live_datagrams {
+            return bad("drop-datagrams-every needs live datagrams (not --no-live-datagrams)");
         }
         Ok(())
     }

@@ -70,6 +70,14 @@ pub struct DeliveryReport {
     pub latency_ms: Percentiles,
     /// Per post, publish to arrival at its last follower, ms.
     pub last_follower_ms: Percentiles,
+    /// How the tallied posts came (`--engine loop`; the `client` engine
+    /// counts none): as QUIC datagrams, on the feed stream.
+    pub datagram_posts: u64,
+    pub stream_posts: u64,
+    /// Resend requests the followers sent for missed datagrams.
+    pub resends: u64,
+    /// Datagrams dropped on purpose by `--drop-datagrams-every`.
+    pub datagrams_dropped: u64,
 }
 
 /// One node's share of a run against several nodes.
@@ -191,6 +199,17 @@ impl fmt::Display for Report {
             )),
             ("latency ms", pct(&self.delivery.latency_ms)),
             ("to last follower ms", pct(&self.delivery.last_follower_ms)),
+            ("live datagrams", if !o.live_datagrams {
+                "off".to_string()
+            } else if o.engine == crate::options::Engine::Client {
+                format!("on: {} resends (the client engine does not count posts by path)", self.delivery.resends)
+            } else {
+                let d = &self.delivery;
+                format!(
+                    "{} posts by datagram, {} by stream, {} resends, {} datagrams dropped by the test knob",
+                    d.datagram_posts, d.stream_posts, d.resends, d.datagrams_dropped
+                )
+            }),
             ("server CPU (run)", format!(
                 "{} s, {} deliveries per CPU-second",
                 opt(s.run_cpu_seconds.map(|c| format!("{c:.2}"))),

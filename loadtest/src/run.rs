@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use herald::cli::ApiClient;
-use herald_client::{quic_client_config, ClientOptions};
+use herald_client::ClientOptions;
 use herald_server::auth::TokenIssuer;
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::sync::{watch, Semaphore};
@@ -159,6 +159,7 @@ pub async fn run_on(
     // Connect and follow.
     let mut base = ClientOptions::new(target.quic, target.trust.clone(), String::new());
     base.client_name = "herald-loadtest".into();
+    base.live_datagrams = opts.live_datagrams;
     // Thousands of handshakes at once on shared cores: an Initial lost to a
     // full socket buffer costs QUIC's doubling retransmit timer (1 s, 2 s,
     // 4 s), so the 5 s first-connect bound meant for an interactive client
@@ -238,12 +239,14 @@ pub async fn run_on(
                 })
                 .collect::<Result<Vec<_>, LoadError>>()?;
             let cfg = crate::engine::EngineConfig {
-                client: quic_client_config(
+                client: crate::engine::client_config(
                     &base.trust,
-                    herald_proto::ALPN,
                     base.keep_alive,
                     base.idle_timeout,
+                    opts.live_datagrams,
                 )?,
+                live_datagrams: opts.live_datagrams,
+                drop_datagrams_every: opts.drop_datagrams_every,
                 server_name: base.server_name.clone(),
                 client_name: base.client_name.clone(),
                 sockets: opts.endpoints,
@@ -453,6 +456,10 @@ pub async fn run_on(
             per_sec: rate(delivered, wall_secs),
             latency_ms: Percentiles::from_us(&latency),
             last_follower_ms: Percentiles::from_us(&last),
+            datagram_posts: results.iter().map(|r| r.datagram_posts).sum(),
+            stream_posts: results.iter().map(|r| r.stream_posts).sum(),
+            resends: results.iter().map(|r| r.resends).sum(),
+            datagrams_dropped: results.iter().map(|r| r.datagrams_dropped).sum(),
         },
         server_stats: ServerStats {
             source: target.probe.source().to_string(),

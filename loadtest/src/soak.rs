@@ -148,6 +148,7 @@ pub async fn run(
     let mut base_opts = ClientOptions::new(target.quic, target.trust.clone(), String::new());
     // As in a run: many handshakes at once on shared cores (see its use there).
     base_opts.connect_timeout = crate::run::CONNECT_TIMEOUT;
+    base_opts.live_datagrams = opts.live_datagrams;
     let endpoints: Vec<quinn::Endpoint> = (0..opts.endpoints.max(1))
         .map(|_| herald_client::shared_endpoint(&base_opts))
         .collect::<Result<_, _>>()?;

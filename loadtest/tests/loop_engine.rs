@@ -2,7 +2,10 @@
 //! run must verify clean (every follower got every post of its channels
 //! once, in order), paced connects and promoted frames included; and
 //! followers the server refuses are reported failed with the reason while
-//! the others are verified.
+//! the others are verified. Live datagrams (docs/protocol.md §8.5): with
+//! every third datagram dropped on purpose, the repair (Resend, Head) must
+//! still deliver every post exactly once, in order; with them off, every
+//! post comes on the stream.
 
 mod common;
 
@@ -39,6 +42,10 @@ async fn loop_engine_run_verifies_clean() {
     assert_eq!(report.delivery.delivered, report.delivery.expected);
     assert_eq!(report.delivery.latency_ms.count, report.delivery.delivered);
     assert_eq!(report.delivery.last_follower_ms.count, 20);
+    // Live datagrams are on by default.
+    let d = &report.delivery;
+    assert!(d.datagram_posts > 0, "{report}");
+    assert_eq!(d.datagram_posts + d.stream_posts, d.delivered, "{report}");
     // Paced at 2000/s: 200 connects take at least ~0.1 s.
     assert!(report.connect.wall_secs >= 0.09, "{report}");
     server.shutdown().await;
@@ -57,6 +64,55 @@ async fn loop_engine_counts_promoted_frames() {
     let c = report.campaign.clone().expect("campaign report");
     assert!(c.received > 0, "{report}");
     assert_eq!(c.impressions, c.received);
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_datagrams_are_asked_for_again_and_every_post_verifies() {
+    let server = common::InProcess::start().await;
+    let opts = Options {
+        engine: EngineKind::Loop,
+        live_datagrams: true,
+        drop_datagrams_every: 3,
+        // Paced, so that posts go out live one by one (as datagrams), and
+        // each channel's last post may be the one dropped (then only Head
+        // tells the follower about it).
+        rate: 200.0,
+        ..Options::small(60, 2, 40)
+    };
+    let report = run(&opts, &server.target).await.unwrap();
+    assert!(report.verify.ok, "{report}");
+    let d = &report.delivery;
+    assert!(d.completed, "{report}");
+    assert_eq!(d.expected, 60 * 40);
+    assert_eq!(d.delivered, d.expected, "{report}");
+    assert_eq!(d.datagram_posts + d.stream_posts, d.delivered, "{report}");
+    assert!(d.datagram_posts > 0, "{report}");
+    assert!(d.datagrams_dropped > 0, "{report}");
+    assert!(d.resends > 0, "{report}");
+    // Every dropped post came again on the stream.
+    assert!(d.stream_posts >= d.datagrams_dropped, "{report}");
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_live_datagrams_every_post_comes_on_the_stream() {
+    let server = common::InProcess::start().await;
+    let opts = Options {
+        engine: EngineKind::Loop,
+        live_datagrams: false,
+        rate: 200.0,
+        ..Options::small(60, 2, 40)
+    };
+    let report = run(&opts, &server.target).await.unwrap();
+    assert!(report.verify.ok, "{report}");
+    let d = &report.delivery;
+    assert_eq!(d.delivered, 60 * 40, "{report}");
+    assert_eq!(d.stream_posts, d.delivered, "{report}");
+    assert_eq!(
+        (d.datagram_posts, d.resends, d.datagrams_dropped),
+        (0, 0, 0)
+    );
     server.shutdown().await;
 }
 
@@ -106,13 +162,15 @@ async fn refused_followers_fail_with_the_reason_and_the_rest_verify() {
         })
         .collect();
     let cfg = EngineConfig {
-        client: herald_client::quic_client_config(
+        client: herald_loadtest::engine::client_config(
             &t.trust,
-            herald_proto::ALPN,
             Duration::from_secs(15),
             Duration::from_secs(30),
+            true,
         )
         .unwrap(),
+        live_datagrams: true,
+        drop_datagrams_every: 0,
         server_name: "localhost".into(),
         client_name: "loop-engine-test".into(),
         sockets: 2,

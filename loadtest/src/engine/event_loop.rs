@@ -430,7 +430,11 @@ impl Loop {
                     }
                     lane.conns[ch.0] = Some(Box::new(Entry {
                         conn,
-                        session: Session::new(self.cfg.max_feed_frame),
+                        session: Session::new(
+                            self.cfg.max_feed_frame,
+                            self.cfg.live_datagrams,
+                            self.cfg.drop_datagrams_every,
+                        ),
                         follower: k,
                         gen,
                         timer: None,
@@ -651,6 +655,8 @@ impl Loop {
                 continue; // stale entry
             }
             e.timer = None;
+            // Maybe the session's retry time: quinn-proto handles only the
+            // timers that are due.
             e.conn.handle_timeout(now);
             self.touch(slot);
         }
@@ -742,17 +748,29 @@ impl Loop {
                 }
                 Event::Stream(StreamEvent::Readable { id }) => {
                     e.session
-                        .on_readable(&mut e.conn, id, plan, &books.shared, out)
+                        .on_readable(&mut e.conn, id, plan, &books.shared, out, now)
+                }
+                Event::DatagramReceived => {
+                    e.session
+                        .on_datagrams(&mut e.conn, plan, &books.shared, out);
+                    Step::Continue
                 }
                 Event::Stream(StreamEvent::Writable { .. }) => e.session.write_control(&mut e.conn),
                 Event::Stream(StreamEvent::Available { dir: Dir::Bi }) => {
                     e.session.open_control(&mut e.conn)
                 }
-                Event::Stream(_)
-                | Event::HandshakeDataReady
-                | Event::DatagramReceived
-                | Event::DatagramsUnblocked => Step::Continue,
+                Event::Stream(_) | Event::HandshakeDataReady | Event::DatagramsUnblocked => {
+                    Step::Continue
+                }
             };
+            books.apply(step, e, now);
+        }
+        // Resends for the gaps noticed above, or due to be asked again.
+        if !e.ended {
+            let f = &mut books.followers[e.follower];
+            let step = e
+                .session
+                .poll(&mut e.conn, &f.plan, &books.shared, &mut f.result, now);
             books.apply(step, e, now);
         }
         // Transmit; when blocked (before or now), driven again once the
@@ -776,8 +794,11 @@ impl Loop {
                 e.conn.handle_event(cev);
             }
         }
-        // Timer.
-        let t = e.conn.poll_timeout();
+        // Timer: the connection's, or the follower's next resend retry.
+        let t = match (e.conn.poll_timeout(), e.session.retry_at()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         if t != e.timer {
             e.timer = t;
             if let Some(t) = t {

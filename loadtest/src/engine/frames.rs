@@ -1,6 +1,7 @@
 //! A non-async frame decoder for a stream read in chunks from quinn-proto:
 //! bytes go in as they arrive, whole frames (a varint length, then the
-//! protobuf body) come out.
+//! protobuf body) come out. And [`decode_post`], for a live datagram: one
+//! such frame, a `Post` (docs/protocol.md §8.5).
 //!
 //! Bound: a frame whose declared length is above `max` is refused from its
 //! header, before its body is read, and the caller never pushes more than
@@ -9,6 +10,7 @@
 //! beyond [`IDLE_CAPACITY`].
 
 use bytes::{Buf, BytesMut};
+use herald_proto::v1 as pb;
 use herald_proto::FrameError;
 use prost::Message;
 
@@ -86,11 +88,39 @@ impl FrameBuf {
     }
 }
 
+/// The `Post` a live datagram carries: exactly one frame, its length
+/// prefix matching the datagram and at most `max`, of kind `Post`.
+/// Anything else is an error (the datagram is then counted and dropped).
+pub(super) fn decode_post(datagram: &[u8], max: usize) -> Result<pb::Post, FrameError> {
+    let mut body = datagram;
+    let len = prost::decode_length_delimiter(&mut body)
+        .map_err(|e| FrameError::Malformed(e.to_string()))?;
+    if len > max {
+        return Err(FrameError::TooLarge {
+            len: len as u64,
+            max,
+        });
+    }
+    if len != body.len() {
+        return Err(FrameError::Malformed(format!(
+            "datagram declares a frame of {len} bytes and carries {}",
+            body.len()
+        )));
+    }
+    match pb::FeedFrame::decode(body).map_err(|e| FrameError::Malformed(e.to_string()))? {
+        pb::FeedFrame {
+            kind: Some(pb::feed_frame::Kind::Post(p)),
+        } => Ok(p),
+        _ => Err(FrameError::Malformed(
+            "a datagram carries a feed frame other than a Post".into(),
+        )),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use herald_proto::frame::encode_frame;
-    use herald_proto::v1 as pb;
 
     fn frame(id: u64) -> Vec<u8> {
         encode_frame(&pb::ServerFrame {
@@ -143,5 +173,42 @@ mod tests {
             f.next::<pb::ServerFrame>(),
             Err(FrameError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn a_datagram_is_one_post_frame_or_refused() {
+        let post = pb::Post {
+            channel: "c".into(),
+            seq: 7,
+            epoch: 1,
+            text: "hi".into(),
+            ..Default::default()
+        };
+        let wire = encode_frame(&pb::FeedFrame {
+            kind: Some(pb::feed_frame::Kind::Post(post.clone())),
+        })
+        .to_vec();
+        assert_eq!(decode_post(&wire, 1024).unwrap(), post);
+        // Too large for the limit, truncated, trailing bytes, empty, junk.
+        assert!(matches!(
+            decode_post(&wire, 4),
+            Err(FrameError::TooLarge { .. })
+        ));
+        assert!(decode_post(&wire[..wire.len() - 1], 1024).is_err());
+        let mut longer = wire.clone();
+        longer.push(0);
+        assert!(decode_post(&longer, 1024).is_err());
+        assert!(decode_post(&[], 1024).is_err());
+        assert!(decode_post(&[0xff; 12], 1024).is_err());
+        assert!(decode_post(&[2, 0xff, 0xff], 1024).is_err());
+        // A valid frame that is not a post.
+        let head = encode_frame(&pb::FeedFrame {
+            kind: Some(pb::feed_frame::Kind::Head(pb::Head {
+                channel: "c".into(),
+                epoch: 1,
+                seq: 3,
+            })),
+        });
+        assert!(decode_post(&head, 1024).is_err());
     }
 }

@@ -43,12 +43,27 @@
 //! early; the others go on. Promoted frames are counted
 //! (`Shared::promoted`); Hello asks for no receipts.
 //!
+//! # Live datagrams
+//!
+//! Hello asks for them unless `--no-live-datagrams` (docs/protocol.md
+//! §8.5): the connections allow QUIC datagrams ([`client_config`]), live
+//! posts that come as datagrams and everything on the feed stream go
+//! through the reference client's ordering module
+//! (`herald_client::ordering`) per channel, gaps are asked for with
+//! `Resend` (retried on the loop's timer heap), and only the posts it
+//! releases in order are tallied, so verification stays exact. Each
+//! follower reports how many posts came by datagram and by stream, and the
+//! resends it sent. `--drop-datagrams-every N` (a test knob) drops every
+//! Nth live-post datagram a follower receives, to exercise the repair.
+//!
 //! | file | job |
 //! | --- | --- |
 //! | `mod` | [`Engine`]: starts the loops, stops them, collects results |
 //! | `event_loop` | one loop: receive, timers, connects, drive, transmit, wait |
 //! | `session` | one follower's protocol: Hello, Follow, control and feed frames |
-//! | `frames` | a bounded, non-async frame decoder |
+//! | `feed` | one follower's posts: ordering (stream and datagrams), tally, resends |
+//! | `frames` | a bounded, non-async frame decoder; a live datagram's decoder |
+//! | `quic` | the connections' QUIC client configuration |
 //! | `wake` | the eventfd that wakes a loop to stop |
 //!
 //! The timer heap and the `sendmmsg` batch are the server transport's own
@@ -57,9 +72,13 @@
 //! real followers' ACKs reach a server one by one.
 
 mod event_loop;
+mod feed;
 mod frames;
+mod quic;
 mod session;
 mod wake;
+
+pub use quic::{client_config, DATAGRAM_BUFFER};
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -86,8 +105,14 @@ pub struct FollowerPlan {
 /// How the engine connects.
 #[derive(Clone)]
 pub struct EngineConfig {
-    /// QUIC and TLS settings: `herald_client::quic_client_config(...)`.
+    /// QUIC and TLS settings: [`client_config`].
     pub client: quinn_proto::ClientConfig,
+    /// Hello asks for live datagrams (docs/protocol.md §8.5); `client`
+    /// must then allow datagrams ([`client_config`] with `true`).
+    pub live_datagrams: bool,
+    /// Test knob: each follower drops every Nth live-post datagram it
+    /// receives before looking at it (0: none).
+    pub drop_datagrams_every: u32,
     /// TLS server name.
     pub server_name: String,
     /// Sent in Hello.

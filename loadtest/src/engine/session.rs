@@ -4,8 +4,12 @@
 //! Follow per channel (pipelined, matched to their answers by request id)
 //! and take each channel's `head_seq` from Followed; once every follow is
 //! answered the follower is settled. The server's feed stream is accepted
-//! when it appears and its frames are decoded and tallied as they arrive
-//! (posts with the `client` engine's own [`record_post`]).
+//! when it appears; its frames, and the live posts that come as QUIC
+//! datagrams when Hello asked for them and Welcome granted them
+//! (docs/protocol.md §8.5), are decoded as they arrive and handed to the
+//! follower's [`Feed`], which orders them and tallies what it releases;
+//! the `Resend`s it asks for go out on the control stream, numbered after
+//! the Follows, and their `Resent` answers go back to it.
 //!
 //! The loop owns the connection and calls in here on its stream events; a
 //! method's [`Step`] tells the loop when the follower has settled or failed.
@@ -14,9 +18,11 @@
 //! Follows (the token and the channel names, written once); the inbound
 //! buffers hold at most one frame each ([`FrameBuf`]: 64 KiB on the control
 //! stream, `max_feed_frame` on the feed); control answers are at most one
-//! per request sent.
+//! per request sent; datagrams are taken as they come (quinn-proto holds
+//! at most [`super::DATAGRAM_BUFFER`] bytes of them per connection).
 
 use std::net::SocketAddr;
+use std::time::Instant;
 
 use bytes::Bytes;
 use herald_client::ClientError;
@@ -25,9 +31,10 @@ use herald_proto::v1 as pb;
 use herald_proto::{ErrorCode, FrameError};
 use quinn_proto::{Connection, Dir, StreamId, VarInt, WriteError};
 
+use super::feed::{Ctx, Feed};
 use super::frames::FrameBuf;
 use super::FollowerPlan;
-use crate::follower::{record_post, ChannelTally, FollowerResult, Shared};
+use crate::follower::{ChannelTally, FollowerResult, Shared};
 
 /// Largest control frame accepted (the reference client's limit).
 const MAX_CONTROL_FRAME: usize = 64 * 1024;
@@ -82,10 +89,24 @@ pub(super) struct Session {
     feed_in: FrameBuf,
     /// Follows sent and not answered: (request id, index in the plan's channels).
     follows: Vec<(u64, usize)>,
+    /// Hello asks for live datagrams.
+    live_datagrams: bool,
+    /// Largest feed frame accepted (a datagram's too).
+    max_feed_frame: usize,
+    /// Ordering and tallying of what the feed stream and datagrams bring.
+    posts: Feed,
+    /// The request id of the next `Resend`.
+    next_id: u64,
 }
 
 impl Session {
-    pub(super) fn new(max_feed_frame: usize) -> Session {
+    /// A session whose Hello asks for live datagrams if `live_datagrams`;
+    /// `drop_datagrams_every` is the test knob of [`Feed`].
+    pub(super) fn new(
+        max_feed_frame: usize,
+        live_datagrams: bool,
+        drop_datagrams_every: u32,
+    ) -> Session {
         Session {
             phase: Phase::Handshake,
             ctl: None,
@@ -94,6 +115,10 @@ impl Session {
             feed: None,
             feed_in: FrameBuf::new(max_feed_frame),
             follows: Vec::new(),
+            live_datagrams,
+            max_feed_frame,
+            posts: Feed::new(drop_datagrams_every),
+            next_id: HELLO_REQUEST_ID + 1,
         }
     }
 
@@ -128,6 +153,7 @@ impl Session {
                 client_name: client_name.to_string(),
                 // No Seen: the server counts an impression when it sends.
                 receipts: false,
+                live_datagrams: self.live_datagrams,
             })),
         };
         self.ctl_out.extend_from_slice(&encode_frame(&hello));
@@ -197,14 +223,58 @@ impl Session {
         plan: &FollowerPlan,
         shared: &Shared,
         out: &mut FollowerResult,
+        now: Instant,
     ) -> Step {
         if self.feed == Some(id) {
             self.read_feed(conn, plan, shared, out)
         } else if self.ctl == Some(id) {
-            self.read_control(conn, plan, shared, out)
+            self.read_control(conn, plan, shared, out, now)
         } else {
             Step::Continue
         }
+    }
+
+    /// QUIC datagrams came: takes every one the connection holds.
+    pub(super) fn on_datagrams(
+        &mut self,
+        conn: &mut Connection,
+        plan: &FollowerPlan,
+        shared: &Shared,
+        out: &mut FollowerResult,
+    ) {
+        let mut cx = Ctx { plan, shared, out };
+        while let Some(d) = conn.datagrams().recv() {
+            self.posts.datagram(&d, self.max_feed_frame, &mut cx);
+        }
+    }
+
+    /// Sends the `Resend`s the feed asks for now (after frames came, or at
+    /// its retry time, [`Session::retry_at`]).
+    pub(super) fn poll(
+        &mut self,
+        conn: &mut Connection,
+        plan: &FollowerPlan,
+        shared: &Shared,
+        out: &mut FollowerResult,
+        now: Instant,
+    ) -> Step {
+        if !matches!(self.phase, Phase::Following | Phase::Live) {
+            return Step::Continue;
+        }
+        let mut cx = Ctx { plan, shared, out };
+        if self
+            .posts
+            .poll_resends(now, &mut self.next_id, &mut self.ctl_out, &mut cx)
+        {
+            self.write_control(conn)
+        } else {
+            Step::Continue
+        }
+    }
+
+    /// When [`Session::poll`] may have a `Resend` to send that it has not now.
+    pub(super) fn retry_at(&self) -> Option<Instant> {
+        self.posts.retry_at()
     }
 
     fn protocol(&self, e: FrameError) -> Step {
@@ -225,8 +295,10 @@ impl Session {
         let Some(id) = self.feed else {
             return Step::Continue;
         };
+        let mut cx = Ctx { plan, shared, out };
+        let posts = &mut self.posts;
         let failed = read_frames(conn, id, &mut self.feed_in, |f: pb::FeedFrame| {
-            on_feed(f, plan, shared, out)
+            posts.frame(f, &mut cx)
         });
         match failed {
             Some(e) => self.protocol(e),
@@ -240,6 +312,7 @@ impl Session {
         plan: &FollowerPlan,
         shared: &Shared,
         out: &mut FollowerResult,
+        now: Instant,
     ) -> Step {
         let Some(id) = self.ctl else {
             return Step::Continue;
@@ -252,7 +325,7 @@ impl Session {
         });
         let mut step = Step::Continue;
         for f in frames {
-            match self.on_control(conn, f, plan, shared, out) {
+            match self.on_control(conn, f, plan, shared, out, now) {
                 Step::Continue => {}
                 Step::Settled => step = Step::Settled,
                 failed @ Step::Failed(_) => return failed,
@@ -271,13 +344,17 @@ impl Session {
         plan: &FollowerPlan,
         shared: &Shared,
         out: &mut FollowerResult,
+        now: Instant,
     ) -> Step {
         use pb::server_frame::Kind;
         match (self.phase, f.kind) {
-            (Phase::Welcome, Some(Kind::Welcome(_))) => {
+            (Phase::Welcome, Some(Kind::Welcome(w))) => {
                 self.phase = Phase::Following;
+                self.posts
+                    .welcome(w.live_datagrams && self.live_datagrams, plan.channels.len());
                 for (i, channel) in plan.channels.iter().enumerate() {
-                    let id = HELLO_REQUEST_ID + 1 + i as u64;
+                    let id = self.next_id;
+                    self.next_id += 1;
                     let frame = pb::ClientFrame {
                         request_id: id,
                         kind: Some(pb::client_frame::Kind::Follow(pb::Follow {
@@ -320,12 +397,23 @@ impl Session {
                     last: fd.head_seq,
                     ..ChannelTally::default()
                 });
+                self.posts
+                    .followed(i, fd.head_seq, fd.epoch, &mut Ctx { plan, shared, out });
                 if self.follows.is_empty() {
                     self.phase = Phase::Live;
                     Step::Settled
                 } else {
                     Step::Continue
                 }
+            }
+            (_, Some(Kind::Resent(_))) => {
+                self.posts.resent(f.request_id, now);
+                Step::Continue
+            }
+            (_, Some(Kind::Error(e))) if self.posts.resent(f.request_id, now) => {
+                // Asked again after the retry time if the gap is still there.
+                tracing::debug!(code = e.code, message = %e.message, "resend refused");
+                Step::Continue
             }
             (phase, Some(Kind::Error(e))) => {
                 let answered = self.follows.iter().position(|(id, _)| *id == f.request_id);
@@ -349,35 +437,6 @@ impl Session {
             }
             _ => Step::Continue,
         }
-    }
-}
-
-/// One feed frame: posts are tallied, resets and promoted posts of the
-/// followed channels counted, the rest ignored (as the `client` engine does).
-fn on_feed(f: pb::FeedFrame, plan: &FollowerPlan, shared: &Shared, out: &mut FollowerResult) {
-    use pb::feed_frame::Kind;
-    match f.kind {
-        Some(Kind::Post(p)) => record_post(
-            shared,
-            out,
-            |tallies, ch| tallies.iter().position(|t| t.channel == ch),
-            &p.channel,
-            p.seq,
-            &p.text,
-        ),
-        Some(Kind::Reset(r)) => {
-            if plan.channels.contains(&r.channel) {
-                out.resets += 1;
-            }
-        }
-        Some(Kind::Promoted(p)) => {
-            if plan.channels.contains(&p.channel) {
-                shared
-                    .promoted
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            }
-        }
-        Some(Kind::Edited(_)) | Some(Kind::Deleted(_)) | None => {}
     }
 }
 
