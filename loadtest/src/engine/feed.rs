@@ -140,7 +140,11 @@ impl Feed {
             }
         };
         self.datagram_posts_seen += 1;
-        if self.drop_every > 0 && self.datagram_posts_seen % u64::from(self.drop_every) == 0 {
+        if self.drop_every > 0
+            && self
+                .datagram_posts_seen
+                .is_multiple_of(u64::from(self.drop_every))
+        {
             cx.out.datagrams_dropped += 1;
             return;
         }
@@ -315,8 +319,8 @@ mod tests {
         }
     }
 
-    /// A follower of channel "a" (10 posts) whose follow was answered at
-    /// head 0.
+    /// The tally of channel "a" (index 0 of the run's channels), followed
+    /// at head 0.
     fn tally(out: &mut FollowerResult) {
         out.channels.push(crate::follower::ChannelTally::default());
     }
