@@ -498,6 +498,12 @@ impl Hub {
         f
     }
 
+    /// Fans a Head event out (see `stage`): like [`Hub::publish`], but not
+    /// counted as deliveries, since it delivers no post.
+    pub fn publish_head(&self, ev: Arc<FeedEvent>) {
+        self.fan_out(&ev);
+    }
+
     fn fan_out(&self, ev: &Arc<FeedEvent>) -> Fanout {
         let Some(subs) = self.channels.get(&ev.channel).map(|s| s.value().clone()) else {
             return Fanout::default();

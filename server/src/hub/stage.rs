@@ -87,7 +87,7 @@ impl FanoutStage {
                     if let Some(q) = quiet.as_mut() {
                         let mut heads = 0u64;
                         while let Some(ev) = q.pop_due(Instant::now()) {
-                            hub.publish(Arc::new(ev));
+                            hub.publish_head(Arc::new(ev));
                             heads += 1;
                         }
                         if heads > 0 {
