@@ -23,6 +23,13 @@
 //! application that stops reading stops the client reading, and the server
 //! catches it up later.
 //!
+//! By default the client asks for live posts as QUIC datagrams
+//! ([`ClientOptions::live_datagrams`], protocol §8.5). Datagrams may be lost,
+//! repeated or reordered; the per-channel rules of [`ordering`] put the
+//! posts of both paths back in seq order, hold edits, deletes and promoted
+//! posts until their post is delivered, and ask the server for what is
+//! missing, so the events are the same as with the feed stream alone.
+//!
 //! A client may be given several server addresses
 //! ([`ClientOptions::with_servers`]: the nodes of one Herald cluster). It
 //! connects to the first that answers; when its connection drops it

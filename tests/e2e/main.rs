@@ -12,6 +12,7 @@ mod cli;
 mod cluster;
 mod crash;
 mod damaged_files;
+mod datagrams;
 mod edits_under_lag;
 mod fanout;
 mod follower_auth;

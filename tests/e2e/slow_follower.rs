@@ -21,11 +21,19 @@ async fn stalled_follower_is_bounded_then_caught_up() {
     let server = TestServer::start_with(cfg).await;
     server.api.create_channel("s", "").await.unwrap();
 
-    let mut fast = server.client("fast").await;
+    // The session queue and lag are feed stream matters (live datagrams do
+    // not queue), so both followers take everything on the stream.
+    let mut fast = herald_client::Client::connect(ClientOptions {
+        live_datagrams: false,
+        ..server.options("fast")
+    })
+    .await
+    .unwrap();
     fast.follow("s").await.unwrap();
     // The slow follower buffers few events so that it stops reading soon.
     let slow_opts = ClientOptions {
         event_buffer: 16,
+        live_datagrams: false,
         ..server.options("slow")
     };
     let mut slow = herald_client::Client::connect(slow_opts).await.unwrap();
