@@ -11,6 +11,7 @@
 //! to this connection; the loop never waits on a connection.
 
 use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -333,7 +334,9 @@ impl Entry {
             datagrams.clear();
             let more = source.pull(self.shared.feed_cap, scratch, datagrams);
             if !datagrams.is_empty() {
-                let max = self.conn.datagrams().max_size().unwrap_or(0);
+                // Fixed for the connection (no path MTU discovery), so read
+                // once at the handshake instead of per datagram.
+                let max = self.shared.datagram_max.load(Ordering::Relaxed);
                 for f in datagrams.drain(..) {
                     if f.len() > max {
                         scratch.push(f);
