@@ -141,7 +141,11 @@ pub(super) struct Loop {
     shared: Arc<LoopShared>,
     global: Arc<Global>,
     accept_tx: mpsc::Sender<Connection>,
-    conns: Vec<Option<Entry>>,
+    /// Boxed: an entry is kilobytes (quinn-proto's state), so growing the
+    /// table inline moved every connection at once; past 65,536 connections
+    /// that copy (400 MB) stalled the loop long enough for the handshakes in
+    /// flight to time out. Growing it now moves pointers.
+    conns: Vec<Option<Box<Entry>>>,
     /// Per slot of `conns`, what the timer and wake-up paths check first:
     /// a dense array (24 bytes a slot) that stays in cache, where a look at
     /// the entry itself (quinn-proto's state, kilobytes) is a cache miss,
@@ -665,7 +669,7 @@ impl Loop {
                     self.slots.resize(ch.0 + 1, Slot::default());
                 }
                 self.slots[ch.0] = Slot { gen, timer: None };
-                self.conns[ch.0] = Some(Entry::new(conn, shared, ticket));
+                self.conns[ch.0] = Some(Box::new(Entry::new(conn, shared, ticket)));
                 self.deadlines
                     .push_back((now + self.cfg.handshakes.timeout, ch.0, gen));
                 self.live += 1;
