@@ -45,6 +45,7 @@ use tokio::sync::mpsc;
 
 use super::connection::{CloseReason, ConnShared, Connection, FeedScratch};
 use super::entry::Entry;
+use super::table::Table;
 use super::timers::Timers;
 use super::tx_batch::{Flush, TxBatch};
 use super::wake::{lock, LoopShared};
@@ -141,11 +142,8 @@ pub(super) struct Loop {
     shared: Arc<LoopShared>,
     global: Arc<Global>,
     accept_tx: mpsc::Sender<Connection>,
-    /// Boxed: an entry is kilobytes (quinn-proto's state), so growing the
-    /// table inline moved every connection at once; past 65,536 connections
-    /// that copy (400 MB) stalled the loop long enough for the handshakes in
-    /// flight to time out. Growing it now moves pointers.
-    conns: Vec<Option<Box<Entry>>>,
+    /// By quinn-proto handle (see `table`).
+    conns: Table<Entry>,
     /// Per slot of `conns`, what the timer and wake-up paths check first:
     /// a dense array (24 bytes a slot) that stays in cache, where a look at
     /// the entry itself (quinn-proto's state, kilobytes) is a cache miss,
@@ -220,7 +218,7 @@ impl Loop {
             shared,
             global,
             accept_tx,
-            conns: Vec::new(),
+            conns: Table::new(),
             slots: Vec::new(),
             live: 0,
             next_gen: 1,
@@ -317,8 +315,8 @@ impl Loop {
                 self.push_response(&t, &buf);
             }
             self.scratch = buf;
-            for h in 0..self.conns.len() {
-                if let Some(e) = self.conns[h].as_mut() {
+            for h in 0..self.conns.capacity() {
+                if let Some(e) = self.conns.get_mut(h) {
                     if !e.lost {
                         e.close(now, code, reason.clone());
                     }
@@ -330,7 +328,7 @@ impl Loop {
     }
 
     fn touch(&mut self, h: usize) {
-        if let Some(e) = self.conns.get_mut(h).and_then(|e| e.as_mut()) {
+        if let Some(e) = self.conns.get_mut(h) {
             if !e.touched {
                 e.touched = true;
                 self.touched.push(h);
@@ -492,7 +490,7 @@ impl Loop {
         buf.clear();
         match self.ep.handle(now, addr, dst_ip, ecn, data, &mut buf) {
             Some(DatagramEvent::ConnectionEvent(ch, ev)) => {
-                if let Some(e) = self.conns.get_mut(ch.0).and_then(|e| e.as_mut()) {
+                if let Some(e) = self.conns.get_mut(ch.0) {
                     e.conn.handle_event(ev);
                     self.touch(ch.0);
                 }
@@ -578,7 +576,7 @@ impl Loop {
                 break;
             }
             self.deadlines.pop_front();
-            let Some(e) = self.conns.get_mut(h).and_then(|e| e.as_mut()) else {
+            let Some(e) = self.conns.get_mut(h) else {
                 continue;
             };
             if e.shared.gen != gen || e.established {
@@ -664,12 +662,11 @@ impl Loop {
                     self.shared.clone(),
                     &self.cfg,
                 ));
-                if self.conns.len() <= ch.0 {
-                    self.conns.resize_with(ch.0 + 1, || None);
+                if self.slots.len() <= ch.0 {
                     self.slots.resize(ch.0 + 1, Slot::default());
                 }
                 self.slots[ch.0] = Slot { gen, timer: None };
-                self.conns[ch.0] = Some(Box::new(Entry::new(conn, shared, ticket)));
+                self.conns.insert(ch.0, Entry::new(conn, shared, ticket));
                 self.deadlines
                     .push_back((now + self.cfg.handshakes.timeout, ch.0, gen));
                 self.live += 1;
@@ -699,7 +696,7 @@ impl Loop {
             if self.slots.get(h).map(|s| s.gen) != Some(gen) {
                 continue;
             }
-            let Some(e) = self.conns.get_mut(h).and_then(|e| e.as_mut()) else {
+            let Some(e) = self.conns.get_mut(h) else {
                 continue;
             };
             // Cleared before the state is read: see `wake`.
@@ -730,7 +727,7 @@ impl Loop {
                 Some(s) if s.gen == gen && s.timer == Some(t) => s.timer = None,
                 _ => continue, // stale entry
             }
-            let Some(e) = self.conns.get_mut(h).and_then(|e| e.as_mut()) else {
+            let Some(e) = self.conns.get_mut(h) else {
                 continue;
             };
             e.conn.handle_timeout(now);
@@ -750,7 +747,7 @@ impl Loop {
         if !self.tx_blocked && !self.pending_tx.is_empty() {
             let pend = std::mem::take(&mut self.pending_tx);
             for h in pend {
-                if let Some(e) = self.conns.get_mut(h).and_then(|e| e.as_mut()) {
+                if let Some(e) = self.conns.get_mut(h) {
                     e.pending_tx = false;
                 }
                 self.touch(h);
@@ -773,7 +770,7 @@ impl Loop {
 
     /// Handles one connection's events, then queues its packets.
     fn drive(&mut self, h: usize, now: Instant) {
-        let Some(e) = self.conns.get_mut(h).and_then(|e| e.as_mut()) else {
+        let Some(e) = self.conns.get_mut(h) else {
             return;
         };
         e.touched = false;
@@ -888,7 +885,7 @@ impl Loop {
         }
         if drained {
             self.slots[h] = Slot::default();
-            if let Some(mut e) = self.conns[h].take() {
+            if let Some(mut e) = self.conns.take(h) {
                 if !e.established {
                     self.handshaking = self.handshaking.saturating_sub(1);
                 }
@@ -921,7 +918,7 @@ impl Drop for Loop {
             let _ = self.ep.refuse(incoming, &mut buf);
         }
         let mut left = 0;
-        for e in self.conns.iter_mut().flatten() {
+        for e in self.conns.iter_mut() {
             left += 1;
             if lock(&e.shared.ctl).closed.is_none() {
                 e.mark_closed(CloseReason::Lost(ConnectionError::LocallyClosed));

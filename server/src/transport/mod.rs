@@ -71,6 +71,7 @@ mod entry;
 mod event_loop;
 pub mod socket;
 mod steering;
+mod table;
 pub mod timers;
 pub mod tx_batch;
 mod wake;
