@@ -143,6 +143,13 @@ pub struct Limits {
     /// Send live posts as QUIC DATAGRAM frames to followers that ask for
     /// them (protocol §8.5): cheaper for the server than stream frames.
     pub live_datagrams: bool,
+    /// Ask followers (QUIC ACK-frequency extension) to acknowledge at most
+    /// every 10 packets or after this many milliseconds, instead of 25 ms
+    /// after every packet: at one post every few hundred milliseconds that
+    /// halves the ACKs the server processes. 0: do not ask. At most 16,383.
+    /// A larger value also delays the retransmission of stream data lost at
+    /// the end of a transmission (`vendor/README.md`).
+    pub follower_ack_delay_ms: u64,
     /// Most QUIC connections at once; further handshakes are refused.
     pub max_connections: usize,
     /// Most handshakes in progress at once (a reconnect storm waits its turn).
@@ -218,6 +225,7 @@ impl Default for Limits {
             session_queue_bytes: 256 * 1024,
             max_follows_per_connection: 1024,
             live_datagrams: true,
+            follower_ack_delay_ms: 600,
             max_connections: 200_000,
             max_concurrent_handshakes: 256,
             handshake_timeout_secs: 5,
@@ -464,6 +472,9 @@ impl Config {
             return bad(
                 "limits.handshake_timeout_secs and limits.max_handshakes_per_address must be > 0",
             );
+        }
+        if l.follower_ack_delay_ms >= 1 << 14 {
+            return bad("limits.follower_ack_delay_ms must be below 16384 (QUIC's limit)");
         }
         if l.idle_timeout_secs < 2 || l.hello_timeout_secs == 0 {
             return bad("limits.idle_timeout_secs must be >= 2 and limits.hello_timeout_secs > 0");

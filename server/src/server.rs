@@ -543,6 +543,10 @@ impl DataDirLock {
 /// with live datagrams (protocol §8.5).
 const HEAD_AFTER: Duration = Duration::from_secs(1);
 
+/// With `follower_ack_delay_ms`: followers acknowledge at least every this
+/// many ack-eliciting packets plus one (so bulk transfers stay ACK-clocked).
+const FOLLOWER_ACK_THRESHOLD: u32 = 9;
+
 /// Largest QUIC DATAGRAM frame a follower may send (the server reads none).
 const DATAGRAM_IN_BYTES: usize = 1500;
 
@@ -568,6 +572,14 @@ fn transport(config: &Config) -> Result<quinn_proto::TransportConfig, ServerErro
         t.datagram_receive_buffer_size(None);
     }
     t.mtu_discovery_config(None);
+    // Fewer ACKs from followers (see `follower_ack_delay_ms`, and
+    // vendor/README.md for the quinn-proto patch this relies on).
+    if limits.follower_ack_delay_ms > 0 {
+        let mut ack = quinn_proto::AckFrequencyConfig::default();
+        ack.max_ack_delay(Some(Duration::from_millis(limits.follower_ack_delay_ms)))
+            .ack_eliciting_threshold(VarInt::from_u32(FOLLOWER_ACK_THRESHOLD));
+        t.ack_frequency_config(Some(ack));
+    }
     t.keep_alive_interval(None);
     let idle = quinn_proto::IdleTimeout::try_from(limits.idle_timeout())
         .map_err(|e| ServerError::Transport(e.to_string()))?;
