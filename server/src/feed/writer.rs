@@ -419,6 +419,12 @@ impl LiveFeed {
         if self.outbox.live_peek(room, items).is_none() {
             return false;
         }
+        // The frames go straight into the caller's buffers (lent to the
+        // core for the pull), so an idle follower's core keeps no buffer
+        // capacity of its own.
+        let (from_out, from_dg) = (out.len(), datagrams.len());
+        std::mem::swap(&mut core.chunks, out);
+        std::mem::swap(&mut core.datagrams, datagrams);
         let mut handled = 0;
         let mut stopped = false;
         for item in items.iter() {
@@ -430,15 +436,14 @@ impl LiveFeed {
                 }
             }
         }
-        let frames = (core.chunks.len() + core.datagrams.len()) as u64;
-        let bytes: usize = core
-            .chunks
+        std::mem::swap(&mut core.chunks, out);
+        std::mem::swap(&mut core.datagrams, datagrams);
+        let frames = (out.len() - from_out + datagrams.len() - from_dg) as u64;
+        let bytes: usize = out[from_out..]
             .iter()
-            .chain(core.datagrams.iter())
+            .chain(datagrams[from_dg..].iter())
             .map(Bytes::len)
             .sum();
-        out.append(&mut core.chunks);
-        datagrams.append(&mut core.datagrams);
         // The transport takes every frame handed to it.
         core.written();
         let (drained, needed, left) = self.outbox.live_commit(handled, stopped, frames == 0);
