@@ -354,6 +354,14 @@ impl Rig {
         self.settle().await;
     }
 
+    /// The next frame the live path handed out as a datagram.
+    async fn next_datagram(&mut self) -> Bytes {
+        tokio::time::timeout(WAIT, self.datagrams.recv())
+            .await
+            .expect("datagram in time")
+            .expect("a datagram")
+    }
+
     /// Reads the next `n` frames.
     async fn read(&mut self, n: usize) -> Vec<Got> {
         let mut out = Vec::with_capacity(n);
@@ -909,10 +917,7 @@ async fn live_posts_go_as_datagrams_and_head_on_the_stream() {
         if datagrams {
             let mut got = Vec::new();
             for _ in 0..5 {
-                let f = tokio::time::timeout(WAIT, rig.datagrams.recv())
-                    .await
-                    .expect("datagram in time")
-                    .expect("a datagram");
+                let f = rig.next_datagram().await;
                 got.push(decode(&f));
             }
             assert_eq!(seqs(&got), posts(4..=8));
@@ -947,10 +952,7 @@ async fn resend_writes_the_posts_asked_for_as_they_are_now() {
         assert!(rig.fan_out(&log.post("a", 8)));
     }
     for _ in 0..3 {
-        tokio::time::timeout(WAIT, rig.datagrams.recv())
-            .await
-            .expect("datagram in time")
-            .expect("a datagram");
+        rig.next_datagram().await;
     }
     log.edit("a", 5, "edited");
     // Committed, not fanned out yet: not sent, so not resent.

@@ -227,26 +227,29 @@ async fn a_follower_that_left_during_a_fan_out_is_dropped_by_the_next() {
     assert_eq!(hub.follower_count(&ch("a")), 1);
 }
 
+/// A committed post as the log hands it to the fan-out stage.
+fn logged_post(channel: &str, epoch: u64, seq: u64) -> crate::store::LogEvent {
+    crate::store::LogEvent::Posted(crate::model::Post {
+        channel: ch(channel),
+        seq,
+        epoch,
+        id: format!("{channel}{seq}"),
+        text: "t".into(),
+        media: vec![],
+        created_at_ms: 0,
+        edited_at_ms: 0,
+        deleted: false,
+        damaged: false,
+    })
+}
+
 #[tokio::test]
 async fn the_fan_out_stage_fans_batches_out_in_commit_order_off_the_caller() {
     let hub = Arc::new(Hub::new(2));
     let o = Arc::new(Outbox::new(1 << 20));
     hub.follow(&ch("a"), 1, &o, follow_item("a")).unwrap();
     let stage = FanoutStage::start(hub.clone(), None, |_, _| None).unwrap();
-    let post = |seq: u64| {
-        crate::store::LogEvent::Posted(crate::model::Post {
-            channel: ch("a"),
-            seq,
-            epoch: 1,
-            id: format!("p{seq}"),
-            text: "t".into(),
-            media: vec![],
-            created_at_ms: 0,
-            edited_at_ms: 0,
-            deleted: false,
-            damaged: false,
-        })
-    };
+    let post = |seq: u64| logged_post("a", 1, seq);
     for batch in 0..50u64 {
         stage.submit(&[post(2 * batch + 1), post(2 * batch + 2)]);
     }
@@ -270,20 +273,7 @@ async fn a_channel_quiet_after_posts_gets_one_head_at_its_last_seq() {
     hub.follow(&ch("b"), 1, &o, follow_item("b")).unwrap();
     let stage =
         FanoutStage::start(hub.clone(), Some(Duration::from_millis(30)), |_, _| None).unwrap();
-    let post = |c: &str, seq: u64| {
-        crate::store::LogEvent::Posted(crate::model::Post {
-            channel: ch(c),
-            seq,
-            epoch: 4,
-            id: format!("{c}{seq}"),
-            text: "t".into(),
-            media: vec![],
-            created_at_ms: 0,
-            edited_at_ms: 0,
-            deleted: false,
-            damaged: false,
-        })
-    };
+    let post = |c: &str, seq: u64| logged_post(c, 4, seq);
     stage.submit(&[post("a", 1), post("b", 1), post("a", 2)]);
     stage.submit(&[post("a", 3)]);
     // Everything up to both Heads, in queue order.
