@@ -273,8 +273,13 @@ pub struct FollowFrom {
 pub struct ClientStats {
     /// Posts delivered to the application.
     pub posts: AtomicU64,
-    /// Posts at or below the last delivered seq, dropped.
+    /// Posts at or below the last delivered seq, dropped, that this client
+    /// had not asked for again (the server sends none: should stay 0).
     pub duplicates_dropped: AtomicU64,
+    /// Second copies of posts this client asked for again with `Resend`
+    /// (live datagrams, §8.5: a datagram or stream frame already on its way
+    /// when the request went out, or the resent copy), dropped.
+    pub resent_copies: AtomicU64,
     /// Posts whose seq skipped ahead without a Reset (should stay 0).
     pub gaps: AtomicU64,
     /// Reconnections after a dropped connection.

@@ -141,6 +141,11 @@ pub struct ChannelOrder<P, C> {
     /// The highest `Head` seq above `last_seq`.
     head: Option<u64>,
     resend: Option<Outstanding>,
+    /// The highest seq asked for with a `Resend` on this connection: a
+    /// second copy of a post at or below it is the price of asking (the
+    /// first may have been on its way), not a duplicate the server sent
+    /// unasked.
+    asked_upto: u64,
 }
 
 impl<P, C> ChannelOrder<P, C> {
@@ -155,7 +160,14 @@ impl<P, C> ChannelOrder<P, C> {
             changes: VecDeque::new(),
             head: None,
             resend: None,
+            asked_upto: 0,
         }
+    }
+
+    /// Whether `seq` was asked for again with a `Resend` on this connection
+    /// (so a second copy of it is expected; see [`ChannelOrder::poll_resend`]).
+    pub fn was_asked(&self, seq: u64) -> bool {
+        seq <= self.asked_upto
     }
 
     /// Seq of the last released post (the resume position).
@@ -191,6 +203,7 @@ impl<P, C> ChannelOrder<P, C> {
     pub fn new_connection(&mut self, live_datagrams: bool, out: &mut Vec<Release<P, C>>) {
         self.live_datagrams = live_datagrams;
         self.resend = None;
+        self.asked_upto = 0;
         self.head = None;
         self.held.clear();
         if !live_datagrams {
@@ -377,6 +390,7 @@ impl<P, C> ChannelOrder<P, C> {
             to_seq: to,
             answered: None,
         });
+        self.asked_upto = self.asked_upto.max(to);
         Some(Resend {
             from_seq: from,
             to_seq: to,

@@ -208,6 +208,9 @@ impl Driver {
         }
         match outcome {
             PostOutcome::Released | PostOutcome::Held => {}
+            PostOutcome::Duplicate | PostOutcome::Stale if st.order.was_asked(seq) => {
+                self.stats.resent_copies.fetch_add(1, Ordering::Relaxed);
+            }
             PostOutcome::Duplicate | PostOutcome::Stale => {
                 self.stats
                     .duplicates_dropped

@@ -99,6 +99,32 @@ fn reordered_posts_are_held_and_released_in_order() {
 }
 
 #[test]
+fn copies_of_posts_asked_for_again_are_told_apart_from_unasked_duplicates() {
+    let mut o = at(10);
+    let mut out = Out::new();
+    dg(&mut o, 13, &mut out);
+    assert!(!o.was_asked(11), "nothing asked yet");
+    assert_eq!(
+        o.poll_resend(Instant::now()),
+        Some(Resend {
+            from_seq: 11,
+            to_seq: 12
+        })
+    );
+    assert!(o.was_asked(11) && o.was_asked(12));
+    assert!(!o.was_asked(13), "13 was not asked for");
+    // The resent posts come; the originals, late, are copies of asked posts.
+    st(&mut o, 11, &mut out);
+    st(&mut o, 12, &mut out);
+    assert_eq!(seqs(&out), vec![11, 12, 13]);
+    assert_eq!(dg(&mut o, 12, &mut out), PostOutcome::Duplicate);
+    assert!(o.was_asked(12));
+    // A new connection asked nothing yet.
+    o.new_connection(true, &mut out);
+    assert!(!o.was_asked(12));
+}
+
+#[test]
 fn a_gap_is_asked_for_once_until_answered_then_again_after_a_second() {
     let t0 = Instant::now();
     let mut o = at(10);
