@@ -753,21 +753,11 @@ impl<S: FeedSink> FeedWriter<S> {
             let want = ((to - after) as usize).min(self.catchup_batch);
             let step = self.catchups.step().await;
             let posts = self.log.read(ch.clone(), after, want).await?;
-            let Some(first) = posts.first() else {
-                drop(step);
-                if let Some(info) = self.log.channel(ch) {
-                    self.core.chunks.push(encode_frame(&reset_frame(
-                        ch,
-                        info.epoch,
-                        info.oldest_seq,
-                    )));
-                }
+            self.core
+                .chunks
+                .extend(trimmed_reset(&*self.log, ch, after, posts.first()));
+            if posts.is_empty() {
                 break;
-            };
-            if first.seq > after + 1 {
-                self.core
-                    .chunks
-                    .push(encode_frame(&reset_frame(ch, first.epoch, first.seq)));
             }
             let mut last = after;
             for p in posts.iter().take_while(|p| p.seq <= to) {
@@ -802,25 +792,15 @@ impl<S: FeedSink> FeedWriter<S> {
             // The decoded posts exist only within one step of the budget.
             let step = self.catchups.step().await;
             let posts = self.log.read(ch.clone(), cur, want).await?;
-            let Some(first) = posts.first() else {
-                drop(step);
+            self.core
+                .chunks
+                .extend(trimmed_reset(&*self.log, ch, cur, posts.first()));
+            if posts.is_empty() {
                 // Everything after the cursor up to `upto` was trimmed while
-                // we were behind: say so (no silent gap), and go on after it.
-                if let Some(info) = self.log.channel(ch) {
-                    self.core.chunks.push(encode_frame(&reset_frame(
-                        ch,
-                        info.epoch,
-                        info.oldest_seq,
-                    )));
-                }
+                // we were behind: go on after it.
+                drop(step);
                 self.advance(ch, upto);
                 return self.flush().await;
-            };
-            if first.seq > cur + 1 {
-                // Trimmed while we were behind: say so, then go on from what is kept.
-                self.core
-                    .chunks
-                    .push(encode_frame(&reset_frame(ch, first.epoch, first.seq)));
             }
             // Encode all, then let go of the decoded posts before writing, and
             // write whenever the encoded frames reach the session's queue
@@ -849,4 +829,24 @@ impl<S: FeedSink> FeedWriter<S> {
             self.flush().await?;
         }
     }
+}
+
+/// The Reset that says what a log read after `after` found trimmed (no
+/// silent gap): everything, when it found nothing (`first` is `None`), or the
+/// posts below `first`; `None` when nothing was. Delivery goes on from what
+/// is kept.
+fn trimmed_reset(
+    log: &dyn ChannelLog,
+    ch: &ChannelId,
+    after: u64,
+    first: Option<&crate::model::Post>,
+) -> Option<Bytes> {
+    let frame = match first {
+        None => log
+            .channel(ch)
+            .map(|info| reset_frame(ch, info.epoch, info.oldest_seq)),
+        Some(p) if p.seq > after + 1 => Some(reset_frame(ch, p.epoch, p.seq)),
+        Some(_) => None,
+    }?;
+    Some(encode_frame(&frame))
 }
