@@ -339,20 +339,9 @@ async fn a_stalled_reader_with_datagrams_gets_every_post_once_in_order() {
     .unwrap();
     c.follow("st").await.unwrap();
     const POSTS: usize = 3000;
-    let body = "z".repeat(1000);
-    let mut tasks = Vec::new();
-    for w in 0..8 {
-        let api = server.api.clone();
-        let body = body.clone();
-        tasks.push(tokio::spawn(async move {
-            for i in (w..POSTS).step_by(8) {
-                api.publish("st", &format!("{i} {body}")).await.unwrap();
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
+    server
+        .publish_numbered("st", POSTS, &"z".repeat(1000))
+        .await;
     let got = collect_posts(&mut c, &BTreeMap::from([("st".to_string(), POSTS)])).await;
     let seqs: Vec<u64> = got["st"].iter().map(|(s, _)| *s).collect();
     assert_gapless(&seqs, 1, POSTS as u64);

@@ -36,20 +36,7 @@ async fn edits_and_deletes_survive_overflow() {
     // Now it stops reading while 8 MiB of posts fill every buffer (the
     // transport windows hold about 3 MiB).
     const POSTS: usize = 8000;
-    let body = "z".repeat(1000);
-    let mut tasks = Vec::new();
-    for w in 0..8 {
-        let api = server.api.clone();
-        let body = body.clone();
-        tasks.push(tokio::spawn(async move {
-            for i in (w..POSTS).step_by(8) {
-                api.publish("m", &format!("{i} {body}")).await.unwrap();
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
+    server.publish_numbered("m", POSTS, &"z".repeat(1000)).await;
     assert!(server.hub.totals().lagged.load(Ordering::Relaxed) > 0);
 
     // Edit post 5 and delete post 6 while the queue is full. The edit is

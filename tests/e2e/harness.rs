@@ -106,6 +106,23 @@ impl TestServer {
         self.options_for_token(self.token(user))
     }
 
+    /// Publishes `count` posts to `channel` from 8 concurrent publishers,
+    /// post `i` with the text `"{i} {body}"`, and waits for all of them.
+    pub async fn publish_numbered(&self, channel: &str, count: usize, body: &str) {
+        let mut tasks = Vec::new();
+        for w in 0..8 {
+            let (api, channel, body) = (self.api.clone(), channel.to_string(), body.to_string());
+            tasks.push(tokio::spawn(async move {
+                for i in (w..count).step_by(8) {
+                    api.publish(&channel, &format!("{i} {body}")).await.unwrap();
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+    }
+
     /// A connected client for follower `user`.
     pub async fn client(&self, user: &str) -> Client {
         self.connect(self.token(user)).await

@@ -28,20 +28,7 @@ async fn lagging_too_often_disconnects_and_the_client_resumes() {
     slow.follow("l").await.unwrap();
 
     const POSTS: usize = 3000;
-    let body = "y".repeat(1000);
-    let mut tasks = Vec::new();
-    for w in 0..8 {
-        let api = server.api.clone();
-        let body = body.clone();
-        tasks.push(tokio::spawn(async move {
-            for i in (w..POSTS).step_by(8) {
-                api.publish("l", &format!("{i} {body}")).await.unwrap();
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
+    server.publish_numbered("l", POSTS, &"y".repeat(1000)).await;
     assert!(
         server.hub.totals().lagged.load(Ordering::Relaxed) > 0,
         "no lag happened"
