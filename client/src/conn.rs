@@ -114,6 +114,26 @@ pub fn quic_client_config(
 ) -> Result<quinn::ClientConfig, ClientError> {
     let crypto = crate::trust::client_crypto(trust, alpn)?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    // Allows the server to send live datagrams (it sends them only to a
+    // Hello that asks).
+    cfg.transport_config(Arc::new(follower_transport(
+        keep_alive,
+        idle_timeout,
+        Some(DATAGRAM_RECEIVE_BUFFER),
+    )?));
+    Ok(cfg)
+}
+
+/// A follower's QUIC transport settings: `keep_alive`, `idle_timeout`, up
+/// to 4 incoming unidirectional streams (the server opens one, the feed), no
+/// bidirectional ones, no path MTU discovery, and with `datagram_buffer`
+/// live datagrams received and buffered up to that many bytes (`None`:
+/// datagrams not negotiated).
+pub fn follower_transport(
+    keep_alive: std::time::Duration,
+    idle_timeout: std::time::Duration,
+    datagram_buffer: Option<usize>,
+) -> Result<quinn::TransportConfig, ClientError> {
     let mut t = quinn::TransportConfig::default();
     t.keep_alive_interval(Some(keep_alive));
     t.max_idle_timeout(Some(
@@ -123,11 +143,8 @@ pub fn quic_client_config(
     t.max_concurrent_uni_streams(4u32.into());
     t.max_concurrent_bidi_streams(0u32.into());
     t.mtu_discovery_config(None);
-    // Allows the server to send live datagrams (it sends them only to a
-    // Hello that asks).
-    t.datagram_receive_buffer_size(Some(DATAGRAM_RECEIVE_BUFFER));
-    cfg.transport_config(Arc::new(t));
-    Ok(cfg)
+    t.datagram_receive_buffer_size(datagram_buffer);
+    Ok(t)
 }
 
 /// A client endpoint for `opts`; `large_buffers` asks the kernel for

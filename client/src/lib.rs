@@ -52,7 +52,9 @@ mod token_expiry;
 mod trust;
 pub mod udp;
 
-pub use conn::{connect_raw, quic_client_config, ClientError, DATAGRAM_RECEIVE_BUFFER};
+pub use conn::{
+    connect_raw, follower_transport, quic_client_config, ClientError, DATAGRAM_RECEIVE_BUFFER,
+};
 
 /// Most receipts of promoted posts kept unconfirmed (the server has not
 /// acknowledged them); past it the oldest is dropped, and that promoted post
