@@ -267,10 +267,15 @@ impl Entry {
     /// Frames the source hands out as datagrams go as QUIC DATAGRAM frames
     /// when they fit one (quinn drops the oldest unsent datagram if its
     /// bounded send buffer is full: the follower then asks for it again,
-    /// protocol §8.5), otherwise into the stream with the rest.
+    /// protocol §8.5), otherwise into the stream with the rest. Not after
+    /// stream frames written in the same call, though: quinn puts a packet's
+    /// datagrams before its stream data, so they would overtake what was
+    /// queued before them (a promoted post's frame, the end of a catch-up);
+    /// those go into the stream behind it.
     pub(super) fn write_feed(&mut self, scratch: &mut FeedScratch) {
         let Some(id) = self.feed else { return };
         let mut pulls = 0;
+        let mut wrote_stream = false;
         loop {
             let wake = {
                 let mut q = lock(&self.shared.feed);
@@ -283,6 +288,7 @@ impl Entry {
                         Ok((taken, bytes)) => {
                             q.frames.drain(..taken);
                             q.bytes -= bytes;
+                            wrote_stream |= bytes > 0;
                         }
                         Err(_) => {
                             q.closed = true;
@@ -336,7 +342,11 @@ impl Entry {
             if !datagrams.is_empty() {
                 // Fixed for the connection (no path MTU discovery), so read
                 // once at the handshake instead of per datagram.
-                let max = self.shared.datagram_max.load(Ordering::Relaxed);
+                let max = if wrote_stream {
+                    0
+                } else {
+                    self.shared.datagram_max.load(Ordering::Relaxed)
+                };
                 for f in datagrams.drain(..) {
                     if f.len() > max {
                         scratch.push(f);
@@ -354,7 +364,10 @@ impl Entry {
                 continue;
             }
             let written = match write_until_blocked(&mut self.conn, id, scratch) {
-                Ok((taken, _)) => taken,
+                Ok((taken, bytes)) => {
+                    wrote_stream |= bytes > 0;
+                    taken
+                }
                 Err(_) => {
                     scratch.clear();
                     self.feed_stopped();
