@@ -56,7 +56,9 @@ const RECV_ROUNDS: usize = 16;
 const RECV_EVERY: usize = 256;
 /// Timers are handled at multiples of this (never early), so those of
 /// many connections falling in one window (ACK delays, keep-alives) are
-/// handled in one turn and their packets leave in one `sendmmsg`.
+/// handled in one turn and their packets leave in one `sendmmsg`. A fixed
+/// grid ([`Timers::fixed`]): each follower's keep-alive leaves within this
+/// of when it is due, as an independent device's would.
 const TIMER_SLACK: Duration = Duration::from_millis(2);
 /// Longest `poll(2)` wait with nothing due, in ms (a stop wakes the loop).
 const MAX_WAIT_MS: i32 = 60_000;
@@ -81,8 +83,6 @@ struct Entry {
     /// Index in the loop's followers.
     follower: usize,
     gen: u64,
-    /// The deadline this entry last pushed on the timer heap.
-    timer: Option<Instant>,
     /// On the list of connections to drive this turn.
     touched: bool,
     /// Waiting for the socket to take more transmits.
@@ -276,7 +276,7 @@ impl Loop {
             deadlines: VecDeque::new(),
             live: 0,
             next_gen: 1,
-            timers: Timers::default(),
+            timers: Timers::fixed(cfg.started, TIMER_SLACK),
             touched: Vec::new(),
             recv_buf: vec![0u8; RECV_SLOT * batch],
             meta: vec![quinn::udp::RecvMeta::default(); batch],
@@ -437,7 +437,6 @@ impl Loop {
                         ),
                         follower: k,
                         gen,
-                        timer: None,
                         touched: false,
                         pending_tx: false,
                         ended: false,
@@ -506,21 +505,16 @@ impl Loop {
                 .then(|| self.books.followers.get(self.next_start))
                 .flatten()
                 .map(|f| f.start_at);
-            let next = [
-                self.timers.next(),
-                self.deadlines.front().map(|(d, ..)| *d),
-                next_connect,
-            ]
-            .into_iter()
-            .flatten()
-            .min();
+            // The timers' wake-ups are on their grid already; connect
+            // deadlines and starts go to the end of their slack window.
+            let next = [self.deadlines.front().map(|(d, ..)| *d), next_connect]
+                .into_iter()
+                .flatten()
+                .map(|t| self.timers.wake_time(t, t))
+                .chain(self.timers.next())
+                .min();
             match next {
-                Some(t) => {
-                    // The end of the slack window holding `t`.
-                    let slack = TIMER_SLACK.as_micros().max(1);
-                    let since = t.saturating_duration_since(self.cfg.started).as_micros();
-                    let end = self.cfg.started
-                        + Duration::from_micros((since.div_ceil(slack) * slack) as u64);
+                Some(end) => {
                     let d = end.saturating_duration_since(Instant::now());
                     // Rounded up so a timer is never handled early.
                     (d.as_micros().div_ceil(1000)).min(MAX_WAIT_MS as u128) as i32
@@ -647,32 +641,18 @@ impl Loop {
     }
 
     fn expire_timers(&mut self, now: Instant) {
-        while let Some((t, slot, gen)) = self.timers.pop_due(now) {
+        while let Some((slot, gen)) = self.timers.pop_due(now) {
             let Some(e) = self.entry(slot) else {
                 continue;
             };
-            if e.gen != gen || e.timer != Some(t) {
-                continue; // stale entry
+            if e.gen != gen {
+                continue;
             }
-            e.timer = None;
             // Maybe the session's retry time: quinn-proto handles only the
             // timers that are due.
             e.conn.handle_timeout(now);
             self.touch(slot);
         }
-        let lanes = &self.lanes;
-        let n = lanes.len();
-        self.timers.compact(self.live, || {
-            let mut live = Vec::new();
-            for (l, lane) in lanes.iter().enumerate() {
-                for (h, e) in lane.conns.iter().enumerate() {
-                    if let Some(t) = e.as_ref().and_then(|e| e.timer.map(|t| (t, e.gen))) {
-                        live.push((t.0, h * n + l, t.1));
-                    }
-                }
-            }
-            live
-        });
     }
 
     fn drive_touched(&mut self, now: Instant) {
@@ -799,13 +779,9 @@ impl Loop {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        if t != e.timer {
-            e.timer = t;
-            if let Some(t) = t {
-                self.timers.push(t, slot, e.gen);
-            }
-        }
+        self.timers.set(slot, e.gen, t, now);
         if drained {
+            self.timers.clear(slot);
             if let Some(mut e) = lane.conns[h].take() {
                 if !e.ended {
                     let server = self.books.followers[e.follower].plan.server;

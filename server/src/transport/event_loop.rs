@@ -7,8 +7,8 @@
 //! fire due timers; drive every connection touched this turn (its events,
 //! then its packets into the transmit batch); flush the batch with
 //! `sendmmsg` (GSO when one connection has several packets); then `poll(2)`
-//! on the socket and the loop's eventfd until the next timer (and, when only
-//! the socket woke it, a short wait to gather more datagrams: [`RX_GATHER`]).
+//! on the socket and the loop's eventfd until the next timer, or, while
+//! datagrams keep coming, a sleep to the next 2 ms window ([`Loop::wait`]).
 //!
 //! quinn-proto is called in the order its docs ask: after `handle_event` /
 //! `handle_timeout` / application I/O the loop polls endpoint events,
@@ -69,26 +69,11 @@ const MAX_WAIT_MS: i32 = 60_000;
 /// timers of many connections falling in one window (ACK delays, idle and
 /// loss timers; with 100k idle followers, thousands a second) are handled
 /// in one turn and their packets leave in one `sendmmsg`. Timers fire at
-/// most this late (plus up to 1 ms of `poll(2)` rounding), never early; the
-/// receive-gathering wait never runs past the wake-up a timer asked for.
+/// most this late (plus up to 1 ms of `poll(2)` rounding), never early, or
+/// for a timer further away than eight times this, at most an eighth of
+/// its distance late ([`Timers`]). While datagrams keep coming, the socket
+/// is read on the same grid ([`Loop::wait`]).
 const TIMER_SLACK: Duration = Duration::from_millis(2);
-/// Receive gathering: when the socket alone woke the loop less than this
-/// after its previous read, the loop waits out the rest of the window (still
-/// woken at once by the application) so one read takes the followers' ACKs
-/// and keep-alives of the whole window. Nothing received is urgent to the
-/// microsecond; each turn saved is a `poll(2)`, a context switch and a
-/// short `recvmmsg`. Not when the last read left datagrams in the socket
-/// (a flood is read at full speed), when packets wait for the socket to
-/// take them, or past the loop's next timer.
-const RX_GATHER: Duration = Duration::from_millis(2);
-
-/// The generation of the connection in a slot (0: empty) and the deadline
-/// it last pushed on the timer heap.
-#[derive(Clone, Copy, Default)]
-struct Slot {
-    gen: u64,
-    timer: Option<Instant>,
-}
 
 /// One loop's Prometheus counters (label `loop`), set once per turn.
 struct LoopCounters {
@@ -144,11 +129,11 @@ pub(super) struct Loop {
     accept_tx: mpsc::Sender<Connection>,
     /// By quinn-proto handle (see `table`).
     conns: Table<Entry>,
-    /// Per slot of `conns`, what the timer and wake-up paths check first:
-    /// a dense array (24 bytes a slot) that stays in cache, where a look at
-    /// the entry itself (quinn-proto's state, kilobytes) is a cache miss,
-    /// and most timer-heap entries popped are stale.
-    slots: Vec<Slot>,
+    /// Per slot of `conns`, the generation of its connection (0: empty),
+    /// which the wake-up path checks first: a dense array that stays in
+    /// cache, where a look at the entry itself (quinn-proto's state,
+    /// kilobytes) is a cache miss. The timers keep their own per slot.
+    gens: Vec<u64>,
     live: usize,
     next_gen: u64,
     handshaking: usize,
@@ -183,11 +168,9 @@ pub(super) struct Loop {
     /// two system calls on every turn woken by the other one or by a timer.
     sock_ready: bool,
     wake_ready: bool,
-    /// Origin of the timer-slack windows.
-    epoch: Instant,
-    /// When the socket was last read.
-    last_recv: Instant,
-    /// The last read emptied the socket (see [`RX_GATHER`]).
+    /// Datagrams the last read took, and whether it emptied the socket
+    /// (see [`Loop::wait`]).
+    recv_took: usize,
     recv_drained: bool,
 }
 
@@ -219,14 +202,14 @@ impl Loop {
             global,
             accept_tx,
             conns: Table::new(),
-            slots: Vec::new(),
+            gens: Vec::new(),
             live: 0,
             next_gen: 1,
             handshaking: 0,
             max_handshakes,
             waiting: VecDeque::new(),
             deadlines: VecDeque::new(),
-            timers: Timers::default(),
+            timers: Timers::scaled(Instant::now(), TIMER_SLACK),
             touched: Vec::new(),
             pending_tx: Vec::new(),
             tx: TxBatch::new(TX_BATCH),
@@ -243,8 +226,7 @@ impl Loop {
             counters: LoopCounters::new(index),
             sock_ready: true,
             wake_ready: true,
-            epoch: Instant::now(),
-            last_recv: Instant::now(),
+            recv_took: 0,
             recv_drained: true,
             cfg,
         })
@@ -336,33 +318,46 @@ impl Loop {
         }
     }
 
+    /// Sleeps until there is something to do. When the last read took
+    /// datagrams and emptied the socket, traffic is steady (the followers'
+    /// ACKs during a fan-out; with 100k idle followers, thousands of
+    /// keep-alives a second): the loop then does not wait on the socket,
+    /// which would wake it for nearly every datagram, but sleeps until the
+    /// next point of the timer grid ([`TIMER_SLACK`]), woken at once only by
+    /// the application, and reads there, together with the timers due. One
+    /// sleep and one read per window, however many datagrams arrive in it;
+    /// nothing received waits longer than a window. A read that finds
+    /// nothing puts the loop back to waiting on the socket.
     fn wait(&mut self) {
-        // When the loop must wake up again at the latest (None: no deadline).
-        let mut wake_at = None;
         let timeout_ms: i32 =
             if !self.touched.is_empty() || (!self.pending_tx.is_empty() && !self.tx_blocked) {
                 0
             } else if self.shutting_down.is_some() {
                 10
             } else {
+                let now = Instant::now();
                 let timeout = self.cfg.handshakes.timeout;
+                // The timers' wake-ups are on their grid already; the
+                // handshake deadlines go to the end of their slack window.
                 let next = [
-                    self.timers.next(),
                     self.waiting.front().map(|(w, ..)| *w + timeout),
                     self.deadlines.front().map(|(d, ..)| *d),
                 ]
                 .into_iter()
                 .flatten()
+                .map(|t| self.timers.wake_time(t, t))
+                .chain(self.timers.next())
                 .min();
+                if self.recv_took > 0 && self.recv_drained && !self.tx_blocked {
+                    let grid = self.timers.wake_time(now, now);
+                    let until = next.map_or(grid, |t| t.min(grid));
+                    self.sleep_on_eventfd(until.saturating_duration_since(now));
+                    self.sock_ready = true;
+                    return;
+                }
                 match next {
-                    Some(t) => {
-                        // The end of the slack window holding `t`.
-                        let slack = TIMER_SLACK.as_micros().max(1);
-                        let since = t.saturating_duration_since(self.epoch).as_micros();
-                        let end = self.epoch
-                            + Duration::from_micros((since.div_ceil(slack) * slack) as u64);
-                        wake_at = Some(end);
-                        let d = end.saturating_duration_since(Instant::now());
+                    Some(end) => {
+                        let d = end.saturating_duration_since(now);
                         // Round up so a timer is never handled early.
                         (d.as_micros().div_ceil(1000)).min(MAX_WAIT_MS as u128) as i32
                     }
@@ -384,22 +379,12 @@ impl Loop {
         // SAFETY: two valid pollfds that live across the call.
         let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
         if r > 0 {
-            let writable = fds[0].revents & libc::POLLOUT != 0;
-            if writable {
+            if fds[0].revents & libc::POLLOUT != 0 {
                 self.tx_blocked = false;
             }
             // Errors too: the read reports (and clears) them.
             self.sock_ready = fds[0].revents & !libc::POLLOUT != 0;
             self.wake_ready = fds[1].revents != 0;
-            if self.sock_ready
-                && !self.wake_ready
-                && !writable
-                && self.pending_tx.is_empty()
-                && self.recv_drained
-                && self.shutting_down.is_none()
-            {
-                self.gather(wake_at);
-            }
         } else if r < 0 {
             // Interrupted: look at everything again.
             self.sock_ready = true;
@@ -407,15 +392,8 @@ impl Loop {
         }
     }
 
-    /// Waits out the rest of the receive-gathering window (see
-    /// [`RX_GATHER`]), but not past `wake_at`, returning early if the
-    /// application wakes the loop.
-    fn gather(&mut self, wake_at: Option<Instant>) {
-        let now = Instant::now();
-        let mut left = RX_GATHER.saturating_sub(now.saturating_duration_since(self.last_recv));
-        if let Some(at) = wake_at {
-            left = left.min(at.saturating_duration_since(now));
-        }
+    /// Sleeps for `left`, returning early if the application wakes the loop.
+    fn sleep_on_eventfd(&mut self, left: Duration) {
         if left.is_zero() {
             return;
         }
@@ -436,7 +414,7 @@ impl Loop {
     }
 
     fn recv(&mut self, now: Instant) {
-        self.last_recv = Instant::now();
+        let mut took = 0;
         let batch = self.meta.len();
         let mut buf = std::mem::take(&mut self.recv_buf);
         let mut drained = false;
@@ -456,6 +434,7 @@ impl Loop {
                     }
                 }
             };
+            took += n;
             for i in 0..n {
                 let m = self.meta[i];
                 let start = i * RECV_SLOT;
@@ -474,6 +453,7 @@ impl Loop {
                 break;
             }
         }
+        self.recv_took = took;
         self.recv_drained = drained;
         self.recv_buf = buf;
     }
@@ -662,10 +642,10 @@ impl Loop {
                     self.shared.clone(),
                     &self.cfg,
                 ));
-                if self.slots.len() <= ch.0 {
-                    self.slots.resize(ch.0 + 1, Slot::default());
+                if self.gens.len() <= ch.0 {
+                    self.gens.resize(ch.0 + 1, 0);
                 }
-                self.slots[ch.0] = Slot { gen, timer: None };
+                self.gens[ch.0] = gen;
                 self.conns.insert(ch.0, Entry::new(conn, shared, ticket));
                 self.deadlines
                     .push_back((now + self.cfg.handshakes.timeout, ch.0, gen));
@@ -693,7 +673,7 @@ impl Loop {
         let mut dirty = std::mem::take(&mut self.dirty_scratch);
         std::mem::swap(&mut dirty, &mut *lock(&self.shared.dirty));
         for &(h, gen) in &dirty {
-            if self.slots.get(h).map(|s| s.gen) != Some(gen) {
+            if self.gens.get(h) != Some(&gen) {
                 continue;
             }
             let Some(e) = self.conns.get_mut(h) else {
@@ -722,25 +702,13 @@ impl Loop {
     }
 
     fn expire_timers(&mut self, now: Instant) {
-        while let Some((t, h, gen)) = self.timers.pop_due(now) {
-            match self.slots.get_mut(h) {
-                Some(s) if s.gen == gen && s.timer == Some(t) => s.timer = None,
-                _ => continue, // stale entry
-            }
+        while let Some((h, _gen)) = self.timers.pop_due(now) {
             let Some(e) = self.conns.get_mut(h) else {
                 continue;
             };
             e.conn.handle_timeout(now);
             self.touch(h);
         }
-        let slots = &self.slots;
-        self.timers.compact(self.live, || {
-            slots
-                .iter()
-                .enumerate()
-                .filter_map(|(h, s)| s.timer.map(|t| (t, h, s.gen)))
-                .collect()
-        });
     }
 
     fn drive_touched(&mut self, now: Instant) {
@@ -874,17 +842,10 @@ impl Loop {
                 e.conn.handle_event(cev);
             }
         }
-        // Timer.
-        let t = e.conn.poll_timeout();
-        let slot = &mut self.slots[h];
-        if t != slot.timer {
-            slot.timer = t;
-            if let Some(t) = t {
-                self.timers.push(t, h, slot.gen);
-            }
-        }
+        self.timers.set(h, e.shared.gen, e.conn.poll_timeout(), now);
         if drained {
-            self.slots[h] = Slot::default();
+            self.timers.clear(h);
+            self.gens[h] = 0;
             if let Some(mut e) = self.conns.take(h) {
                 if !e.established {
                     self.handshaking = self.handshaking.saturating_sub(1);
