@@ -131,16 +131,9 @@ impl Timers {
         if self.slots.len() <= slot {
             self.slots.resize(slot + 1, SlotTimer::default());
         }
-        let s = &mut self.slots[slot];
-        if s.gen != gen {
-            if s.queued.is_some() {
-                self.queued -= 1;
-            }
-            *s = SlotTimer {
-                gen,
-                due: None,
-                queued: None,
-            };
+        if self.slots[slot].gen != gen {
+            self.clear(slot);
+            self.slots[slot].gen = gen;
         }
         self.slots[slot].due = due;
         let Some(due) = due else { return };
@@ -238,7 +231,7 @@ impl Timers {
 
     /// Rebuilds the table from the live entries when stale ones pile up.
     fn compact(&mut self) {
-        if self.entries + self.draining.len() - self.drained <= 2 * self.queued + SLACK_ENTRIES {
+        if self.len() <= 2 * self.queued + SLACK_ENTRIES {
             return;
         }
         self.buckets.clear();
@@ -253,8 +246,7 @@ impl Timers {
         }
     }
 
-    /// Entries held, live and stale (for tests).
-    #[cfg(test)]
+    /// Entries held, live and stale.
     fn len(&self) -> usize {
         self.entries + self.draining.len() - self.drained
     }
